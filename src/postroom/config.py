@@ -1,0 +1,224 @@
+"""The one configuration schema, its TOML loader and the environment overrides.
+
+Every key has a type, a default and a comment in ``docs/examples/postroom.toml``; unknown keys and bad values
+are errors that name the file and the key.  A loaded :class:`Config` is immutable: a reload builds a new one, so a
+connection keeps the config it started with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Deployment and tests point the same file at other services without editing it.
+ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
+    "POSTROOM_REDIS_URL": ("redis", "url"),
+    "POSTROOM_DATABASE_URL": ("database", "url"),
+    "POSTROOM_MILTER_SOCKET": ("milter", "socket"),
+}
+
+_LOCAL_PART = r"[A-Za-z0-9!#$%&'*/=?^_`{|}~.-]+"
+_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+"
+ADDRESS_RE = re.compile(rf"^{_LOCAL_PART}@{_DOMAIN}$")
+# Folder names end up in an envelope address (support+Meier@) and in IMAP: keep them to a safe alphabet.
+FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with every message naming the file and the key."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MilterConfig(_Section):
+    socket: str = "unix:/run/postroom/milter.sock"
+    socket_umask: Annotated[int, Field(ge=0, le=0o777)] = 0o007
+    timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 600
+    on_error: Literal["degraded", "tempfail"] = "degraded"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("socket")
+    @classmethod
+    def _socket_form(cls, value: str) -> str:
+        if not re.match(r"^(unix|local):/.+|^inet6?:\d{1,5}(@.+)?$", value):
+            raise ValueError("must be unix:/absolute/path or inet:PORT@HOST")
+        return value
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "postroom"
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
+    message_index_days: Annotated[int, Field(ge=1, le=3650)] = 400
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:////var/lib/postroom/history.sqlite3"
+    auto_migrate: bool = True
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 200
+
+
+class AgentConfig(_Section):
+    address: str
+    display_name: str = ""
+    folder: str = ""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not ADDRESS_RE.match(value):
+            raise ValueError(f"not a mail address: {value!r}")
+        return value.lower()
+
+    @field_validator("folder")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        if value and not FOLDER_RE.match(value):
+            raise ValueError(f"folder {value!r} must match {FOLDER_RE.pattern}")
+        return value
+
+
+class MailboxConfig(_Section):
+    address: str
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}$")]
+    agents: list[str] = Field(default_factory=list)
+    inbox_folder: str = ""
+    forward_prefixes_link: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not ADDRESS_RE.match(value):
+            raise ValueError(f"not a mail address: {value!r}")
+        if "+" in value.split("@", 1)[0]:
+            raise ValueError("a shared address cannot contain the detail delimiter '+'")
+        return value.lower()
+
+    @field_validator("inbox_folder")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        if value and not FOLDER_RE.match(value):
+            raise ValueError(f"folder {value!r} must match {FOLDER_RE.pattern}")
+        return value
+
+
+class Config(_Section):
+    milter: MilterConfig = MilterConfig()
+    redis: RedisConfig = RedisConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    recipient_delimiter: Annotated[str, Field(min_length=1, max_length=1)] = "+"
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    mailboxes: dict[str, MailboxConfig] = Field(default_factory=dict)
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_logins(cls, value: dict[str, AgentConfig]) -> dict[str, AgentConfig]:
+        for login in value:
+            if not LOGIN_RE.match(login):
+                raise ValueError(f"agent login {login!r} must match {LOGIN_RE.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        seen: dict[str, str] = {}
+        for key, box in self.mailboxes.items():
+            if box.address in seen:
+                raise ValueError(f"mailboxes.{key}.address {box.address} is also mailboxes.{seen[box.address]}")
+            seen[box.address] = key
+            for login in box.agents:
+                if login not in self.agents:
+                    raise ValueError(f"mailboxes.{key}.agents: unknown agent {login!r} (no [agents.{login}])")
+        return self
+
+    # -- derived look-ups; computed on demand because a Config is small and frozen --
+
+    def mailbox_for(self, address: str) -> tuple[str, MailboxConfig, str] | None:
+        """Map an envelope recipient (``support@``, ``Support+Meier@``) to (key, mailbox, detail)."""
+        local, _, domain = address.strip("<>").rpartition("@")
+        base, _, detail = local.partition(self.recipient_delimiter)
+        wanted = f"{base}@{domain}".lower()
+        for key, box in self.mailboxes.items():
+            if box.address == wanted:
+                return key, box, detail
+        return None
+
+    def agent_folder(self, login: str) -> str:
+        agent = self.agents[login]
+        return agent.folder or login.capitalize()
+
+    def agent_name(self, login: str) -> str:
+        agent = self.agents[login]
+        return agent.display_name or login.capitalize()
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in environ:
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                continue  # the schema reports the bad section itself
+            data[section][key] = environ[var]
+
+
+def parse_config(data: dict[str, Any], path: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document; ``environ`` overrides apply first."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = _location(err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{where}: {msg}")
+        raise ConfigError(path, problems) from None
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a TOML config file; raises :class:`ConfigError` naming file and key."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(name, [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, name, environ)
+
+
+def example_config_path() -> Path:
+    """The shipped example, used by the tests and the demo so it never goes stale."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "docs" / "examples" / "postroom.toml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("docs/examples/postroom.toml not found beside the package")
