@@ -1,0 +1,236 @@
+"""The durable history in SQL (SQLAlchemy 2): tickets, messages and events.
+
+Redis answers the hot path; this is what team leads query and what ``postroom admin rebuild`` would restore
+Redis from.  Mail threads never wait for SQL: :class:`HistoryWriter` takes records on a queue and writes them in
+batches from one background thread, so a slow or dead database costs history lines (logged), never mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+log = logging.getLogger("postroom.history")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TicketRow(Base):
+    __tablename__ = "tickets"
+    __table_args__ = (UniqueConstraint("mailbox", "number", name="uq_tickets_mailbox_number"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(320))
+    number: Mapped[int] = mapped_column(Integer)
+    customer: Mapped[str] = mapped_column(String(320), default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    state: Mapped[str] = mapped_column(String(32), default="new")
+    priority: Mapped[str] = mapped_column(String(16), default="normal")
+    linked: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_message_id", "message_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[str] = mapped_column(String(998), default="")
+    direction: Mapped[str] = mapped_column(String(16))  # inbound | outbound | note
+    queue_id: Mapped[str] = mapped_column(String(32), default="")
+    from_addr: Mapped[str] = mapped_column(String(320), default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # opened | followup | linked | ...
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One mail's effect on one ticket, as the pipeline reports it."""
+
+    mailbox: str
+    number: int
+    event: str
+    at: float
+    customer: str = ""
+    ticket_subject: str = ""
+    owner: str = ""
+    state: str = "new"
+    priority: str = "normal"
+    linked: int = 0
+    message_id: str = ""
+    direction: str = "inbound"
+    queue_id: str = ""
+    from_addr: str = ""
+    subject: str = ""
+    actor: str = ""
+    detail: str = ""
+
+
+def _ts(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    # SQLite opens the file but will not make its folder; a fresh demo or test dir has none yet.
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str) -> Engine:
+    _ensure_sqlite_dir(url)
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    _ensure_sqlite_dir(url)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+def write(session: Session, records: list[Record]) -> None:
+    """Apply records in order; a ticket row is created on its first record and updated after."""
+    cache: dict[tuple[str, int], TicketRow] = {}
+    for rec in records:
+        key = (rec.mailbox, rec.number)
+        row = cache.get(key)
+        if row is None:
+            row = session.scalars(
+                select(TicketRow).where(TicketRow.mailbox == rec.mailbox, TicketRow.number == rec.number)
+            ).first()
+        if row is None:
+            row = TicketRow(
+                mailbox=rec.mailbox,
+                number=rec.number,
+                customer=rec.customer,
+                subject=rec.ticket_subject,
+                linked=rec.linked,
+                created_at=_ts(rec.at),
+                updated_at=_ts(rec.at),
+            )
+            session.add(row)
+        row.owner = rec.owner
+        row.state = rec.state
+        row.priority = rec.priority
+        row.updated_at = _ts(rec.at)
+        session.flush()
+        cache[key] = row
+        if rec.message_id or rec.queue_id:
+            session.add(
+                MessageRow(
+                    ticket_id=row.id,
+                    message_id=rec.message_id,
+                    direction=rec.direction,
+                    queue_id=rec.queue_id,
+                    from_addr=rec.from_addr,
+                    subject=rec.subject,
+                    at=_ts(rec.at),
+                )
+            )
+        session.add(EventRow(ticket_id=row.id, kind=rec.event, actor=rec.actor, detail=rec.detail, at=_ts(rec.at)))
+
+
+class HistoryWriter:
+    """Writes records from a queue in batches on one thread; mail threads only enqueue."""
+
+    def __init__(self, engine: Engine, batch_size: int = 200) -> None:
+        self._engine = engine
+        self._batch = batch_size
+        self._q: queue.Queue[list[Record] | None] = queue.Queue()  # None stops the thread
+        self._thread = threading.Thread(target=self._run, name="postroom-history", daemon=True)
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, records: list[Record]) -> None:
+        if records:
+            self._idle.clear()
+            self._q.put(records)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far is written (tests, shutdown)."""
+        self._q.join()
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                self._q.task_done()
+                return
+            batch = list(item)
+            taken = 1
+            stop = False
+            while len(batch) < self._batch:
+                try:
+                    more = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
+            self._write(batch)
+            for _ in range(taken):
+                self._q.task_done()
+            if self._q.empty():
+                self._idle.set()
+            if stop:
+                return
+
+    def _write(self, batch: list[Record]) -> None:
+        try:
+            with Session(self._engine) as session, session.begin():
+                write(session, batch)
+        except SQLAlchemyError:
+            # History is not the mail: the message was already delivered.  Log every lost line with its queue id
+            # so an admin can replay it from the Postfix log.
+            ids = ", ".join(sorted({r.queue_id for r in batch if r.queue_id}))
+            log.exception("history: could not write %d records (queue ids: %s)", len(batch), ids or "-")

@@ -1,0 +1,26 @@
+"""Every SMTP reply postroom gives, named once, with the code in the name (checked by tests/test_replies.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str  # RFC 3463 enhanced status code
+    text: str
+
+    def lines(self) -> list[str]:
+        return self.text.splitlines() or [""]
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.status, text)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+S451_TEMPORARY_FAILURE = Reply(451, "4.3.0", "postroom: temporary failure, please try again later")
+S451_STORE_UNAVAILABLE = Reply(451, "4.3.0", "postroom: ticket store unavailable, please try again later")
+S550_BAD_MESSAGE = Reply(550, "5.6.0", "postroom: message cannot be processed")

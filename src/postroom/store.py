@@ -1,0 +1,255 @@
+"""The Redis store: ticket counters, ticket hashes, participants and the Message-ID index.
+
+Every key of one mailbox carries the same hash tag (``postroom:{support@example.test}:...``), so a mailbox
+lives in one Redis Cluster slot and the multi-key scripts below stay atomic there.  Two round trips per mail:
+one read (:meth:`RedisStore.lookup`) and one write script (open or touch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+import redis
+import redis.exceptions
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis did not answer; the caller applies the failure policy."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    mailbox: str
+    number: int
+    owner: str = ""  # agent login, "" for unassigned
+    state: str = "new"
+    priority: str = "normal"
+    tags: tuple[str, ...] = ()
+    customer: str = ""
+    subject: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    linked: int = 0  # the ticket a forward was split from
+
+    @staticmethod
+    def from_hash(mailbox: str, number: int, h: Mapping[str, str]) -> Ticket:
+        return Ticket(
+            mailbox=mailbox,
+            number=number,
+            owner=h.get("owner", ""),
+            state=h.get("state", "new"),
+            priority=h.get("priority", "normal"),
+            tags=tuple(t for t in h.get("tags", "").split(",") if t),
+            customer=h.get("customer", ""),
+            subject=h.get("subject", ""),
+            created=float(h.get("created", 0) or 0),
+            updated=float(h.get("updated", 0) or 0),
+            linked=int(h.get("linked", 0) or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A ticket named by a subject token, and whether the sender may use that token."""
+
+    ticket: Ticket
+    sender_known: bool
+
+
+@dataclass
+class Lookup:
+    by_reference: Ticket | None = None  # the ticket the first indexed Message-ID points to
+    by_token: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewTicket:
+    customer: str
+    subject: str
+    participants: tuple[str, ...]
+    message_ids: tuple[str, ...]
+    owner: str = ""
+    state: str = "new"
+    priority: str = "normal"
+    linked: int = 0
+
+
+class TicketStore(Protocol):
+    """What the pipeline needs; :class:`RedisStore` in production, an in-memory fake in unit tests."""
+
+    def lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup: ...
+
+    def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket: ...
+
+    def touch(
+        self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
+    ) -> Ticket: ...
+
+
+# Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
+# The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
+# counter's hash tag and so its cluster slot, which is what Redis Cluster needs for the script to run there.
+_OPEN = """
+local n = redis.call('INCR', KEYS[1])
+local base = ARGV[1]
+local tkey = base .. 't:' .. n
+local pkey = base .. 'p:' .. n
+local ttl = tonumber(ARGV[2])
+local nfields = tonumber(ARGV[3])
+local i = 4
+local fields = {}
+for _ = 1, nfields do
+  table.insert(fields, ARGV[i]); table.insert(fields, ARGV[i + 1]); i = i + 2
+end
+redis.call('HSET', tkey, unpack(fields))
+local nparts = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nparts do redis.call('SADD', pkey, ARGV[i]); i = i + 1 end
+local nids = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nids do redis.call('SET', base .. 'm:' .. ARGV[i], n, 'EX', ttl); i = i + 1 end
+return n
+"""
+
+# Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
+_TOUCH = """
+local ttl = tonumber(ARGV[1])
+local now = ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'updated', now)
+local nparts = tonumber(ARGV[3])
+local i = 4
+for _ = 1, nparts do redis.call('SADD', KEYS[2], ARGV[i]); i = i + 1 end
+for k = 3, #KEYS do redis.call('SET', KEYS[k], ARGV[i], 'EX', ttl) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, key_prefix: str = "postroom", message_index_days: int = 400) -> None:
+        self._r = client
+        self._prefix = key_prefix
+        self._ttl = message_index_days * 86400
+        self._open = client.register_script(_OPEN)
+        self._touch = client.register_script(_TOUCH)
+
+    @classmethod
+    def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        return cls(client, key_prefix, message_index_days)
+
+    # -- keys: one hash tag per mailbox --
+
+    def base(self, mailbox: str) -> str:
+        return f"{self._prefix}:{{{mailbox}}}:"
+
+    def ticket_key(self, mailbox: str, number: int) -> str:
+        return f"{self.base(mailbox)}t:{number}"
+
+    def participants_key(self, mailbox: str, number: int) -> str:
+        return f"{self.base(mailbox)}p:{number}"
+
+    def message_key(self, mailbox: str, message_id: str) -> str:
+        return f"{self.base(mailbox)}m:{message_id}"
+
+    def counter_key(self, mailbox: str) -> str:
+        return f"{self.base(mailbox)}seq"
+
+    # -- operations --
+
+    def ping(self) -> None:
+        try:
+            self._r.ping()
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
+        try:
+            return self._lookup(mailbox, message_ids, numbers, senders)
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def _lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
+        pipe = self._r.pipeline(transaction=False)
+        if message_ids:
+            pipe.mget([self.message_key(mailbox, m) for m in message_ids])
+        for n in numbers:
+            pipe.hgetall(self.ticket_key(mailbox, n))
+            pipe.smismember(self.participants_key(mailbox, n), senders or [""])
+        results = pipe.execute()
+        found = Lookup()
+        pos = 0
+        ref_number = 0
+        if message_ids:
+            # The newest reference is the most specific one: a reply to a forwarded split names the new ticket.
+            for value in reversed(results[0]):
+                if value:
+                    ref_number = int(value)
+                    break
+            pos = 1
+        for n in numbers:
+            h, known = results[pos], results[pos + 1]
+            pos += 2
+            if h:
+                found.by_token.append(Candidate(Ticket.from_hash(mailbox, n, h), any(known)))
+        if ref_number:
+            h = cast(dict[str, str], self._r.hgetall(self.ticket_key(mailbox, ref_number)))
+            if h:
+                found.by_reference = Ticket.from_hash(mailbox, ref_number, h)
+        return found
+
+    def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
+        fields = {
+            "owner": new.owner,
+            "state": new.state,
+            "priority": new.priority,
+            "tags": "",
+            "customer": new.customer,
+            "subject": new.subject,
+            "created": repr(now),
+            "updated": repr(now),
+            "linked": str(new.linked),
+        }
+        args: list[str | int] = [self.base(mailbox), self._ttl, len(fields)]
+        for k, v in fields.items():
+            args += [k, v]
+        args.append(len(new.participants))
+        args += list(new.participants)
+        args.append(len(new.message_ids))
+        args += list(new.message_ids)
+        try:
+            number = int(self._open(keys=[self.counter_key(mailbox)], args=args))
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return Ticket.from_hash(mailbox, number, fields)
+
+    def touch(
+        self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
+    ) -> Ticket:
+        parts = list(participants)
+        ids = list(message_ids)
+        args: list[str | int] = [self._ttl, repr(now), len(parts), *parts, number]
+        keys = [self.ticket_key(mailbox, number), self.participants_key(mailbox, number)]
+        keys += [self.message_key(mailbox, m) for m in ids]
+        try:
+            flat = self._touch(keys=keys, args=args)
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not flat:
+            raise StoreUnavailable(f"ticket {mailbox} #{number} vanished from Redis")
+        h = dict(zip(flat[::2], flat[1::2], strict=True))
+        return Ticket.from_hash(mailbox, number, h)
+
+    def ticket(self, mailbox: str, number: int) -> Ticket | None:
+        try:
+            h = cast(dict[str, str], self._r.hgetall(self.ticket_key(mailbox, number)))
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return Ticket.from_hash(mailbox, number, h) if h else None
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,91 @@
+"""Verdicts: what the pure pipeline decides and every adapter (milter, after-queue filter) applies.
+
+A verdict is an action plus a list of edits.  Edits name headers and recipients, never positions in a
+particular protocol, so the milter turns them into smfi_* calls and the smtpd adapter into a rewritten message.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from postroom.replies import Reply
+
+
+class Action(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    DISCARD = "discard"
+
+
+@dataclass(frozen=True)
+class AddHeader:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class SetHeader:
+    """Replace the first occurrence of ``name`` (or add it when absent) and delete any further ones."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class RemoveHeader:
+    """Remove every occurrence of ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class AddRecipient:
+    address: str
+
+
+@dataclass(frozen=True)
+class RemoveRecipient:
+    address: str
+
+
+@dataclass(frozen=True)
+class ChangeSender:
+    address: str
+
+
+Edit = AddHeader | SetHeader | RemoveHeader | AddRecipient | RemoveRecipient | ChangeSender
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action = Action.ACCEPT
+    edits: tuple[Edit, ...] = ()
+    reply: Reply | None = None
+    # One short phrase for the log line an admin greps by queue id.
+    summary: str = ""
+
+    @staticmethod
+    def accept(*edits: Edit, summary: str = "") -> Verdict:
+        return Verdict(Action.ACCEPT, tuple(edits), None, summary)
+
+    @staticmethod
+    def reject(reply: Reply, summary: str = "") -> Verdict:
+        return Verdict(Action.REJECT, (), reply, summary)
+
+    @staticmethod
+    def tempfail(reply: Reply, summary: str = "") -> Verdict:
+        return Verdict(Action.TEMPFAIL, (), reply, summary)
+
+
+@dataclass
+class Envelope:
+    """What the SMTP session told us before the body: all an adapter collects besides headers and body."""
+
+    mail_from: str
+    rcpts: list[str]
+    queue_id: str = ""
+    auth_login: str = ""  # {auth_authen}: the only source of an agent's identity
+    client_addr: str = ""
+    macros: dict[str, str] = field(default_factory=dict)
