@@ -1,0 +1,121 @@
+"""The ``postroom`` command: run the daemons and look after the installation."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from postroom import __version__
+from postroom import log as plog
+from postroom.config import Config, ConfigError, load_config
+from postroom.history import HistoryWriter, make_engine, migrate
+from postroom.store import RedisStore, StoreUnavailable
+
+log = logging.getLogger("postroom")
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/postroom/postroom.toml"),
+    show_default=True,
+    help="The TOML configuration file (see docs/examples/postroom.toml).",
+)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"{exc.path}: {problem}", err=True)
+        raise SystemExit(2) from None
+
+
+def _store(config: Config) -> RedisStore:
+    return RedisStore.from_url(
+        config.redis.url,
+        key_prefix=config.redis.key_prefix,
+        message_index_days=config.redis.message_index_days,
+        timeout=config.redis.timeout_seconds,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="postroom")
+def main() -> None:
+    """postroom turns a shared mailbox (support@, sales@) into a team inbox at the SMTP level.
+
+    It runs beside Postfix as a milter: customer mail gets a ticket number and lands in the owning agent's
+    folder; agents answer from their own mail client.
+    """
+
+
+@main.command("milter")
+@CONFIG_OPTION
+def milter_command(config_path: Path) -> None:
+    """Run the Postfix milter in the foreground until SIGTERM.
+
+    Point Postfix at it with `smtpd_milters = unix:/run/postroom/milter.sock` and
+    `milter_default_action = accept` (see `postroom postfix-snippet`).
+    """
+    from postroom.milter import Runtime, run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
+
+    config = _load(config_path)
+    plog.setup(config.milter.log_level)
+    if config.database.auto_migrate:
+        migrate(config.database.url)
+    history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
+    history.start()
+    store = _store(config)
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        # Start anyway: mail keeps flowing under the failure policy until Redis is back.
+        log.warning(
+            "Redis at %s is not reachable (%s); mail will get policy %r until it is",
+            config.redis.url,
+            exc,
+            config.milter.on_error,
+        )
+    log.info("postroom %s milter starting with %s", __version__, config_path)
+    try:
+        run(Runtime(config, store, history))
+    finally:
+        history.flush(timeout=10)
+        history.close()
+        log.info("postroom milter stopped")
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check configuration files."""
+
+
+@config_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate a config file; print every error with file and key, exit 2 on errors."""
+    config = _load(path)
+    click.echo(f"{path}: OK ({len(config.mailboxes)} mailboxes, {len(config.agents)} agents)")
+
+
+@main.group("db")
+def db_group() -> None:
+    """The SQL history database."""
+
+
+@db_group.command("upgrade")
+@CONFIG_OPTION
+def db_upgrade(config_path: Path) -> None:
+    """Create or migrate the history schema to the newest revision."""
+    config = _load(config_path)
+    migrate(config.database.url)
+    click.echo(f"database at {config.database.url.split('@')[-1]} is at the newest revision")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The pymilter adapter: collect the callbacks' facts, call the pipeline once at end of message, apply the verdict.
+
+Nothing here decides anything about tickets.  A connection object keeps the :class:`Runtime` config it was
+created with, so a reload never changes the rules under a mail in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import Milter
+
+from postroom import log as plog
+from postroom.config import Config
+from postroom.history import HistoryWriter
+from postroom.pipeline import STATUS_HEADER, Message, process
+from postroom.store import TicketStore
+from postroom.verdict import (
+    Action,
+    AddHeader,
+    AddRecipient,
+    ChangeSender,
+    Envelope,
+    RemoveHeader,
+    RemoveRecipient,
+    SetHeader,
+    Verdict,
+)
+
+log = logging.getLogger("postroom.milter")
+
+# Everything the verdicts can ask for; Postfix refuses an edit whose flag was not negotiated.
+ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+
+
+@dataclass
+class Runtime:
+    """What every connection shares: swapped as a whole on reload, read once per connection."""
+
+    config: Config
+    store: TicketStore
+    history: HistoryWriter | None
+
+
+class _Holder:
+    def __init__(self, runtime: Runtime) -> None:
+        self._lock = threading.Lock()
+        self._runtime = runtime
+
+    def get(self) -> Runtime:
+        with self._lock:
+            return self._runtime
+
+    def set(self, runtime: Runtime) -> None:
+        with self._lock:
+            self._runtime = runtime
+
+
+class PostroomMilter(Milter.Base):  # type: ignore[misc]
+    holder: _Holder  # set on the subclass made by make_factory
+
+    def __init__(self) -> None:
+        self.runtime = self.holder.get()
+        self.conn_id = f"conn{Milter.uniqueID()}"
+        self.client_addr = ""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.mail_from = ""
+        self.auth_login = ""
+        self.rcpts: list[str] = []
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        if isinstance(hostaddr, tuple) and hostaddr:
+            self.client_addr = str(hostaddr[0])
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        self._reset()
+        self.mail_from = mail_from
+        # The SMTP login is the only identity we trust; Postfix sends it with MAIL FROM.
+        self.auth_login = self.getsymval("{auth_authen}") or ""
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def envrcpt(self, rcpt: str, *params: str) -> int:
+        self.rcpts.append(rcpt)
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def header(self, name: str, value: str) -> int:
+        self.headers.append((name, value))
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def body(self, chunk: bytes) -> int:
+        self.chunks.append(chunk)
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    def eom(self) -> int:
+        qid = self.getsymval("{i}") or self.conn_id
+        token = plog.queue_id.set(qid)
+        try:
+            return self._eom(qid)
+        finally:
+            plog.queue_id.reset(token)
+
+    def _eom(self, qid: str) -> int:
+        rt = self.runtime
+        envelope = Envelope(
+            mail_from=self.mail_from,
+            rcpts=list(self.rcpts),
+            queue_id=qid,
+            auth_login=self.auth_login,
+            client_addr=self.client_addr,
+        )
+        chunks = self.chunks
+        message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
+        outcome = process(message, rt.config, rt.store, time.time())
+        try:
+            rc = self._apply(outcome.verdict)
+        except Exception:
+            # The verdict was half applied; the mail must still not be lost.
+            log.exception("could not apply the verdict (%s)", outcome.verdict.summary)
+            return self._apply_failed(rt.config)
+        if outcome.verdict.summary:
+            log.info("%s: %s", outcome.verdict.action.value, outcome.verdict.summary)
+        if rt.history is not None and outcome.records:
+            rt.history.submit(outcome.records)
+        return rc
+
+    def _apply_failed(self, config: Config) -> int:
+        if config.milter.on_error == "tempfail" or self.auth_login:
+            self.setreply("451", "4.3.0", "postroom: temporary failure, please try again later")
+            return Milter.TEMPFAIL  # type: ignore[no-any-return]
+        try:
+            self.addheader(STATUS_HEADER, "degraded")
+        except Exception:
+            log.exception("could not even mark the mail degraded; delivering it as it is")
+        return Milter.ACCEPT  # type: ignore[no-any-return]
+
+    def _apply(self, verdict: Verdict) -> int:
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            reply = verdict.reply
+            if reply is not None:
+                lines = [line.replace("%", "%%") for line in reply.lines()]
+                self.setreply(str(reply.code), reply.status, *lines)
+            return Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL  # type: ignore[no-any-return]
+        if verdict.action is Action.DISCARD:
+            return Milter.DISCARD  # type: ignore[no-any-return]
+        counts = Counter(name.lower() for name, _ in self.headers)
+        for edit in verdict.edits:
+            match edit:
+                case AddHeader(name, value):
+                    self.addheader(name, value)
+                case SetHeader(name, value):
+                    n = counts.get(name.lower(), 0)
+                    # Delete surplus copies from the bottom up so the indexes still point at the originals.
+                    for idx in range(n, 1, -1):
+                        self.chgheader(name, idx, "")
+                    if n:
+                        self.chgheader(name, 1, value)
+                    else:
+                        self.addheader(name, value)
+                    counts[name.lower()] = 1
+                case RemoveHeader(name):
+                    for idx in range(counts.get(name.lower(), 0), 0, -1):
+                        self.chgheader(name, idx, "")
+                    counts[name.lower()] = 0
+                case AddRecipient(address):
+                    self.addrcpt(f"<{address.strip('<>')}>")
+                case RemoveRecipient(address):
+                    self.delrcpt(address)
+                case ChangeSender(address):
+                    self.chgfrom(f"<{address.strip('<>')}>")
+        return Milter.ACCEPT  # type: ignore[no-any-return]
+
+    def abort(self) -> int:
+        self._reset()
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+    def close(self) -> int:
+        return Milter.CONTINUE  # type: ignore[no-any-return]
+
+
+def make_factory(runtime: Runtime) -> tuple[type[PostroomMilter], _Holder]:
+    holder = _Holder(runtime)
+    cls = type("BoundPostroomMilter", (PostroomMilter,), {"holder": holder})
+    return cls, holder
+
+
+def run(runtime: Runtime, name: str = "postroom") -> None:
+    """Serve until libmilter is told to stop (SIGTERM/SIGINT); blocks."""
+    config = runtime.config
+    factory, _holder = make_factory(runtime)
+    Milter.factory = factory
+    Milter.set_flags(ACTION_FLAGS)
+    old = os.umask(config.milter.socket_umask)
+    try:
+        log.info("listening on %s", config.milter.socket)
+        Milter.runmilter(name, config.milter.socket, config.milter.timeout_seconds)
+    finally:
+        os.umask(old)
