@@ -1,0 +1,172 @@
+"""The pure inbound pipeline with an in-memory store: threading, routing, edits and the failure policy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from postroom.config import Config, example_config_path, load_config, parse_config
+from postroom.pipeline import Message, Outcome, process
+from postroom.verdict import Action, AddHeader, AddRecipient, Envelope, RemoveHeader, RemoveRecipient, SetHeader
+from tests.fakes import MemoryStore
+
+SUPPORT = "support@example.test"
+
+
+@pytest.fixture
+def config() -> Config:
+    base = load_config(example_config_path(), environ={}).model_dump()
+    base["mailboxes"]["sales"] = {"address": "sales@example.test", "tag": "Sales", "agents": ["schulze"]}
+    return parse_config(base, environ={})
+
+
+def mail(
+    subject: str = "Hello",
+    sender: str = "alice@customer.test",
+    rcpts: Iterable[str] = (f"<{SUPPORT}>",),
+    msgid: str = "m1@customer.test",
+    extra: Iterable[tuple[str, str]] = (),
+    qid: str = "4AbCdEf",
+) -> Message:
+    headers = [("From", f"Alice <{sender}>"), ("To", SUPPORT), ("Subject", subject), ("Message-ID", f"<{msgid}>")]
+    headers += list(extra)
+    return Message(Envelope(mail_from=f"<{sender}>", rcpts=list(rcpts), queue_id=qid), headers)
+
+
+def header(out: Outcome, name: str) -> list[str]:
+    values: list[str] = []
+    for e in out.verdict.edits:
+        if isinstance(e, (AddHeader, SetHeader)) and e.name.lower() == name.lower():
+            values.append(e.value)
+    return values
+
+
+def rcpt_edits(out: Outcome) -> list[tuple[str, str]]:
+    return [(type(e).__name__, e.address) for e in out.verdict.edits if isinstance(e, (AddRecipient, RemoveRecipient))]
+
+
+def test_new_ticket_gets_token_headers_and_stays_in_inbox(config: Config) -> None:
+    store = MemoryStore()
+    out = process(mail(), config, store, now=1000.0)
+    assert out.verdict.action is Action.ACCEPT
+    assert header(out, "Subject") == ["[Support #1] Hello"]
+    assert header(out, "X-Postroom-Ticket") == ["1 (Support)"]
+    assert header(out, "X-Postroom-Owner") == ["unassigned (Support #1)"]
+    assert header(out, "X-Postroom-State") == ["new (Support #1)"]
+    assert rcpt_edits(out) == []
+    [rec] = out.records
+    assert (rec.event, rec.number, rec.queue_id, rec.message_id) == ("opened", 1, "4AbCdEf", "m1@customer.test")
+    assert store.tickets[(SUPPORT, 1)].customer == "alice@customer.test"
+
+
+def test_customer_follow_up_by_references_goes_to_the_owners_folder(config: Config) -> None:
+    store = MemoryStore()
+    process(mail(), config, store, 1000.0)
+    store.assign(SUPPORT, 1, "meier")
+    out = process(
+        mail("Re: [Support #1] Hello", msgid="m2@customer.test", extra=[("In-Reply-To", "<m1@customer.test>")]),
+        config,
+        store,
+        1001.0,
+    )
+    assert header(out, "Subject") == ["Re: [Support #1] Hello"]
+    assert header(out, "X-Postroom-Owner") == ["meier (Support #1)"]
+    assert rcpt_edits(out) == [
+        ("RemoveRecipient", f"<{SUPPORT}>"),
+        ("AddRecipient", "support+Meier@example.test"),
+    ]
+    assert out.records[0].event == "followup"
+
+
+def test_follow_up_by_subject_token_only_from_a_participant(config: Config) -> None:
+    store = MemoryStore()
+    process(mail(), config, store, 1000.0)
+    out = process(mail("AW: [Support #1] Hello", msgid="m2@customer.test"), config, store, 1001.0)
+    assert header(out, "X-Postroom-Ticket") == ["1 (Support)"]
+    assert out.records[0].event == "followup"
+
+
+def test_stranger_pasting_a_token_gets_a_new_ticket(config: Config) -> None:
+    store = MemoryStore()
+    process(mail(), config, store, 1000.0)
+    store.assign(SUPPORT, 1, "meier")
+    out = process(mail("[Support #1] give me the data", sender="mallory@evil.test", msgid="x@evil"), config, store, 2.0)
+    assert header(out, "Subject") == ["[Support #2] give me the data"]
+    assert header(out, "X-Postroom-Owner") == ["unassigned (Support #2)"]
+    assert rcpt_edits(out) == []  # not into Meier's folder
+    assert "not a participant" in out.records[0].detail
+
+
+def test_forward_starts_a_new_linked_ticket_reply_does_not(config: Config) -> None:
+    store = MemoryStore()
+    process(mail(), config, store, 1000.0)
+    fwd = process(mail("WG: [Support #1] Hello", msgid="m2@customer.test"), config, store, 1001.0)
+    assert header(fwd, "Subject") == ["[Support #2] WG: Hello"]
+    assert header(fwd, "X-Postroom-Linked") == ["1 (Support #2)"]
+    assert fwd.records[0].event == "linked"
+    for prefix in ("AW", "Re", "SV", "Antw"):
+        out = process(mail(f"{prefix}: [Support #1] Hello", msgid=f"{prefix}@c"), config, store, 1002.0)
+        assert header(out, "X-Postroom-Ticket") == ["1 (Support)"], prefix
+
+
+def test_two_mailboxes_make_two_tickets_in_one_delivery(config: Config) -> None:
+    store = MemoryStore()
+    out = process(mail(rcpts=[f"<{SUPPORT}>", "<sales@example.test>"]), config, store, 1000.0)
+    assert header(out, "Subject") == ["[Sales #1] [Support #1] Hello"]
+    assert sorted(header(out, "X-Postroom-Ticket")) == ["1 (Sales)", "1 (Support)"]
+    assert {r.mailbox for r in out.records} == {SUPPORT, "sales@example.test"}
+
+
+def test_forged_internal_headers_are_removed(config: Config) -> None:
+    out = process(mail(extra=[("X-Postroom-Owner", "meier"), ("x-postroom-status", "ok")]), config, MemoryStore(), 1.0)
+    removed = {e.name.lower() for e in out.verdict.edits if isinstance(e, RemoveHeader)}
+    assert removed == {"x-postroom-owner", "x-postroom-status"}
+
+
+def test_non_ascii_subject_is_encoded_on_one_line(config: Config) -> None:
+    out = process(mail("=?utf-8?q?Gr=C3=BC=C3=9Fe?="), config, MemoryStore(), 1.0)
+    [value] = header(out, "Subject")
+    assert value.isascii() and "\n" not in value
+    from postroom.subject import decode
+
+    assert decode(value) == "[Support #1] Grüße"
+
+
+def test_mail_to_nobody_we_serve_is_untouched(config: Config) -> None:
+    out = process(mail(rcpts=["<someone@example.test>"]), config, MemoryStore(), 1.0)
+    assert out.verdict.action is Action.ACCEPT
+    assert header(out, "Subject") == []
+    assert out.records == []
+
+
+def test_dead_store_delivers_degraded(config: Config) -> None:
+    store = MemoryStore()
+    store.down = True
+    out = process(mail(extra=[("X-Postroom-Owner", "meier")]), config, store, 1.0)
+    assert out.verdict.action is Action.ACCEPT
+    assert header(out, "X-Postroom-Status") == ["degraded"]
+    assert header(out, "Subject") == []  # unmodified
+    assert any(isinstance(e, RemoveHeader) for e in out.verdict.edits)
+
+
+def test_dead_store_tempfails_when_configured(config: Config) -> None:
+    data = config.model_dump()
+    data["milter"]["on_error"] = "tempfail"
+    store = MemoryStore()
+    store.down = True
+    out = process(mail(), parse_config(data, environ={}), store, 1.0)
+    assert out.verdict.action is Action.TEMPFAIL
+    assert out.verdict.reply is not None and out.verdict.reply.code == 451
+
+
+def test_crash_in_our_code_delivers_degraded_and_logs_queue_id(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(MemoryStore):
+        def lookup(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            raise KeyError("bug")
+
+    out = process(mail(qid="9QiD"), config, Broken(), 1.0)
+    assert header(out, "X-Postroom-Status") == ["degraded"]
+    assert any(getattr(r, "queue_id", "") == "9QiD" and r.exc_info for r in caplog.records)
