@@ -8,6 +8,8 @@ import pytest
 
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.pipeline import Message, Outcome, process
+from postroom.store import Lookup
+from postroom.subject import decode
 from postroom.verdict import Action, AddHeader, AddRecipient, Envelope, RemoveHeader, RemoveRecipient, SetHeader
 from tests.fakes import MemoryStore
 
@@ -23,6 +25,7 @@ def config() -> Config:
 
 def mail(
     subject: str = "Hello",
+    *,
     sender: str = "alice@customer.test",
     rcpts: Iterable[str] = (f"<{SUPPORT}>",),
     msgid: str = "m1@customer.test",
@@ -112,14 +115,16 @@ def test_forward_starts_a_new_linked_ticket_reply_does_not(config: Config) -> No
 
 def test_two_mailboxes_make_two_tickets_in_one_delivery(config: Config) -> None:
     store = MemoryStore()
-    out = process(mail(rcpts=[f"<{SUPPORT}>", "<sales@example.test>"]), config, store, 1000.0)
+    out = process(mail("Hello", rcpts=[f"<{SUPPORT}>", "<sales@example.test>"]), config, store, 1000.0)
     assert header(out, "Subject") == ["[Sales #1] [Support #1] Hello"]
     assert sorted(header(out, "X-Postroom-Ticket")) == ["1 (Sales)", "1 (Support)"]
     assert {r.mailbox for r in out.records} == {SUPPORT, "sales@example.test"}
 
 
 def test_forged_internal_headers_are_removed(config: Config) -> None:
-    out = process(mail(extra=[("X-Postroom-Owner", "meier"), ("x-postroom-status", "ok")]), config, MemoryStore(), 1.0)
+    out = process(
+        mail("Hello", extra=[("X-Postroom-Owner", "meier"), ("x-postroom-status", "ok")]), config, MemoryStore(), 1.0
+    )
     removed = {e.name.lower() for e in out.verdict.edits if isinstance(e, RemoveHeader)}
     assert removed == {"x-postroom-owner", "x-postroom-status"}
 
@@ -128,13 +133,11 @@ def test_non_ascii_subject_is_encoded_on_one_line(config: Config) -> None:
     out = process(mail("=?utf-8?q?Gr=C3=BC=C3=9Fe?="), config, MemoryStore(), 1.0)
     [value] = header(out, "Subject")
     assert value.isascii() and "\n" not in value
-    from postroom.subject import decode
-
     assert decode(value) == "[Support #1] Grüße"
 
 
 def test_mail_to_nobody_we_serve_is_untouched(config: Config) -> None:
-    out = process(mail(rcpts=["<someone@example.test>"]), config, MemoryStore(), 1.0)
+    out = process(mail("Hello", rcpts=["<someone@example.test>"]), config, MemoryStore(), 1.0)
     assert out.verdict.action is Action.ACCEPT
     assert header(out, "Subject") == []
     assert out.records == []
@@ -143,7 +146,7 @@ def test_mail_to_nobody_we_serve_is_untouched(config: Config) -> None:
 def test_dead_store_delivers_degraded(config: Config) -> None:
     store = MemoryStore()
     store.down = True
-    out = process(mail(extra=[("X-Postroom-Owner", "meier")]), config, store, 1.0)
+    out = process(mail("Hello", extra=[("X-Postroom-Owner", "meier")]), config, store, 1.0)
     assert out.verdict.action is Action.ACCEPT
     assert header(out, "X-Postroom-Status") == ["degraded"]
     assert header(out, "Subject") == []  # unmodified
@@ -164,9 +167,9 @@ def test_crash_in_our_code_delivers_degraded_and_logs_queue_id(
     config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     class Broken(MemoryStore):
-        def lookup(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        def lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
             raise KeyError("bug")
 
-    out = process(mail(qid="9QiD"), config, Broken(), 1.0)
+    out = process(mail("Hello", qid="9QiD"), config, Broken(), 1.0)
     assert header(out, "X-Postroom-Status") == ["degraded"]
     assert any(getattr(r, "queue_id", "") == "9QiD" and r.exc_info for r in caplog.records)

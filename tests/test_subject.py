@@ -25,7 +25,8 @@ from postroom import subject
         ("WG: AW: Hello", ("wg", "aw"), True, False),
         ("Hello: world", (), False, False),
         ("Reminder: pay", (), False, False),
-        ("回复：Hello", (), False, False),
+        ("\u56de\u590d\uff1aHello", ("\u56de\u590d",), False, True),  # Chinese client, full-width colon
+        ("\u8f6c\u53d1: Hello", ("\u8f6c\u53d1",), True, False),
     ],
 )
 def test_prefixes(raw: str, prefixes: tuple[str, ...], forward: bool, reply: bool) -> None:

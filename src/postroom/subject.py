@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 
 # Reply prefixes of the mail clients our users' customers use: English, German (AW), Scandinavian (SV),
-# Dutch (Antw), Finnish (VS is "vastaus"), Polish (Odp), Italian (R, RIF), French (Réf), Spanish (RE).
-REPLY_PREFIXES = frozenset({"re", "aw", "sv", "antw", "odp", "rif", "ref", "réf", "r", "vs", "ynt", "atb"})
+# Dutch (Antw), Finnish (VS is "vastaus"), Polish (Odp), Italian (R, RIF), French (Réf), Spanish (RE), Chinese.
+REPLY_PREFIXES = frozenset(
+    {"re", "aw", "sv", "antw", "odp", "rif", "ref", "réf", "r", "vs", "ynt", "atb", "\u56de\u590d", "\u7b54\u590d"}
+)
 # Forward prefixes: English (Fwd, Fw), German (WG), Dutch (Doorst), French (TR), Spanish (RV), Portuguese (ENC),
-# Swedish (VB), Polish (PD), Norwegian/Danish (VS would clash with the Finnish reply, so it is left out).
-FORWARD_PREFIXES = frozenset({"fwd", "fw", "wg", "doorst", "tr", "rv", "enc", "vb", "pd", "i"})
+# Swedish (VB), Polish (PD), Chinese, Norwegian/Danish (VS would clash with the Finnish reply, so it is left out).
+FORWARD_PREFIXES = frozenset({"fwd", "fw", "wg", "doorst", "tr", "rv", "enc", "vb", "pd", "i", "\u8f6c\u53d1"})
 
 # Chinese and Japanese clients write the prefix with a full-width colon.
 _PREFIX_RE = re.compile(r"^\s*([^\W\d_]{1,6})\s*(?:\[\d{1,3}\]|\(\d{1,3}\))?\s*[:\uff1a]\s*", re.UNICODE)
