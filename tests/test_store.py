@@ -1,0 +1,85 @@
+"""The Redis store against a real, private redis-server."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from postroom.store import NewTicket, RedisStore, StoreUnavailable
+
+BOX = "support@example.test"
+
+
+def make(url: str) -> RedisStore:
+    return RedisStore.from_url(url, key_prefix="postroom", message_index_days=1, timeout=2.0)
+
+
+def new(customer: str = "alice@customer.test", mid: str = "m1@c") -> NewTicket:
+    return NewTicket(customer=customer, subject="Hello", participants=(customer,), message_ids=(mid,))
+
+
+def test_open_lookup_touch(redis_url: str) -> None:
+    store = make(redis_url)
+    t = store.open(BOX, new(), 100.0)
+    assert t.number == 1
+    found = store.lookup(BOX, ["unknown@x", "m1@c"], [1], ["alice@customer.test"])
+    assert found.by_reference is not None and found.by_reference.number == 1
+    assert found.by_token[0].sender_known
+    stranger = store.lookup(BOX, [], [1], ["mallory@evil.test"])
+    assert not stranger.by_token[0].sender_known
+    touched = store.touch(BOX, 1, ["m2@c"], ["bob@customer.test"], 200.0)
+    assert touched.updated == 200.0 and touched.customer == "alice@customer.test"
+    assert store.lookup(BOX, ["m2@c"], [], []).by_reference is not None
+    assert store.lookup(BOX, [], [1], ["bob@customer.test"]).by_token[0].sender_known
+
+
+def test_keys_carry_the_mailbox_hash_tag_and_ttl(redis_url: str) -> None:
+    store = make(redis_url)
+    store.open(BOX, new(), 1.0)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = sorted(str(k) for k in client.keys("*"))
+    assert keys and all(k.startswith("postroom:{support@example.test}:") for k in keys), keys
+    ttl = client.ttl(store.message_key(BOX, "m1@c"))
+    assert 0 < ttl <= 86400
+    assert client.ttl(store.ticket_key(BOX, 1)) == -1  # tickets themselves do not expire
+
+
+def test_counter_is_atomic_across_threads(redis_url: str) -> None:
+    numbers: list[int] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        store = make(redis_url)
+        for j in range(25):
+            n = store.open(BOX, new(mid=f"{i}-{j}@c"), 1.0).number
+            with lock:
+                numbers.append(n)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(numbers) == list(range(1, 201))
+
+
+def test_mailboxes_count_separately(redis_url: str) -> None:
+    store = make(redis_url)
+    assert store.open(BOX, new(), 1.0).number == 1
+    assert store.open("sales@example.test", new(), 1.0).number == 1
+    assert store.open(BOX, new(mid="m2@c"), 1.0).number == 2
+
+
+def test_unreachable_redis_raises_store_unavailable() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", key_prefix="p", message_index_days=1, timeout=0.5)
+    for call in (
+        lambda: store.lookup(BOX, ["a@b"], [1], ["x@y"]),
+        lambda: store.open(BOX, new(), 1.0),
+        lambda: store.touch(BOX, 1, [], [], 1.0),
+    ):
+        try:
+            call()
+        except StoreUnavailable:
+            continue
+        raise AssertionError("expected StoreUnavailable")
