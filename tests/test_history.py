@@ -46,9 +46,7 @@ def test_writer_records_tickets_messages_events(db_url: str) -> None:
     engine.dispose()
 
 
-def test_a_dead_database_loses_history_lines_not_the_thread(
-    sqlite_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_dead_database_loses_history_lines_not_the_thread(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
     # No migration: every write fails; the writer logs the queue ids and keeps serving.
     engine = make_engine(sqlite_url)
     writer = HistoryWriter(engine)

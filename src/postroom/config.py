@@ -222,3 +222,40 @@ def example_config_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("docs/examples/postroom.toml not found beside the package")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_table(lines: list[str], name: str, data: Mapping[str, object]) -> None:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    if name:
+        lines.append(f"\n[{name}]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            _toml_table(lines, f"{name}.{key}" if name else key, value)
+
+
+def to_toml(config: Config) -> str:
+    """The config as a TOML document that loads back to an equal Config (tests, the demo, ``config show``)."""
+    lines: list[str] = []
+    _toml_table(lines, "", config.model_dump())
+    return "\n".join(lines) + "\n"
+
+
+def with_changes(config: Config, changes: Mapping[str, Mapping[str, object]]) -> Config:
+    """A copy with some keys of some sections replaced, validated again; e.g. {"milter": {"socket_umask": 0}}."""
+    data = config.model_dump()
+    for section, values in changes.items():
+        data[section] = {**data[section], **values}
+    return parse_config(data, "<changes>", environ={})

@@ -45,6 +45,7 @@ __all__ = [
     "Dovecot",
     "Login",
     "MailUser",
+    "MilterDaemon",
     "Postfix",
     "RedisServer",
     "Stack",
@@ -1232,6 +1233,68 @@ class Stack:
             self.postfix.log_path,
             self.dovecot.log_path,
         )
+
+
+class MilterDaemon:
+    """``postroom milter`` (or any milter command) as a child process on a unix socket, for tests and benches.
+
+    The config is written to ``workdir`` from a :class:`postroom.config.Config`; the socket is made with
+    umask 0 there because Postfix's smtpd runs as another user than the root test process.
+    """
+
+    def __init__(
+        self, workdir: Path, config_toml: str, socket_path: Path, *, command: Sequence[str] | None = None
+    ) -> None:
+        self.workdir = _mkdir(workdir)
+        self.socket_path = socket_path
+        self.config_path = workdir / "postroom.toml"
+        self.config_path.write_text(config_toml)
+        self.log_path = workdir / "milter.log"
+        self.command = list(command or [sys.executable, "-m", "postroom", "milter", "--config", str(self.config_path)])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout: float = 15.0) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        log = self.log_path.open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while not self.socket_path.exists():
+            if self._proc.poll() is not None:
+                raise _error(f"milter exited with {self._proc.returncode} before listening", self.log_path)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise _error(f"milter not listening on {self.socket_path} after {timeout:.0f}s", self.log_path)
+            time.sleep(_POLL)
+
+    def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
 
 def _stop_forgotten_stacks() -> None:

@@ -1,0 +1,5 @@
+"""``python -m postroom`` is the ``postroom`` command."""
+
+from postroom.admin.cli import main
+
+main()
