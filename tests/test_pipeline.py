@@ -173,3 +173,20 @@ def test_crash_in_our_code_delivers_degraded_and_logs_queue_id(
     out = process(mail("Hello", qid="9QiD"), config, Broken(), 1.0)
     assert header(out, "X-Postroom-Status") == ["degraded"]
     assert any(getattr(r, "queue_id", "") == "9QiD" and r.exc_info for r in caplog.records)
+
+
+def test_raw_8bit_subject_is_read_as_utf8_or_windows_1252(config: Config) -> None:
+    latin1 = "Gr\udcfc\udcdfe"  # b"Gr\xfc\xdfe" as pymilter hands it over (surrogateescape)
+    utf8 = b"Gr\xc3\xbc\xc3\x9fe".decode("utf-8", "surrogateescape")
+    for raw in (latin1, utf8):
+        out = process(mail(raw), config, MemoryStore(), 1.0)
+        [value] = header(out, "Subject")
+        assert value.isascii()
+        assert decode(value) == "[Support #1] Grüße"
+
+
+def test_encoded_line_break_in_subject_cannot_inject_a_header(config: Config) -> None:
+    out = process(mail("=?utf-8?q?Hi=0D=0ABcc:_victim@x.test?="), config, MemoryStore(), 1.0)
+    [value] = header(out, "Subject")
+    assert "\r" not in value and "\n" not in value
+    assert value == "[Support #1] Hi Bcc: victim@x.test"

@@ -134,9 +134,14 @@ def encode_header_value(text: str) -> str:
 
 
 def readable(raw: str) -> str:
-    """A header value as text: RFC 2047 decoded, raw 8-bit bytes (surrogate-escaped) as UTF-8 or U+FFFD."""
+    """A header value as text: RFC 2047 decoded; raw 8-bit bytes (surrogate-escaped by pymilter) as UTF-8, or
+    as Windows-1252 when they are not UTF-8, which is what old clients that send raw 8-bit headers mean."""
     text = subject.decode(raw)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
 
 
 def folder_address(rcpt: str, delimiter: str, folder: str) -> str:
