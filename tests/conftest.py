@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
-from postroom.testbed import Login, MailUser, MilterDaemon, RedisServer, Stack
+from postroom.config import Config, example_config_path, load_config, parse_config
+from postroom.testbed import Deployment, RedisServer, deploy
 
 # The local PostgreSQL server (Debian's postgresql package, started by .ci/run); each test run makes its own
 # database there and drops it afterwards, so nothing depends on what the server held before.
@@ -84,55 +82,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 # -- end to end: a private Postfix + Dovecot + Redis with the real `postroom milter` in front of Dovecot --
 
-MAILBOXES = ("support@example.test", "sales@example.test")
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
-AGENT_LOGINS = ("meier", "mueller", "schulze")
 
 
-def e2e_config(stack: Stack, workdir: Path) -> Config:
-    """The shipped example config, pointed at the stack, plus a second mailbox for the two-mailbox tests."""
-    base = load_config(example_config_path(), environ={})
-    data = base.model_dump()
+def e2e_base_config() -> Config:
+    """The shipped example config plus a second mailbox, for the two-mailbox tests."""
+    data = load_config(example_config_path(), environ={}).model_dump()
     data["mailboxes"]["sales"] = {"address": "sales@example.test", "tag": "Sales", "agents": ["schulze"]}
-    data["milter"] = {**data["milter"], "socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0}
-    data["redis"] = {**data["redis"], "url": stack.redis.url}
-    data["database"] = {**data["database"], "url": f"sqlite:///{workdir / 'history.sqlite3'}"}
     return parse_config(data, environ={})
-
-
-@dataclass
-class Deployment:
-    stack: Stack
-    milter: MilterDaemon
-    config: Config
-
-    @property
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.stack.redis.url, decode_responses=True)
-
-
-@contextlib.contextmanager
-def deploy() -> Iterator[Deployment]:
-    users = [MailUser(a) for a in (*MAILBOXES, *CUSTOMERS)] + [MailUser(f"{a}@example.test") for a in AGENT_LOGINS]
-    with Stack(users=users, logins=[Login(a) for a in AGENT_LOGINS], milter="auto") as stack:
-        config = e2e_config(stack, stack.root / "postroom")
-        milter = MilterDaemon(stack.root / "postroom", to_toml(config), stack.milter_socket_path)
-        milter.start()
-        try:
-            yield Deployment(stack, milter, config)
-        finally:
-            milter.stop()
 
 
 @pytest.fixture(scope="session")
 def deployment() -> Iterator[Deployment]:
     """One deployment shared by the tests that leave it as they found it."""
-    with deploy() as d:
+    with deploy(e2e_base_config(), CUSTOMERS) as d:
         yield d
 
 
 @pytest.fixture
 def own_deployment() -> Iterator[Deployment]:
     """A deployment of its own, for tests that stop or break a part of it."""
-    with deploy() as d:
+    with deploy(e2e_base_config(), CUSTOMERS) as d:
         yield d

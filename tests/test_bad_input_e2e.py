@@ -8,7 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from tests.conftest import Deployment
+from postroom.testbed import Deployment
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, queue_id, ticket_number
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +73,7 @@ def test_crash_in_our_code_delivers_degraded_and_logs_the_queue_id(deployment: D
     first = customer_mail("alice@customer.test", "Will break")
     n = ticket_number(deliver(d, first))
     # A ticket hash that our code cannot read (as a future bug or a hand edit would leave it).
-    d.redis.hset(f"postroom:{{{SUPPORT}}}:t:{n}", "created", "not-a-number")
+    d.redis_client().hset(f"postroom:{{{SUPPORT}}}:t:{n}", "created", "not-a-number")
     answer = customer_mail("alice@customer.test", "Re: Will break", in_reply_to=str(first["Message-ID"]))
     got = deliver(d, answer)
     assert got["X-Postroom-Status"] == "degraded"
@@ -81,4 +81,4 @@ def test_crash_in_our_code_delivers_degraded_and_logs_the_queue_id(deployment: D
     qid = queue_id(d, str(answer["Message-ID"]))
     assert re.search(rf" {qid}: unexpected error in the pipeline", d.milter.log_text())
     assert "Traceback" in d.milter.log_text()
-    d.redis.hset(f"postroom:{{{SUPPORT}}}:t:{n}", "created", "1")
+    d.redis_client().hset(f"postroom:{{{SUPPORT}}}:t:{n}", "created", "1")

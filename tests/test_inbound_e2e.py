@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from postroom.history import EventRow, MessageRow, TicketRow
-from tests.conftest import Deployment
+from postroom.testbed import Deployment
 
 pytestmark = pytest.mark.e2e
 
@@ -93,7 +93,7 @@ def test_new_ticket_lands_in_the_inbox_tagged_and_recorded(deployment: Deploymen
     assert got["X-Postroom-Owner"] == f"unassigned (Support #{n})"
     assert got["X-Postroom-State"] == f"new (Support #{n})"
     assert got.get_content() == "Hello team,\nplease help.\n"  # the body is the customer's, untouched
-    ticket = d.redis.hgetall(f"postroom:{{{SUPPORT}}}:t:{n}")
+    ticket = d.redis_client().hgetall(f"postroom:{{{SUPPORT}}}:t:{n}")
     assert ticket["customer"] == "alice@customer.test"
     assert ticket["subject"] == "Printer on fire"
     assert ticket["owner"] == ""
@@ -111,7 +111,7 @@ def test_customer_follow_up_goes_to_the_owners_folder(deployment: Deployment) ->
     first = customer_mail("bob@customer.test", "Invoice wrong")
     n = ticket_number(deliver(d, first))
     # Ownership is taken by an agent's reply (the outbound path); here it is set where the claim puts it.
-    d.redis.hset(f"postroom:{{{SUPPORT}}}:t:{n}", mapping={"owner": "meier", "state": "open"})
+    d.redis_client().hset(f"postroom:{{{SUPPORT}}}:t:{n}", mapping={"owner": "meier", "state": "open"})
     # Bob's client threads by In-Reply-To and drops our subject token: threading still finds the ticket.
     answer = customer_mail("bob@customer.test", "AW: Invoice wrong", in_reply_to=str(first["Message-ID"]))
     got = deliver(d, answer, folder="Meier")
@@ -131,14 +131,14 @@ def test_customer_follow_up_goes_to_the_owners_folder(deployment: Deployment) ->
 def test_stranger_pasting_a_ticket_token_gets_a_new_ticket(deployment: Deployment) -> None:
     d = deployment
     n = ticket_number(deliver(d, customer_mail("alice@customer.test", "My contract")))
-    d.redis.hset(f"postroom:{{{SUPPORT}}}:t:{n}", mapping={"owner": "mueller", "state": "open"})
+    d.redis_client().hset(f"postroom:{{{SUPPORT}}}:t:{n}", mapping={"owner": "mueller", "state": "open"})
     attack = customer_mail("mallory@customer.test", f"[Support #{n}] send me the contract")
     got = deliver(d, attack)  # INBOX, not Mueller's folder
     m = ticket_number(got)
     assert m != n
     assert got["Subject"] == f"[Support #{m}] send me the contract"
     assert got["X-Postroom-Owner"] == f"unassigned (Support #{m})"
-    assert "mallory" not in d.redis.smembers(f"postroom:{{{SUPPORT}}}:p:{n}")
+    assert "mallory" not in d.redis_client().smembers(f"postroom:{{{SUPPORT}}}:p:{n}")
 
 
 def test_forward_opens_a_linked_ticket_reply_prefixes_do_not(deployment: Deployment) -> None:
@@ -149,7 +149,7 @@ def test_forward_opens_a_linked_ticket_reply_prefixes_do_not(deployment: Deploym
     assert m != n
     assert fwd["Subject"] == f"[Support #{m}] WG: Delivery late"
     assert fwd["X-Postroom-Linked"] == f"{n} (Support #{m})"
-    assert d.redis.hget(f"postroom:{{{SUPPORT}}}:t:{m}", "linked") == str(n)
+    assert d.redis_client().hget(f"postroom:{{{SUPPORT}}}:t:{m}", "linked") == str(n)
     for prefix in ("AW", "Re", "SV", "Antw"):
         got = deliver(d, customer_mail("alice@customer.test", f"{prefix}: [Support #{n}] Delivery late"))
         assert ticket_number(got) == n, prefix
@@ -164,7 +164,7 @@ def test_one_mail_to_two_mailboxes_makes_one_ticket_each_delivered_once(deployme
     assert len(mine) == 1
     s, t = ticket_number(for_support, "Support"), ticket_number(mine[0], "Sales")
     assert f"[Support #{s}]" in str(for_support["Subject"]) and f"[Sales #{t}]" in str(for_support["Subject"])
-    assert d.redis.hget(f"postroom:{{{SALES}}}:t:{t}", "customer") == "bob@customer.test"
+    assert d.redis_client().hget(f"postroom:{{{SALES}}}:t:{t}", "customer") == "bob@customer.test"
 
 
 def test_forged_postroom_headers_from_outside_are_dropped(deployment: Deployment) -> None:

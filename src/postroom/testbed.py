@@ -33,15 +33,20 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from pathlib import Path
 from types import TracebackType
 
+import redis
+
+from postroom.config import Config, to_toml, with_changes
+
 __all__ = [
     "MILTER_MACROS",
     "SUBMISSION_DAEMON_NAME",
+    "Deployment",
     "Dovecot",
     "Login",
     "MailUser",
@@ -50,6 +55,8 @@ __all__ = [
     "RedisServer",
     "Stack",
     "StackError",
+    "config_for_stack",
+    "deploy",
     "free_port",
     "imap_quote",
     "log_tail",
@@ -1295,6 +1302,47 @@ class MilterDaemon:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:
+    """``base`` pointed at the stack: its milter socket (umask 0 for Postfix), its Redis, SQLite in ``workdir``."""
+    return with_changes(
+        base,
+        {
+            "milter": {"socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0},
+            "redis": {"url": stack.redis.url},
+            "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
+        },
+    )
+
+
+@dataclass
+class Deployment:
+    """A stack with the real ``postroom milter`` in front of Dovecot: what an admin would run."""
+
+    stack: Stack
+    milter: MilterDaemon
+    config: Config
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.stack.redis.url, decode_responses=True)
+
+
+@contextlib.contextmanager
+def deploy(base: Config, customers: Sequence[str] = ()) -> Iterator[Deployment]:
+    """Start a stack whose mailboxes and logins are the config's, plus the milter; stop everything on exit."""
+    addresses = [box.address for box in base.mailboxes.values()]
+    addresses += [agent.address for agent in base.agents.values()]
+    users = [MailUser(a) for a in dict.fromkeys([*addresses, *customers])]
+    with Stack(users=users, logins=[Login(name) for name in base.agents], milter="auto") as stack:
+        workdir = stack.root / "postroom"
+        config = config_for_stack(base, stack, workdir)
+        milter = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
+        milter.start()
+        try:
+            yield Deployment(stack, milter, config)
+        finally:
+            milter.stop()
 
 
 def _stop_forgotten_stacks() -> None:
