@@ -83,3 +83,20 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
         except StoreUnavailable:
             continue
         raise AssertionError("expected StoreUnavailable")
+
+
+def test_assign_and_list(redis_url: str) -> None:
+    store = make(redis_url)
+    store.open(BOX, new(), 1.0)
+    store.open(BOX, new(mid="m2@c"), 2.0)
+    t = store.assign(BOX, 1, "meier", 3.0)
+    assert (t.owner, t.state, t.updated) == ("meier", "open", 3.0)
+    assert [x.number for x in store.tickets(BOX)] == [2, 1]
+    assert store.tickets("empty@example.test") == []
+    try:
+        store.assign(BOX, 99, "meier", 4.0)
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("assigning an unknown ticket must fail")
+    assert store.ticket(BOX, 99) is None  # and must not leave a half ticket behind

@@ -125,6 +125,13 @@ for k = 3, #KEYS do redis.call('SET', KEYS[k], ARGV[i], 'EX', ttl) end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# Sets the owner only of a ticket that exists, so a typo in a number cannot create a half ticket.
+_ASSIGN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', ARGV[2], 'updated', ARGV[3])
+return redis.call('HGETALL', KEYS[1])
+"""
+
 
 class RedisStore:
     def __init__(self, client: redis.Redis, key_prefix: str = "postroom", message_index_days: int = 400) -> None:
@@ -133,6 +140,7 @@ class RedisStore:
         self._ttl = message_index_days * 86400
         self._open = client.register_script(_OPEN)
         self._touch = client.register_script(_TOUCH)
+        self._assign = client.register_script(_ASSIGN)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
@@ -242,6 +250,29 @@ class RedisStore:
             raise StoreUnavailable(f"ticket {mailbox} #{number} vanished from Redis")
         h = dict(zip(flat[::2], flat[1::2], strict=True))
         return Ticket.from_hash(mailbox, number, h)
+
+    def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket:
+        """Give the ticket to ``owner`` (a login, "" to release); raises KeyError for an unknown ticket."""
+        state = "open" if owner else "new"
+        try:
+            flat = self._assign(keys=[self.ticket_key(mailbox, number)], args=[owner, state, repr(now)])
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not flat:
+            raise KeyError(f"{mailbox} #{number}")
+        return Ticket.from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def tickets(self, mailbox: str) -> list[Ticket]:
+        """Every ticket of a mailbox, newest first (admin and demo listings; not for the mail path)."""
+        try:
+            last = int(cast(str, self._r.get(self.counter_key(mailbox))) or 0)
+            pipe = self._r.pipeline(transaction=False)
+            for n in range(last, 0, -1):
+                pipe.hgetall(self.ticket_key(mailbox, n))
+            hashes = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [Ticket.from_hash(mailbox, last - i, h) for i, h in enumerate(hashes) if h]
 
     def ticket(self, mailbox: str, number: int) -> Ticket | None:
         try:

@@ -90,6 +90,19 @@ def milter_command(config_path: Path) -> None:
         log.info("postroom milter stopped")
 
 
+@main.command("demo")
+@click.option("--keep", is_flag=True, help="Leave the demo's Postfix, Dovecot, Redis and milter running until Ctrl-C.")
+def demo_command(keep: bool) -> None:
+    """Play the inbound story on a private Postfix, Dovecot and Redis with the real milter.
+
+    Needs root and the Debian packages postfix, dovecot-imapd, dovecot-lmtpd and redis-server
+    (`./dev demo` installs them).  Everything runs on free loopback ports in a temp dir.
+    """
+    from postroom.demo import run as run_demo  # noqa: PLC0415  (rich and the testbed only for the demo)
+
+    raise SystemExit(run_demo(keep=keep))
+
+
 @main.group("config")
 def config_group() -> None:
     """Check configuration files."""
