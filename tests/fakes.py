@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from postroom.store import Candidate, Lookup, NewTicket, StoreUnavailable, Ticket
+from postroom.store import Candidate, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
 
 
 class MemoryStore:
@@ -57,3 +57,12 @@ class MemoryStore:
 
     def assign(self, mailbox: str, number: int, owner: str) -> None:
         self.tickets[(mailbox, number)] = replace(self.tickets[(mailbox, number)], owner=owner, state="open")
+
+    def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
+        self._check()
+        t = self.tickets[(mailbox, number)]
+        previous = t.owner
+        won = previous in ("", login) or force
+        if won:
+            t = self.tickets[(mailbox, number)] = replace(t, owner=login, state="open", updated=now)
+        return Claim(won, t, previous, now if won and previous != login else t.created)

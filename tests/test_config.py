@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.config import ConfigError, example_config_path, load_config, parse_config
+from postroom.config import ConfigError, example_config_path, load_config, parse_config, to_toml
 
 
 def test_example_config_loads_with_the_documented_team() -> None:
@@ -76,3 +76,8 @@ def test_mailbox_for_maps_detail_addresses() -> None:
     hit = config.mailbox_for("support+Meier@example.test")
     assert hit is not None and hit[2] == "Meier"
     assert config.mailbox_for("sales@example.test") is None
+
+
+def test_to_toml_round_trips_the_example() -> None:
+    config = load_config(example_config_path(), environ={})
+    assert parse_config(tomllib.loads(to_toml(config)), environ={}) == config

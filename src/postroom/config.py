@@ -98,6 +98,26 @@ class MailboxConfig(_Section):
     agents: list[str] = Field(default_factory=list)
     inbox_folder: str = ""
     forward_prefixes_link: bool = True
+    on_rival_reply: Literal["reject", "warn", "allow"] = "reject"
+    from_format: Annotated[str, Field(min_length=1, max_length=100)] = "{agent} via {mailbox}"
+    reply_to: str = ""
+    copy_replies: bool = True
+
+    @field_validator("from_format")
+    @classmethod
+    def _from_format(cls, value: str) -> str:
+        try:
+            value.format(agent="A", mailbox="M")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{agent}} and {{mailbox}} may be used: {exc}") from None
+        return value
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_to(cls, value: str) -> str:
+        if value and not ADDRESS_RE.match(value):
+            raise ValueError(f"not a mail address: {value!r}")
+        return value.lower()
 
     @field_validator("address")
     @classmethod
@@ -116,6 +136,11 @@ class MailboxConfig(_Section):
         return value
 
 
+class DkimKey(_Section):
+    selector: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    key_file: str
+
+
 class Config(_Section):
     milter: MilterConfig = MilterConfig()
     redis: RedisConfig = RedisConfig()
@@ -123,6 +148,15 @@ class Config(_Section):
     recipient_delimiter: Annotated[str, Field(min_length=1, max_length=1)] = "+"
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     mailboxes: dict[str, MailboxConfig] = Field(default_factory=dict)
+    dkim: dict[str, DkimKey] = Field(default_factory=dict)
+
+    @field_validator("dkim")
+    @classmethod
+    def _dkim_domains(cls, value: dict[str, DkimKey]) -> dict[str, DkimKey]:
+        for domain in value:
+            if not re.match(rf"^{_DOMAIN}$", domain):
+                raise ValueError(f"dkim: {domain!r} is not a domain name")
+        return {d.lower(): k for d, k in value.items()}
 
     @field_validator("agents")
     @classmethod
@@ -154,6 +188,16 @@ class Config(_Section):
         for key, box in self.mailboxes.items():
             if box.address == wanted:
                 return key, box, detail
+        return None
+
+    def agent_for_login(self, login: str) -> str | None:
+        """The configured agent of an SMTP login; Dovecot may hand us "meier" or "Meier@example.test"."""
+        if login in self.agents:
+            return login
+        lowered = login.lower()
+        for name, agent in self.agents.items():
+            if lowered in (name.lower(), agent.address):
+                return name
         return None
 
     def agent_folder(self, login: str) -> str:
@@ -211,6 +255,12 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(name, [f"cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
+    # A relative key file is relative to the config file, so the shipped example works from any directory.
+    dkim = data.get("dkim")
+    if isinstance(dkim, dict):
+        for entry in dkim.values():
+            if isinstance(entry, dict) and isinstance(entry.get("key_file"), str):
+                entry["key_file"] = str(Path(name).resolve().parent / entry["key_file"])
     return parse_config(data, name, environ)
 
 
@@ -236,14 +286,19 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+def _toml_key(key: str) -> str:
+    # Domain names as keys ([dkim."example.test"]) must be quoted, or TOML reads them as nested tables.
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else _toml_value(key)
+
+
 def _toml_table(lines: list[str], name: str, data: Mapping[str, object]) -> None:
     scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
     if name:
         lines.append(f"\n[{name}]")
-    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items()]
     for key, value in data.items():
         if isinstance(value, Mapping):
-            _toml_table(lines, f"{name}.{key}" if name else key, value)
+            _toml_table(lines, f"{name}.{_toml_key(key)}" if name else _toml_key(key), value)
 
 
 def to_toml(config: Config) -> str:

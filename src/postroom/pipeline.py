@@ -6,50 +6,31 @@ exception or a dead Redis becomes the configured fail-safe verdict.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.header import Header
-from email.utils import getaddresses
 
 from postroom import replies, subject
 from postroom.config import Config, MailboxConfig
+from postroom.dkim import Keyring
 from postroom.history import Record
 from postroom.log import message_logger
-from postroom.store import NewTicket, StoreUnavailable, Ticket, TicketStore
-from postroom.verdict import (
-    AddHeader,
-    AddRecipient,
-    Edit,
-    Envelope,
-    RemoveHeader,
-    RemoveRecipient,
-    SetHeader,
-    Verdict,
+from postroom.mime import (
+    STATUS_HEADER,
+    Message,
+    addresses,
+    encode_header_value,
+    folder_address,
+    message_id,
+    readable,
+    strip_internal,
 )
+from postroom.outbound import outbound
+from postroom.store import NewTicket, StoreUnavailable, Ticket, TicketStore
+from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, RemoveRecipient, SetHeader, Verdict
 
-INTERNAL_PREFIX = "x-postroom-"
-STATUS_HEADER = "X-Postroom-Status"
+__all__ = ["STATUS_HEADER", "Message", "Outcome", "inbound", "process"]
 
-BodyAccess = Callable[[], bytes]
-
-
-@dataclass
-class Message:
-    """Everything an adapter collected about one mail; headers are (name, raw value) in arrival order."""
-
-    envelope: Envelope
-    headers: list[tuple[str, str]]
-    body: BodyAccess = field(default=lambda: b"")
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
-
-    def header_names(self) -> set[str]:
-        return {k for k, _ in self.headers}
+NO_KEYS = Keyring({})
 
 
 @dataclass
@@ -65,42 +46,36 @@ class _Routed:
     rcpts: tuple[str, ...]  # the envelope recipients that named this mailbox
 
 
-def process(message: Message, config: Config, store: TicketStore, now: float) -> Outcome:
+def process(message: Message, config: Config, store: TicketStore, now: float, keys: Keyring = NO_KEYS) -> Outcome:
     """Run the pipeline; never raises.  The failure policy of DESIGN.md lives here and nowhere else."""
     log = message_logger(message.envelope.queue_id)
+    # Authenticated submissions are agents' mail (the outbound path); everything else is customer mail.
+    is_outbound = bool(message.envelope.auth_login)
     try:
-        if message.envelope.auth_login:
-            # Authenticated submissions are the outbound path (agents' replies), not customer mail.
-            return Outcome(Verdict.accept(summary="authenticated submission: passed through"))
+        if is_outbound:
+            verdict, records = outbound(message, config, store, keys, now)
+            return Outcome(verdict, records)
         return inbound(message, config, store, now)
     except StoreUnavailable as exc:
-        log.error("ticket store unavailable: %s; policy %s", exc, config.milter.on_error)
-        return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE)
+        log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
+        return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
     except Exception:
         # Our bug, not the customer's: deliver (or retry) rather than lose or bounce the mail.
         log.exception("unexpected error in the pipeline; policy %s", config.milter.on_error)
-        return _fail_safe(message, config, replies.S451_TEMPORARY_FAILURE)
+        return _fail_safe(message, config, replies.S451_TEMPORARY_FAILURE, is_outbound)
 
 
-def _fail_safe(message: Message, config: Config, reply: replies.Reply) -> Outcome:
-    if config.milter.on_error == "tempfail":
+def _fail_safe(message: Message, config: Config, reply: replies.Reply, is_outbound: bool) -> Outcome:
+    # An agent's reply must never leave unrewritten from a personal address: the client retries it later.
+    if is_outbound or config.milter.on_error == "tempfail":
         return Outcome(Verdict.tempfail(reply, summary="tempfail by policy"))
     return Outcome(
         Verdict.accept(
-            *_strip_internal(message.headers),
+            *strip_internal(message.headers),
             AddHeader(STATUS_HEADER, "degraded"),
             summary="degraded delivery",
         )
     )
-
-
-def _strip_internal(headers: Iterable[tuple[str, str]]) -> list[Edit]:
-    """Remove every X-Postroom-* header that came from outside: only we may say who owns a ticket."""
-    names: dict[str, str] = {}
-    for name, _ in headers:
-        if name.lower().startswith(INTERNAL_PREFIX):
-            names.setdefault(name.lower(), name)
-    return [RemoveHeader(n) for n in names.values()]
 
 
 def _route(envelope: Envelope, config: Config) -> list[_Routed]:
@@ -112,43 +87,6 @@ def _route(envelope: Envelope, config: Config) -> list[_Routed]:
         key, box, _detail = hit
         found.setdefault(key, (box, []))[1].append(rcpt)
     return [_Routed(key, box, tuple(rcpts)) for key, (box, rcpts) in found.items()]
-
-
-def _addresses(value: str | None) -> list[str]:
-    if not value:
-        return []
-    return [addr.lower() for _, addr in getaddresses([subject.one_line(value)]) if "@" in addr]
-
-
-def _message_id(value: str | None) -> str:
-    ids = subject.message_ids(value)
-    return ids[0] if ids else ""
-
-
-def encode_header_value(text: str) -> str:
-    """ASCII stays as it is; anything else becomes one RFC 2047 word list, never folded, never multi-line."""
-    text = subject.one_line(text)
-    if text.isascii():
-        return text
-    return Header(text, "utf-8").encode(maxlinelen=0)
-
-
-def readable(raw: str) -> str:
-    """A header value as text: RFC 2047 decoded; raw 8-bit bytes (surrogate-escaped by pymilter) as UTF-8, or
-    as Windows-1252 when they are not UTF-8, which is what old clients that send raw 8-bit headers mean."""
-    text = subject.decode(raw)
-    data = text.encode("utf-8", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
-
-
-def folder_address(rcpt: str, delimiter: str, folder: str) -> str:
-    """support@d or support+x@d -> support+<folder>@d (or the bare address for the inbox)."""
-    local, _, domain = rcpt.strip("<>").rpartition("@")
-    base = local.split(delimiter, 1)[0]
-    return f"{base}{delimiter}{folder}@{domain}" if folder else f"{base}@{domain}"
 
 
 def _decide(
@@ -181,7 +119,7 @@ def _decide(
 def inbound(message: Message, config: Config, store: TicketStore, now: float) -> Outcome:
     log = message_logger(message.envelope.queue_id)
     routed = _route(message.envelope, config)
-    edits: list[Edit] = _strip_internal(message.headers)
+    edits: list[Edit] = strip_internal(message.headers)
     if not routed:
         return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
 
@@ -189,8 +127,8 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
     text_subject = readable(raw_subject or "")
     info = subject.parse(text_subject)
     refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
-    own_id = _message_id(message.header("Message-ID"))
-    from_addrs = _addresses(message.header("From"))
+    own_id = message_id(message.header("Message-ID"))
+    from_addrs = addresses(message.header("From"))
     envelope_sender = message.envelope.mail_from.strip("<>").lower()
     senders = list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])]))
     customer = from_addrs[0] if from_addrs else envelope_sender

@@ -17,6 +17,11 @@ class Reply:
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.status, text)
 
+    def format(self, **values: str) -> Reply:
+        """Fill the placeholders; the result is one ASCII line, whatever the values held."""
+        text = self.text.format(**{k: " ".join(v.split()) for k, v in values.items()})
+        return self.with_text(text.encode("ascii", "replace").decode("ascii"))
+
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
 
@@ -24,3 +29,9 @@ class Reply:
 S451_TEMPORARY_FAILURE = Reply(451, "4.3.0", "postroom: temporary failure, please try again later")
 S451_STORE_UNAVAILABLE = Reply(451, "4.3.0", "postroom: ticket store unavailable, please try again later")
 S550_BAD_MESSAGE = Reply(550, "5.6.0", "postroom: message cannot be processed")
+S550_TICKET_OWNED = Reply(
+    550,
+    "5.7.1",
+    "postroom: {mark} belongs to {owner} since {since}. Your reply was not sent. "
+    "To take the ticket over, send it again with the first line #takeover",
+)

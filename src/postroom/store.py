@@ -88,6 +88,8 @@ class TicketStore(Protocol):
         self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
     ) -> Ticket: ...
 
+    def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim: ...
+
 
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
@@ -132,6 +134,34 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', ARGV[2], 'updated', ARGV[
 return redis.call('HGETALL', KEYS[1])
 """
 
+# The claim: the first agent to answer an unowned ticket owns it; the owner answering again keeps it; anyone
+# else gets the current owner back, unless forced (#takeover).  One script, so two agents answering in the
+# same millisecond cannot both win.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+local won = 0
+if owner == '' or owner == ARGV[1] or ARGV[2] == '1' then
+  if owner ~= ARGV[1] then
+    redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owned_since', ARGV[3])
+  end
+  redis.call('HSET', KEYS[1], 'state', 'open', 'updated', ARGV[3])
+  won = 1
+end
+local t = redis.call('HGETALL', KEYS[1])
+table.insert(t, '_won'); table.insert(t, tostring(won))
+table.insert(t, '_previous'); table.insert(t, owner)
+return t
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    won: bool
+    ticket: Ticket  # after the claim: owned by the claimer when won, by the rival otherwise
+    previous_owner: str  # "" when the ticket was unowned
+    owned_since: float  # when the current owner took it
+
 
 class RedisStore:
     def __init__(self, client: redis.Redis, key_prefix: str = "postroom", message_index_days: int = 400) -> None:
@@ -141,6 +171,7 @@ class RedisStore:
         self._open = client.register_script(_OPEN)
         self._touch = client.register_script(_TOUCH)
         self._assign = client.register_script(_ASSIGN)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
@@ -261,6 +292,22 @@ class RedisStore:
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
         return Ticket.from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
+        """Atomically make ``login`` the owner unless another agent owns the ticket (``force`` takes it over)."""
+        try:
+            flat = self._claim(keys=[self.ticket_key(mailbox, number)], args=[login, "1" if force else "0", repr(now)])
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not flat:
+            raise KeyError(f"{mailbox} #{number}")
+        h = dict(zip(flat[::2], flat[1::2], strict=True))
+        return Claim(
+            won=h.pop("_won") == "1",
+            previous_owner=h.pop("_previous"),
+            ticket=Ticket.from_hash(mailbox, number, h),
+            owned_since=float(h.get("owned_since") or h.get("created") or 0),
+        )
 
     def tickets(self, mailbox: str) -> list[Ticket]:
         """Every ticket of a mailbox, newest first (admin and demo listings; not for the mail path)."""

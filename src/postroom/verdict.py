@@ -23,6 +23,7 @@ class Action(enum.Enum):
 class AddHeader:
     name: str
     value: str
+    top: bool = False  # insert above all other headers (DKIM-Signature, as signers conventionally do)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,46 @@ class ChangeSender:
     address: str
 
 
-Edit = AddHeader | SetHeader | RemoveHeader | AddRecipient | RemoveRecipient | ChangeSender
+@dataclass(frozen=True)
+class ReplaceBody:
+    body: bytes
+
+
+Edit = AddHeader | SetHeader | RemoveHeader | AddRecipient | RemoveRecipient | ChangeSender | ReplaceBody
+
+
+def apply_to_headers(headers: list[tuple[str, str]], edits: tuple[Edit, ...] | list[Edit]) -> list[tuple[str, str]]:
+    """The header block as it will be after the edits: what DKIM signs and what the smtpd adapter writes."""
+    out = list(headers)
+    for edit in edits:
+        match edit:
+            case AddHeader(name, value, top):
+                if top:
+                    out.insert(0, (name, value))
+                else:
+                    out.append((name, value))
+            case SetHeader(name, value):
+                lname = name.lower()
+                idx = [i for i, (k, _) in enumerate(out) if k.lower() == lname]
+                if idx:
+                    out[idx[0]] = (out[idx[0]][0], value)
+                    for i in reversed(idx[1:]):
+                        del out[i]
+                else:
+                    out.append((name, value))
+            case RemoveHeader(name):
+                lname = name.lower()
+                out = [(k, v) for k, v in out if k.lower() != lname]
+            case _:
+                pass
+    return out
+
+
+def final_body(body: bytes, edits: tuple[Edit, ...] | list[Edit]) -> bytes:
+    for edit in edits:
+        if isinstance(edit, ReplaceBody):
+            body = edit.body
+    return body
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import click
 from postroom import __version__
 from postroom import log as plog
 from postroom.config import Config, ConfigError, load_config
+from postroom.dkim import DkimError, Keyring
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.store import RedisStore, StoreUnavailable
 
@@ -81,9 +82,14 @@ def milter_command(config_path: Path) -> None:
             exc,
             config.milter.on_error,
         )
+    try:
+        keys = Keyring.from_config(config)
+    except DkimError as exc:
+        click.echo(f"{config_path}: {exc}", err=True)
+        raise SystemExit(2) from None
     log.info("postroom %s milter starting with %s", __version__, config_path)
     try:
-        run(Runtime(config, store, history))
+        run(Runtime(config, store, history, keys))
     finally:
         history.flush(timeout=10)
         history.close()

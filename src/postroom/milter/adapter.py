@@ -18,8 +18,9 @@ import Milter
 
 from postroom import log as plog
 from postroom.config import Config
+from postroom.dkim import Keyring
 from postroom.history import HistoryWriter
-from postroom.pipeline import STATUS_HEADER, Message, process
+from postroom.pipeline import NO_KEYS, STATUS_HEADER, Message, process
 from postroom.store import TicketStore
 from postroom.verdict import (
     Action,
@@ -29,6 +30,7 @@ from postroom.verdict import (
     Envelope,
     RemoveHeader,
     RemoveRecipient,
+    ReplaceBody,
     SetHeader,
     Verdict,
 )
@@ -36,7 +38,7 @@ from postroom.verdict import (
 log = logging.getLogger("postroom.milter")
 
 # Everything the verdicts can ask for; Postfix refuses an edit whose flag was not negotiated.
-ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM | Milter.MODBODY
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Runtime:
     config: Config
     store: TicketStore
     history: HistoryWriter | None
+    keys: Keyring = NO_KEYS
 
 
 class _Holder:
@@ -125,7 +128,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         )
         chunks = self.chunks
         message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
-        outcome = process(message, rt.config, rt.store, time.time())
+        outcome = process(message, rt.config, rt.store, time.time(), rt.keys)
         try:
             rc = self._apply(outcome.verdict)
         except Exception:
@@ -160,8 +163,8 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         counts = Counter(name.lower() for name, _ in self.headers)
         for edit in verdict.edits:
             match edit:
-                case AddHeader(name, value):
-                    self.addheader(name, value)
+                case AddHeader(name, value, top):
+                    self.addheader(name, value, 0 if top else -1)
                 case SetHeader(name, value):
                     n = counts.get(name.lower(), 0)
                     # Delete surplus copies from the bottom up so the indexes still point at the originals.
@@ -182,6 +185,8 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
                     self.delrcpt(address)
                 case ChangeSender(address):
                     self.chgfrom(f"<{address.strip('<>')}>")
+                case ReplaceBody(body):
+                    self.replacebody(body)
         return Milter.ACCEPT  # type: ignore[no-any-return]
 
     def abort(self) -> int:
