@@ -88,7 +88,13 @@ CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test"
 def e2e_base_config() -> Config:
     """The shipped example config plus a second mailbox, for the two-mailbox tests."""
     data = load_config(example_config_path(), environ={}).model_dump()
-    data["mailboxes"]["sales"] = {"address": "sales@example.test", "tag": "Sales", "agents": ["schulze"]}
+    # Sales lets agents answer each other's tickets, to test the "warn" policy beside support's "reject".
+    data["mailboxes"]["sales"] = {
+        "address": "sales@example.test",
+        "tag": "Sales",
+        "agents": ["schulze", "mueller"],
+        "on_rival_reply": "warn",
+    }
     return parse_config(data, environ={})
 
 

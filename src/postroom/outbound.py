@@ -59,6 +59,14 @@ def _find(
     return None
 
 
+def display_from(display: str, address: str) -> str:
+    """``"Meier via Support" <support@...>``: always quoted (as clients show it), RFC 2047 when not ASCII."""
+    display = " ".join(display.split())
+    if display.isascii():
+        return '"' + display.replace("\\", "\\\\").replace('"', '\\"') + f'" <{address}>'
+    return formataddr((display, address), charset="utf-8")
+
+
 def _since(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
@@ -131,7 +139,7 @@ def outbound(
 
     agent_name = config.agent_name(login)
     display = box.from_format.format(agent=agent_name, mailbox=box.tag)
-    edits.append(SetHeader("From", encode_header_value(formataddr((display, box.address), charset="utf-8"))))
+    edits.append(SetHeader("From", display_from(display, box.address)))
     edits.append(SetHeader("Reply-To", box.reply_to or box.address))
     edits.append(SetHeader("Subject", encode_header_value(subject.with_token(text_subject, box.tag, ticket.number))))
     edits.append(ChangeSender(box.address))
@@ -144,6 +152,9 @@ def outbound(
     if box.copy_replies:
         owner = ticket.owner if ticket.owner in config.agents else login
         edits.append(AddRecipient(folder_address(box.address, config.recipient_delimiter, config.agent_folder(owner))))
+    if event == "rival_reply_warn" and ticket.owner in config.agents:
+        # The owner learns at once that someone else answered their customer: a copy in their own inbox.
+        edits.append(AddRecipient(config.agents[ticket.owner].address))
     key = keys.for_address(box.address)
     if key is not None:
         signed_headers = apply_to_headers(message.headers, edits)
