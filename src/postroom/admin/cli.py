@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 from postroom import __version__
 from postroom import log as plog
 from postroom.config import Config, ConfigError, load_config
-from postroom.dkim import DkimError, Keyring
+from postroom.dkim import DkimError, Keyring, generate, public_txt
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.store import RedisStore, StoreUnavailable
 
@@ -120,6 +121,42 @@ def config_check(path: Path) -> None:
     """Validate a config file; print every error with file and key, exit 2 on errors."""
     config = _load(path)
     click.echo(f"{path}: OK ({len(config.mailboxes)} mailboxes, {len(config.agents)} agents)")
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys for the shared domains."""
+
+
+@dkim_group.command("genkey")
+@click.argument("domain")
+@click.argument("selector")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/etc/postroom/dkim"),
+    show_default=True,
+    help="Where to write DOMAIN.SELECTOR.key.",
+)
+@click.option("--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True)
+def dkim_genkey(domain: str, selector: str, directory: Path, bits: int) -> None:
+    """Write a new RSA key for DOMAIN and print the DNS TXT record and the config lines for it."""
+    path = directory / f"{domain}.{selector}.key"
+    if path.exists():
+        click.echo(f"{path} exists; not overwriting a key that may be published", err=True)
+        raise SystemExit(2)
+    directory.mkdir(parents=True, exist_ok=True)
+    pem = generate(bits)
+    # Only the daemon's user may read a private key: create it 0600 rather than chmod after writing.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    click.echo(f"wrote {path} (chown it to the postroom user)")
+    click.echo("\nDNS record:")
+    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{public_txt(pem)}"')
+    click.echo("\npostroom.toml:")
+    click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nkey_file = "{path}"')
 
 
 @main.group("db")

@@ -1,0 +1,50 @@
+"""The postroom command's own subcommands (config check, dkim genkey, db upgrade)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dkim
+from click.testing import CliRunner
+
+from postroom.admin.cli import main
+from postroom.config import example_config_path
+from postroom.dkim import SigningKey, dns_answer, sign
+
+
+def test_config_check_accepts_the_example_and_names_every_error(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["config", "check", str(example_config_path())])
+    assert ok.exit_code == 0 and "OK (1 mailboxes, 3 agents)" in ok.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[milter]\nsokcet = 'x'\n[redis]\ntimeout_seconds = 'soon'\n")
+    res = runner.invoke(main, ["config", "check", str(bad)])
+    assert res.exit_code == 2
+    assert f"{bad}: milter.sokcet: unknown key" in res.output
+    assert f"{bad}: redis.timeout_seconds" in res.output
+
+
+def test_dkim_genkey_writes_a_private_key_and_a_record_that_verifies(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["dkim", "genkey", "example.org", "s1", "--dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    key_file = tmp_path / "example.org.s1.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    m = re.search(r'^s1\._domainkey\.example\.org\. IN TXT "(v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+)"$', res.output, re.M)
+    assert m, res.output
+    assert 'key_file = "' + str(key_file) + '"' in res.output
+    headers = [("From", "support@example.org"), ("To", "a@b.test"), ("Subject", "hi")]
+    value = sign(SigningKey("example.org", "s1", key_file.read_bytes()), headers, b"body\r\n")
+    msg = f"DKIM-Signature: {value}\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers)
+    assert dkim.verify(msg + b"\r\nbody\r\n", dnsfunc=dns_answer({"s1._domainkey.example.org.": m.group(1)}))
+    again = runner.invoke(main, ["dkim", "genkey", "example.org", "s1", "--dir", str(tmp_path)])
+    assert again.exit_code == 2 and "not overwriting" in again.output
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path, db_url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[database]\nurl = "{db_url}"\n')
+    res = CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)], env={"POSTROOM_DATABASE_URL": db_url})
+    assert res.exit_code == 0, res.output
+    assert "newest revision" in res.output
