@@ -56,9 +56,11 @@ def _decoded(part: Message) -> str:
         return ""
     charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, "replace")
+        text = payload.decode(charset, "replace")
     except LookupError:
-        return payload.decode("utf-8", "replace")
+        text = payload.decode("utf-8", "replace")
+    # The generator writes every line end as CRLF again; inside Python a line ends in "\n".
+    return text.replace("\r\n", "\n")
 
 
 def _html_text(html: str) -> str:
