@@ -129,6 +129,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         chunks = self.chunks
         message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
         outcome = process(message, rt.config, rt.store, time.time(), rt.keys)
+        # Redis has already changed: the history records it whether or not Postfix takes every edit.
+        if rt.history is not None and outcome.records:
+            rt.history.submit(outcome.records)
         try:
             rc = self._apply(outcome.verdict)
         except Exception:
@@ -137,8 +140,6 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             return self._apply_failed(rt.config)
         if outcome.verdict.summary:
             log.info("%s: %s", outcome.verdict.action.value, outcome.verdict.summary)
-        if rt.history is not None and outcome.records:
-            rt.history.submit(outcome.records)
         return rc
 
     def _apply_failed(self, config: Config) -> int:
@@ -161,7 +162,10 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         if verdict.action is Action.DISCARD:
             return Milter.DISCARD  # type: ignore[no-any-return]
         counts = Counter(name.lower() for name, _ in self.headers)
-        for edit in verdict.edits:
+        # Recipients are deleted last: if Postfix refuses an edit half way, the mail keeps a recipient
+        # (a mail whose only recipient was deleted is accepted and silently removed from the queue).
+        edits = sorted(verdict.edits, key=lambda e: isinstance(e, RemoveRecipient))
+        for edit in edits:
             match edit:
                 case AddHeader(name, value, top):
                     self.addheader(name, value, 0 if top else -1)
