@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from postroom.store import Candidate, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
+from postroom.store import KEEP, Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
 
 
 class MemoryStore:
     def __init__(self) -> None:
-        self.tickets: dict[tuple[str, int], Ticket] = {}
+        self.ticket_map: dict[tuple[str, int], Ticket] = {}
         self.participants: dict[tuple[str, int], set[str]] = {}
         self.index: dict[tuple[str, str], int] = {}
         self.seq: dict[str, int] = {}
         self.down = False
+        self.absent: set[tuple[str, str]] = set()
 
     def _check(self) -> None:
         if self.down:
@@ -26,10 +27,10 @@ class MemoryStore:
         for mid in reversed(message_ids):
             n = self.index.get((mailbox, mid))
             if n:
-                found.by_reference = self.tickets[(mailbox, n)]
+                found.by_reference = self.ticket_map[(mailbox, n)]
                 break
         for n in numbers:
-            t = self.tickets.get((mailbox, n))
+            t = self.ticket_map.get((mailbox, n))
             if t:
                 known = bool(self.participants[(mailbox, n)] & set(senders))
                 found.by_token.append(Candidate(t, known))
@@ -39,7 +40,7 @@ class MemoryStore:
         self._check()
         n = self.seq[mailbox] = self.seq.get(mailbox, 0) + 1
         t = Ticket(mailbox, n, new.owner, new.state, new.priority, (), new.customer, new.subject, now, now, new.linked)
-        self.tickets[(mailbox, n)] = t
+        self.ticket_map[(mailbox, n)] = t
         self.participants[(mailbox, n)] = set(new.participants)
         for mid in new.message_ids:
             self.index[(mailbox, mid)] = n
@@ -49,20 +50,51 @@ class MemoryStore:
         self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
     ) -> Ticket:
         self._check()
-        t = self.tickets[(mailbox, number)] = replace(self.tickets[(mailbox, number)], updated=now)
+        t = self.ticket_map[(mailbox, number)] = replace(self.ticket_map[(mailbox, number)], updated=now)
         self.participants[(mailbox, number)].update(participants)
         for mid in message_ids:
             self.index[(mailbox, mid)] = number
         return t
 
     def assign(self, mailbox: str, number: int, owner: str) -> None:
-        self.tickets[(mailbox, number)] = replace(self.tickets[(mailbox, number)], owner=owner, state="open")
+        self.ticket_map[(mailbox, number)] = replace(self.ticket_map[(mailbox, number)], owner=owner, state="open")
 
     def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
         self._check()
-        t = self.tickets[(mailbox, number)]
+        t = self.ticket_map[(mailbox, number)]
         previous = t.owner
         won = previous in ("", login) or force
         if won:
-            t = self.tickets[(mailbox, number)] = replace(t, owner=login, state="open", updated=now)
+            t = self.ticket_map[(mailbox, number)] = replace(t, owner=login, state="open", updated=now)
         return Claim(won, t, previous, now if won and previous != login else t.created)
+
+    def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket:
+        self._check()
+        t = self.ticket_map[(mailbox, number)]
+        tags = [x for x in t.tags if x not in changes.remove_tags]
+        tags += [x for x in dict.fromkeys(changes.add_tags) if x not in tags and x not in changes.remove_tags]
+        t = replace(
+            t,
+            owner=t.owner if changes.owner == KEEP else changes.owner,
+            state=t.state if changes.state == KEEP else changes.state,
+            priority=t.priority if changes.priority == KEEP else changes.priority,
+            tags=tuple(tags),
+            updated=now,
+        )
+        self.ticket_map[(mailbox, number)] = t
+        return t
+
+    def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None:
+        self._check()
+        self.absent.add((mailbox, login))
+
+    def clear_away(self, mailbox: str, login: str) -> None:
+        self._check()
+        self.absent.discard((mailbox, login))
+
+    def away(self, mailbox: str, logins: Iterable[str]) -> set[str]:
+        self._check()
+        return {n for n in logins if (mailbox, n) in self.absent}
+
+    def tickets(self, mailbox: str) -> list[Ticket]:
+        return sorted((t for (m, _), t in self.ticket_map.items() if m == mailbox), key=lambda t: -t.number)

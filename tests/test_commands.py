@@ -42,7 +42,7 @@ def test_strip_plain() -> None:
     msg.set_content("#takeover\n\nDear Alice,\nbest regards\n")
     h, b = headers_and_body(msg)
     assert [c.name for c in commands.read(h, b)] == ["takeover"]
-    new, changed = commands.strip(h, b, 1)
+    new, changed = commands.strip(h, b, [""])
     assert texts([(k, changed.get(k, v)) for k, v in h], new)["plain"] == "Dear Alice,\nbest regards\n"
 
 
@@ -51,7 +51,7 @@ def test_strip_multipart_alternative_plain_and_html() -> None:
     msg.set_content("#takeover\nDear Alice,\n")
     msg.add_alternative("<html><body><p>#takeover<br>Dear Alice,</p></body></html>", subtype="html")
     h, b = headers_and_body(msg)
-    new, _ = commands.strip(h, b, 1)
+    new, _ = commands.strip(h, b, [""])
     parts = texts(h, new)
     assert parts["plain"] == "Dear Alice,\n"
     assert "#takeover" not in parts["html"] and "Dear Alice," in parts["html"]
@@ -61,7 +61,7 @@ def test_strip_non_ascii_quoted_printable() -> None:
     msg = EmailMessage()
     msg.set_content("#takeover\nGrüße aus Köln\n", cte="quoted-printable")
     h, b = headers_and_body(msg)
-    new, changed = commands.strip(h, b, 1)
+    new, changed = commands.strip(h, b, [""])
     assert texts([(k, changed.get(k, v)) for k, v in h], new)["plain"] == "Grüße aus Köln\n"
 
 

@@ -391,13 +391,13 @@ def test_second_message_on_a_connection_does_not_see_the_first_ones_headers_or_r
     other = mail("Lunch?", sender=BOB, msgid="<lunch@customer.test>")
     assert ctx.send(other, BOB, "info@example.test", qid="4QcTx02") == Milter.ACCEPT
     assert ctx.calls == []
-    assert len(store.tickets) == 1
+    assert len(store.ticket_map) == 1
 
     third = mail("Broken login", sender=BOB, msgid="<login@customer.test>")
     assert ctx.send(third, BOB, SUPPORT, qid="4QcTx03") == Milter.ACCEPT
     assert ctx.calls[0] == ("chgheader", "Subject", 1, "[Support #2] Broken login")
     assert not any(c[0] == "chgheader" and c[1] != "Subject" for c in ctx.calls)
-    assert store.tickets[(SUPPORT, 2)].customer == BOB
+    assert store.ticket_map[(SUPPORT, 2)].customer == BOB
     assert store.participants[(SUPPORT, 2)] == {BOB}
 
 

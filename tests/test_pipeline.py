@@ -60,7 +60,7 @@ def test_new_ticket_gets_token_headers_and_stays_in_inbox(config: Config) -> Non
     assert rcpt_edits(out) == []
     [rec] = out.records
     assert (rec.event, rec.number, rec.queue_id, rec.message_id) == ("opened", 1, "4AbCdEf", "m1@customer.test")
-    assert store.tickets[(SUPPORT, 1)].customer == "alice@customer.test"
+    assert store.ticket_map[(SUPPORT, 1)].customer == "alice@customer.test"
 
 
 def test_customer_follow_up_by_references_goes_to_the_owners_folder(config: Config) -> None:

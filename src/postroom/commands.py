@@ -8,10 +8,13 @@ version of them.
 
 from __future__ import annotations
 
+import calendar
 import email
 import email.policy
+import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from email.message import Message
 
 COMMAND_RE = re.compile(r"^#([a-z][a-z-]{1,20})(?:[ \t]+(.*))?$", re.IGNORECASE)
@@ -85,21 +88,21 @@ def _parse(headers: list[tuple[str, str]], body: bytes) -> Message:
     return email.message_from_bytes(head + b"\r\n" + body, policy=email.policy.compat32)
 
 
-def _strip_plain(text: str, count: int) -> str:
+def _strip_plain(text: str, replacements: list[str]) -> str:
     commands, consumed = parse_lines(text)
-    if len(commands) < count:
+    if len(commands) < len(replacements):
         return text
     lines = text.splitlines(keepends=True)
     rest = lines[consumed:]
     while rest and not rest[0].strip():
         rest = rest[1:]
-    return "".join(rest)
+    return "".join(r for r in replacements if r) + "".join(rest)
 
 
-def _strip_html(html: str, count: int) -> str:
-    # Remove the first ``count`` command lines wherever they stand in the markup, keeping all other markup.
-    out = html
-    for _ in range(count):
+def _strip_html(markup: str, replacements: list[str]) -> str:
+    # Replace the command lines wherever they stand in the markup, keeping all other markup.
+    out = markup
+    for replacement in replacements:
         m = re.search(r"#[a-z][a-z-]{1,20}(?:[ \t]+[^<\r\n]*)?", out, re.IGNORECASE)
         if not m:
             break
@@ -107,17 +110,22 @@ def _strip_html(html: str, count: int) -> str:
         br = re.match(r"\s*<br\s*/?>", out[end:], re.IGNORECASE)
         if br:
             end += br.end()
-        out = out[: m.start()] + out[end:]
+        new = html.escape(replacement).replace("\n", "<br>\n") if replacement else ""
+        out = out[: m.start()] + new + out[end:]
     return out
 
 
-def strip(headers: list[tuple[str, str]], body: bytes, count: int) -> tuple[bytes, dict[str, str]]:
-    """Remove the first ``count`` command lines from every text part; returns the new body and the top-level
-    MIME headers whose value changed (a single-part mail may change its Content-Transfer-Encoding)."""
+def strip(headers: list[tuple[str, str]], body: bytes, replacements: list[str]) -> tuple[bytes, dict[str, str]]:
+    """Replace the leading command lines of every text part (one replacement per command: "" removes it, a
+    canned reply's text stands in its place); returns the new body and the top-level MIME headers whose value
+    changed (a single-part mail may change its Content-Transfer-Encoding)."""
     msg = _parse(headers, body)
     for part in _text_parts(msg):
         text = _decoded(part)
-        new = _strip_html(text, count) if part.get_content_subtype() == "html" else _strip_plain(text, count)
+        if part.get_content_subtype() == "html":
+            new = _strip_html(text, replacements)
+        else:
+            new = _strip_plain(text, replacements)
         if new == text:
             continue
         charset = part.get_content_charset() or "utf-8"
@@ -144,3 +152,145 @@ def strip(headers: list[tuple[str, str]], body: bytes, count: int) -> tuple[byte
         if name.lower().startswith("content-") and " ".join(before.get(name.lower(), "").split()) != value:
             changed[name] = value
     return new_body, changed
+
+
+# -- what the commands mean ------------------------------------------------------------------------------------
+
+PRIORITIES = ("low", "normal", "high", "urgent")
+_STATES = {"close": "closed", "reopen": "open", "pending": "pending"}
+TICKET_COMMANDS = frozenset(
+    {"take", "takeover", "assign", "release", "close", "reopen", "pending", "priority", "tag", "untag", "canned"}
+)
+KNOWN = TICKET_COMMANDS | {"note", "away", "back"}
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2}))?$")
+
+
+class CommandError(ValueError):
+    """A command line postroom cannot carry out; the whole mail is refused so nothing is half applied."""
+
+    def __init__(self, line: str, reason: str) -> None:
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{line}: {reason}")
+
+
+@dataclass
+class Plan:
+    """Everything the commands of one mail ask for, checked before anything is changed."""
+
+    owner: str | None = None  # new owner ("" = released), None = unchanged
+    state: str | None = None
+    priority: str | None = None
+    add_tags: list[str] = field(default_factory=list)
+    remove_tags: list[str] = field(default_factory=list)
+    take: bool = False
+    takeover: bool = False
+    note: bool = False
+    away: bool = False
+    away_until: float | None = None
+    back: bool = False
+    replacements: list[str] = field(default_factory=list)  # per command line: "" removes it, canned text replaces
+    events: list[tuple[str, str]] = field(default_factory=list)  # (event, detail) for the history
+
+    @property
+    def touches_ticket(self) -> bool:
+        return any(
+            (
+                self.owner is not None,
+                self.state is not None,
+                self.priority is not None,
+                self.add_tags,
+                self.remove_tags,
+                self.take,
+                self.takeover,
+            )
+        )
+
+
+def _until(cmd: Command) -> float:
+    args = list(cmd.args)
+    if args and args[0].lower() == "until":
+        args = args[1:]
+    m = _DATE_RE.match(" ".join(args))
+    if not m:
+        raise CommandError(cmd.line, "write #away or #away until YYYY-MM-DD [HH:MM] (UTC)")
+    y, mo, d, hh, mm = (int(x) if x else 0 for x in m.groups())
+    try:
+        return float(calendar.timegm(datetime(y, mo, d, hh, mm).timetuple()))
+    except ValueError as exc:
+        raise CommandError(cmd.line, f"not a date: {exc}") from None
+
+
+def plan(
+    cmds: list[Command],
+    *,
+    agents: list[str],
+    canned: dict[str, str],
+    placeholders: dict[str, str],
+) -> Plan:
+    """Check every command against the mailbox (its agents, its canned replies) and say what they do.
+
+    Raises CommandError for the first line that cannot be carried out; the caller then changes nothing.
+    """
+    p = Plan()
+    for cmd in cmds:
+        replacement = ""
+        detail = " ".join(cmd.args)
+        match cmd.name:
+            case "take":
+                p.take = True
+            case "takeover":
+                p.takeover = True
+            case "assign":
+                if len(cmd.args) != 1:
+                    raise CommandError(cmd.line, "write #assign LOGIN")
+                who = cmd.args[0].lower()
+                if who not in agents:
+                    raise CommandError(cmd.line, f"unknown agent {who!r}; agents of this mailbox: {', '.join(agents)}")
+                p.owner = who
+            case "release":
+                p.owner = ""
+            case "close" | "reopen" | "pending":
+                p.state = _STATES[cmd.name]
+            case "priority":
+                if len(cmd.args) != 1 or cmd.args[0].lower() not in PRIORITIES:
+                    raise CommandError(cmd.line, f"write #priority {'|'.join(PRIORITIES)}")
+                p.priority = cmd.args[0].lower()
+            case "tag" | "untag":
+                if not cmd.args:
+                    raise CommandError(cmd.line, f"write #{cmd.name} TAG [TAG ...]")
+                for tag in cmd.args:
+                    if not _TAG_RE.match(tag):
+                        raise CommandError(cmd.line, f"tag {tag!r} must match {_TAG_RE.pattern}")
+                (p.add_tags if cmd.name == "tag" else p.remove_tags).extend(t.lower() for t in cmd.args)
+            case "note":
+                p.note = True
+            case "away":
+                p.away = True
+                p.away_until = _until(cmd) if cmd.args else None
+            case "back":
+                p.back = True
+            case "canned":
+                if len(cmd.args) != 1:
+                    raise CommandError(cmd.line, "write #canned NAME")
+                text = canned.get(cmd.args[0].lower())
+                if text is None:
+                    known = ", ".join(sorted(canned)) or "none configured"
+                    raise CommandError(cmd.line, f"no canned reply {cmd.args[0]!r} (known: {known})")
+                replacement = _fill(text, placeholders)
+            case _:
+                known = " ".join(f"#{k}" for k in sorted(KNOWN))
+                raise CommandError(cmd.line, f"unknown command; known: {known}")
+        p.replacements.append(replacement)
+        p.events.append((cmd.name, detail))
+    if p.away and p.back:
+        raise CommandError("#away/#back", "one mail cannot say both")
+    return p
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    # Only our own placeholders are replaced; other braces in a snippet stay as they are.
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text if text.endswith("\n") else text + "\n"

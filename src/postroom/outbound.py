@@ -144,7 +144,7 @@ def outbound(
     edits.append(SetHeader("Subject", encode_header_value(subject.with_token(text_subject, box.tag, ticket.number))))
     edits.append(ChangeSender(box.address))
     if cmds:
-        new_body, mime_changes = commands.strip(message.headers, body, len(cmds))
+        new_body, mime_changes = commands.strip(message.headers, body, [""] * len(cmds))
         edits.append(ReplaceBody(new_body))
         edits += [SetHeader(k, v) for k, v in mime_changes.items()]
     # The team's copy: into the owner's folder, once, instead of any shared address the agent put in Cc.

@@ -90,6 +90,16 @@ class TicketStore(Protocol):
 
     def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim: ...
 
+    def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket: ...
+
+    def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None: ...
+
+    def clear_away(self, mailbox: str, login: str) -> None: ...
+
+    def away(self, mailbox: str, logins: Iterable[str]) -> set[str]: ...
+
+    def tickets(self, mailbox: str) -> list[Ticket]: ...
+
 
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
@@ -154,6 +164,53 @@ table.insert(t, '_previous'); table.insert(t, owner)
 return t
 """
 
+# Agents' commands change several fields at once: all or nothing, and tag edits computed against the tags as
+# they are now (two agents tagging at once must not lose each other's tag).  ARGV: owner, state, priority
+# ("\0" leaves a field as it is), now, number of tags to add, the tags, then the tags to remove.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local keep = string.char(0)
+local now = ARGV[4]
+if ARGV[1] ~= keep then
+  local old = redis.call('HGET', KEYS[1], 'owner') or ''
+  if old ~= ARGV[1] then redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owned_since', now) end
+end
+if ARGV[2] ~= keep then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
+if ARGV[3] ~= keep then redis.call('HSET', KEYS[1], 'priority', ARGV[3]) end
+local tags = {}
+local order = {}
+for t in string.gmatch(redis.call('HGET', KEYS[1], 'tags') or '', '[^,]+') do
+  if not tags[t] then tags[t] = true; table.insert(order, t) end
+end
+local nadd = tonumber(ARGV[5])
+local i = 6
+for _ = 1, nadd do
+  if not tags[ARGV[i]] then tags[ARGV[i]] = true; table.insert(order, ARGV[i]) end
+  i = i + 1
+end
+for j = i, #ARGV do tags[ARGV[j]] = nil end
+local out = {}
+for _, t in ipairs(order) do if tags[t] then table.insert(out, t) end end
+redis.call('HSET', KEYS[1], 'tags', table.concat(out, ','), 'updated', now)
+return redis.call('HGETALL', KEYS[1])
+"""
+
+KEEP = "\0"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What an agent's commands do to one ticket; KEEP leaves a field unchanged."""
+
+    owner: str = KEEP
+    state: str = KEEP
+    priority: str = KEEP
+    add_tags: tuple[str, ...] = ()
+    remove_tags: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self != Changes()
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -172,6 +229,7 @@ class RedisStore:
         self._touch = client.register_script(_TOUCH)
         self._assign = client.register_script(_ASSIGN)
         self._claim = client.register_script(_CLAIM)
+        self._update = client.register_script(_UPDATE)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
@@ -308,6 +366,48 @@ class RedisStore:
             ticket=Ticket.from_hash(mailbox, number, h),
             owned_since=float(h.get("owned_since") or h.get("created") or 0),
         )
+
+    def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket:
+        """Apply an agent's changes in one step; raises KeyError for an unknown ticket."""
+        args: list[str | int] = [changes.owner, changes.state, changes.priority, repr(now), len(changes.add_tags)]
+        args += [*changes.add_tags, *changes.remove_tags]
+        try:
+            flat = self._update(keys=[self.ticket_key(mailbox, number)], args=args)
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not flat:
+            raise KeyError(f"{mailbox} #{number}")
+        return Ticket.from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def away_key(self, mailbox: str, login: str) -> str:
+        return f"{self.base(mailbox)}away:{login}"
+
+    def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None:
+        """Mark an agent absent for a mailbox, until a time (the key expires then) or until #back."""
+        try:
+            if until is not None:
+                self._r.set(self.away_key(mailbox, login), repr(until), exat=int(until))
+            else:
+                self._r.set(self.away_key(mailbox, login), "")
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def clear_away(self, mailbox: str, login: str) -> None:
+        try:
+            self._r.delete(self.away_key(mailbox, login))
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def away(self, mailbox: str, logins: Iterable[str]) -> set[str]:
+        """Which of these agents are absent from this mailbox now."""
+        names = list(logins)
+        if not names:
+            return set()
+        try:
+            flags = self._r.mget([self.away_key(mailbox, n) for n in names])
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return {n for n, f in zip(names, flags, strict=True) if f is not None}
 
     def tickets(self, mailbox: str) -> list[Ticket]:
         """Every ticket of a mailbox, newest first (admin and demo listings; not for the mail path)."""
