@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import Message
+from pathlib import Path
+
+from postroom.config import Config
 
 COMMAND_RE = re.compile(r"^#([a-z][a-z-]{1,20})(?:[ \t]+(.*))?$", re.IGNORECASE)
 _HTML_BREAK = re.compile(r"<br\s*/?>|</p\s*>|</div\s*>", re.IGNORECASE)
@@ -294,3 +297,29 @@ def _fill(text: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         text = text.replace("{" + key + "}", value)
     return text if text.endswith("\n") else text + "\n"
+
+
+def load_canned(config: Config) -> dict[str, dict[str, str]]:
+    """Every mailbox's canned replies, read once at start-up: {mailbox address: {name: text}}.
+
+    A snippet is ``<canned_dir>/<name>.txt`` (UTF-8); ``{customer_name}`` and ``{ticket}`` are filled in.
+    """
+    out: dict[str, dict[str, str]] = {}
+    for key, box in config.mailboxes.items():
+        if not box.canned_dir:
+            continue
+        folder = Path(box.canned_dir)
+        if not folder.is_dir():
+            raise CannedError(f"mailboxes.{key}.canned_dir {folder}: not a directory")
+        snippets: dict[str, str] = {}
+        for path in sorted(folder.glob("*.txt")):
+            try:
+                snippets[path.stem.lower()] = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CannedError(f"mailboxes.{key}.canned_dir: {path}: {exc}") from None
+        out[box.address] = snippets
+    return out
+
+
+class CannedError(ValueError):
+    pass

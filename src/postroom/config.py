@@ -7,9 +7,11 @@ connection keeps the config it started with.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -102,6 +104,7 @@ class MailboxConfig(_Section):
     from_format: Annotated[str, Field(min_length=1, max_length=100)] = "{agent} via {mailbox}"
     reply_to: str = ""
     copy_replies: bool = True
+    canned_dir: str = ""
 
     @field_validator("from_format")
     @classmethod
@@ -141,6 +144,82 @@ class DkimKey(_Section):
     key_file: str
 
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+# "08:00-12:00, 13:00-17:00"; "" is closed all day.  24:00 may end a range.
+_RANGE_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]|24):([0-5]\d)$")
+
+
+def parse_opening(value: str) -> list[tuple[int, int]]:
+    """Opening ranges of one weekday as (start, end) minutes after midnight; ValueError names the bad part."""
+    ranges: list[tuple[int, int]] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        m = _RANGE_RE.match(part)
+        start = int(m.group(1)) * 60 + int(m.group(2)) if m else 0
+        end = int(m.group(3)) * 60 + int(m.group(4)) if m else 0
+        if not m or end > 24 * 60 or end <= start:
+            raise ValueError(f"{part!r} is not a range like 08:00-17:00")
+        ranges.append((start, end))
+    return sorted(ranges)
+
+
+class HoursConfig(_Section):
+    timezone: str = "UTC"
+    monday: str = ""
+    tuesday: str = ""
+    wednesday: str = ""
+    thursday: str = ""
+    friday: str = ""
+    saturday: str = ""
+    sunday: str = ""
+    holidays: list[str] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Berlin)") from None
+        return value
+
+    @field_validator(*WEEKDAYS)
+    @classmethod
+    def _ranges(cls, value: str) -> str:
+        parse_opening(value)
+        return value
+
+    @field_validator("holidays")
+    @classmethod
+    def _dates(cls, value: list[str]) -> list[str]:
+        for day in value:
+            try:
+                datetime.date.fromisoformat(day)
+            except ValueError:
+                raise ValueError(f"{day!r} is not a date like 2025-12-25") from None
+        return value
+
+    def configured(self) -> bool:
+        """No opening hours at all means always open: no business-hours reply, ever."""
+        return any(getattr(self, day) for day in WEEKDAYS)
+
+
+class AutoReplyConfig(_Section):
+    acknowledge: bool = False
+    templates_dir: str = "/etc/postroom/templates"
+    default_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}$")] = "en"
+    daily_cap: Annotated[int, Field(ge=0, le=1000)] = 5
+
+
+class MailerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    attempts: Annotated[int, Field(ge=1, le=20)] = 3
+
+
 class Config(_Section):
     milter: MilterConfig = MilterConfig()
     redis: RedisConfig = RedisConfig()
@@ -149,6 +228,10 @@ class Config(_Section):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     mailboxes: dict[str, MailboxConfig] = Field(default_factory=dict)
     dkim: dict[str, DkimKey] = Field(default_factory=dict)
+    rules_file: str = ""
+    hours: HoursConfig = HoursConfig()
+    autoreply: AutoReplyConfig = AutoReplyConfig()
+    mailer: MailerConfig = MailerConfig()
 
     @field_validator("dkim")
     @classmethod
@@ -255,12 +338,20 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(name, [f"cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
-    # A relative key file is relative to the config file, so the shipped example works from any directory.
-    dkim = data.get("dkim")
-    if isinstance(dkim, dict):
-        for entry in dkim.values():
-            if isinstance(entry, dict) and isinstance(entry.get("key_file"), str):
-                entry["key_file"] = str(Path(name).resolve().parent / entry["key_file"])
+    # Relative paths are relative to the config file, so the shipped example works from any directory.
+    here = Path(name).resolve().parent
+    for section, key in (("dkim", "key_file"), ("mailboxes", "canned_dir")):
+        table = data.get(section)
+        if isinstance(table, dict):
+            for entry in table.values():
+                if isinstance(entry, dict) and isinstance(entry.get(key), str) and entry[key]:
+                    entry[key] = str(here / entry[key])
+    # The rules file and the auto-reply templates likewise (Path / an absolute path is that path).
+    if isinstance(data.get("rules_file"), str) and data["rules_file"]:
+        data["rules_file"] = str(Path(name).resolve().parent / data["rules_file"])
+    autoreply = data.get("autoreply")
+    if isinstance(autoreply, dict) and isinstance(autoreply.get("templates_dir"), str):
+        autoreply["templates_dir"] = str(Path(name).resolve().parent / autoreply["templates_dir"])
     return parse_config(data, name, environ)
 
 

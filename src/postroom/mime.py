@@ -12,7 +12,8 @@ from email.header import Header
 from email.utils import getaddresses
 
 from postroom import subject
-from postroom.verdict import Edit, Envelope, RemoveHeader
+from postroom.store import Ticket
+from postroom.verdict import AddHeader, Edit, Envelope, RemoveHeader, SetHeader
 
 INTERNAL_PREFIX = "x-postroom-"
 STATUS_HEADER = "X-Postroom-Status"
@@ -83,3 +84,31 @@ def folder_address(rcpt: str, delimiter: str, folder: str) -> str:
     local, _, domain = rcpt.strip("<>").rpartition("@")
     base = local.split(delimiter, 1)[0]
     return f"{base}{delimiter}{folder}@{domain}" if folder else f"{base}@{domain}"
+
+
+# Importance and X-Priority as Outlook and Thunderbird show them.
+_PRIORITY_HEADERS = {
+    "urgent": ("high", "1 (Highest)"),
+    "high": ("high", "2 (High)"),
+    "low": ("low", "5 (Lowest)"),
+}
+
+
+def ticket_headers(ticket: Ticket, mark: str) -> list[Edit]:
+    """The headers that show a ticket's state in a plain mail client; ``mark`` is "Support #17"."""
+    edits: list[Edit] = [
+        AddHeader("X-Postroom-Ticket", f"{ticket.number} ({mark.split(' #', maxsplit=1)[0]})"),
+        AddHeader("X-Postroom-Owner", f"{ticket.owner or 'unassigned'} ({mark})"),
+        AddHeader("X-Postroom-State", f"{ticket.state} ({mark})"),
+        AddHeader("X-Postroom-Priority", f"{ticket.priority} ({mark})"),
+    ]
+    if ticket.tags:
+        edits.append(AddHeader("X-Postroom-Tags", f"{' '.join(ticket.tags)} ({mark})"))
+        edits.append(SetHeader("Keywords", ", ".join(ticket.tags)))
+    if ticket.linked:
+        edits.append(AddHeader("X-Postroom-Linked", f"{ticket.linked} ({mark})"))
+    if ticket.priority in _PRIORITY_HEADERS:
+        importance, x_priority = _PRIORITY_HEADERS[ticket.priority]
+        edits.append(SetHeader("Importance", importance))
+        edits.append(SetHeader("X-Priority", x_priority))
+    return edits

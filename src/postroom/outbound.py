@@ -10,16 +10,26 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import formataddr
+from email.utils import formataddr, getaddresses
 
 from postroom import commands, replies, subject
 from postroom.config import Config, MailboxConfig
 from postroom.dkim import Keyring, sign
 from postroom.history import Record
 from postroom.log import message_logger
-from postroom.mime import Message, addresses, encode_header_value, folder_address, message_id, readable, strip_internal
-from postroom.store import Claim, NewTicket, Ticket, TicketStore
+from postroom.mime import (
+    Message,
+    addresses,
+    encode_header_value,
+    folder_address,
+    message_id,
+    readable,
+    strip_internal,
+    ticket_headers,
+)
+from postroom.store import KEEP, Changes, Claim, NewTicket, Ticket, TicketStore
 from postroom.verdict import (
     AddHeader,
     AddRecipient,
@@ -71,45 +81,197 @@ def _since(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
+class _Reply:
+    """One agent's mail on its way through the outbound path; built once, read by the small steps below."""
+
+    def __init__(
+        self,
+        message: Message,
+        config: Config,
+        store: TicketStore,
+        now: float,
+        login: str,
+    ) -> None:
+        self.message = message
+        self.config = config
+        self.store = store
+        self.now = now
+        self.login = login
+        env = message.envelope
+        self.qid = env.queue_id
+        self.external = [r for r in env.rcpts if config.mailbox_for(r) is None]
+        self.shared_rcpts = [r for r in env.rcpts if config.mailbox_for(r) is not None]
+        self.text_subject = readable(message.header("Subject") or "")
+        self.info = subject.parse(self.text_subject)
+        self.refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
+        self.from_addrs = addresses(message.header("From"))
+        self.body = message.body()
+        self.records: list[Record] = []
+
+    def record(self, box: MailboxConfig, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
+        self.records.append(
+            _record(
+                box,
+                ticket,
+                event,
+                self.now,
+                qid=self.qid,
+                mid=mid,
+                login=self.login,
+                subj=self.text_subject,
+                detail=detail,
+            )
+        )
+
+    def customer_name(self, ticket: Ticket | None) -> str:
+        for name, addr in getaddresses([self.message.header("To") or ""]):
+            if name and addr.lower() in [r.strip("<>").lower() for r in self.external]:
+                return subject.one_line(name)
+        customer = ticket.customer if ticket else (self.external[0] if self.external else "")
+        return customer.strip("<>").split("@")[0].replace(".", " ").title()
+
+
 def outbound(
-    message: Message, config: Config, store: TicketStore, keys: Keyring, now: float
+    message: Message,
+    config: Config,
+    store: TicketStore,
+    keys: Keyring,
+    now: float,
+    *,
+    canned: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[Verdict, list[Record]]:
     env = message.envelope
-    qlog = message_logger(env.queue_id)
     login = config.agent_for_login(env.auth_login)
     if login is None:
         return Verdict.accept(summary=f"login {env.auth_login} is not an agent: passed through"), []
-    external = [r for r in env.rcpts if config.mailbox_for(r) is None]
-    shared_rcpts = [r for r in env.rcpts if config.mailbox_for(r) is not None]
-    if not external:
-        # Mail to the shared address itself is an internal note (commands by mail): delivered as it is for now.
-        return Verdict.accept(summary=f"{login}: mail to the shared mailbox only, delivered as it is"), []
-
-    text_subject = readable(message.header("Subject") or "")
-    info = subject.parse(text_subject)
-    refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
-    from_addrs = addresses(message.header("From"))
-    found = _find(config, login, store, from_addrs=from_addrs, info=info, refs=refs)
+    r = _Reply(message, config, store, now, login)
+    found = _find(config, login, store, from_addrs=r.from_addrs, info=r.info, refs=r.refs)
+    if found is None and not r.external:
+        # A mail to a shared address without a ticket: the address's own mailbox, if the agent works it.
+        boxes = [config.mailbox_for(x) for x in r.shared_rcpts]
+        mine = [hit[1] for hit in boxes if hit is not None and login in hit[1].agents]
+        found = _Found(mine[0], None) if mine else None
     if found is None:
         return Verdict.accept(summary=f"{login}: personal mail, no ticket, passed through"), []
     box = found.box
-    body = message.body()
-    cmds = commands.read(message.headers, body)
-    takeover = any(c.name == "takeover" for c in cmds)
+    cmds = commands.read(message.headers, r.body)
+    try:
+        plan = commands.plan(
+            cmds,
+            agents=list(box.agents),
+            canned=dict((canned or {}).get(box.address, {})),
+            placeholders={
+                "customer_name": r.customer_name(found.ticket),
+                "ticket": f"{box.tag} #{found.ticket.number}" if found.ticket else box.tag,
+            },
+        )
+    except commands.CommandError as exc:
+        message_logger(r.qid).info("%s: %s refused: %s", box.address, login, exc)
+        reply = replies.S550_BAD_COMMAND.format(line=exc.line, reason=exc.reason)
+        return Verdict.reject(reply, summary=f"bad command from {login}: {exc.line}"), []
+    if not r.external or plan.note:
+        return _note(r, box, found.ticket, plan)
+    return _reply(r, box, found.ticket, plan, keys)
 
-    own_id = message_id(message.header("Message-ID"))
-    edits: list[Edit] = strip_internal(message.headers)
+
+def _apply_agent_commands(r: _Reply, box: MailboxConfig, plan: commands.Plan) -> None:
+    """#away and #back act on the agent in every mailbox the agent works, not on one ticket."""
+    boxes = [b for b in r.config.mailboxes.values() if r.login in b.agents]
+    for b in boxes:
+        if plan.back:
+            r.store.clear_away(b.address, r.login)
+        if plan.away:
+            r.store.set_away(b.address, r.login, plan.away_until, r.now)
+            # Open tickets go back to the team's inbox, so nothing waits for an absent agent.
+            for t in r.store.tickets(b.address):
+                if t.owner == r.login and t.state != "closed":
+                    handed = r.store.update(b.address, t.number, Changes(owner=""), r.now)
+                    r.record(b, handed, "handed_over", detail=f"{r.login} away")
+    if plan.away or plan.back:
+        detail = "" if plan.away_until is None else _since(plan.away_until)
+        message_logger(r.qid).info("%s is %s %s", r.login, "away" if plan.away else "back", detail)
+
+
+def _apply_ticket_commands(r: _Reply, box: MailboxConfig, ticket: Ticket, plan: commands.Plan) -> Ticket:
+    changes = Changes(
+        owner=KEEP if plan.owner is None else plan.owner,
+        state=KEEP if plan.state is None else plan.state,
+        priority=KEEP if plan.priority is None else plan.priority,
+        add_tags=tuple(plan.add_tags),
+        remove_tags=tuple(plan.remove_tags),
+    )
+    if changes:
+        ticket = r.store.update(box.address, ticket.number, changes, r.now)
+    for name, detail in plan.events:
+        if name not in ("note", "away", "back"):
+            r.record(box, ticket, name, detail=detail)
+    return ticket
+
+
+def _refused(r: _Reply, box: MailboxConfig, claim: Claim) -> Verdict:
+    ticket = claim.ticket
+    mark = f"[{box.tag} #{ticket.number}]"
+    owner_name = r.config.agent_name(ticket.owner) if ticket.owner in r.config.agents else ticket.owner
+    reply = replies.S550_TICKET_OWNED.format(mark=mark, owner=owner_name, since=_since(claim.owned_since))
+    message_logger(r.qid).info("%s: mail by %s refused, %s owned by %s", box.address, r.login, mark, ticket.owner)
+    r.record(box, ticket, "rival_refused")
+    return Verdict.reject(reply, summary=f"{mark} rival mail by {r.login} refused")
+
+
+def _note(r: _Reply, box: MailboxConfig, ticket: Ticket | None, plan: commands.Plan) -> tuple[Verdict, list[Record]]:
+    """Internal: commands and notes for the team; nothing goes to a customer."""
+    if ticket is None and plan.touches_ticket:
+        line = next(c for c in commands.read(r.message.headers, r.body) if c.name in commands.TICKET_COMMANDS)
+        reply = replies.S550_NO_TICKET.format(line=line.line, tag=box.tag)
+        return Verdict.reject(reply, summary=f"command without a ticket from {r.login}"), []
+    edits: list[Edit] = strip_internal(r.message.headers)
+    if ticket is not None:
+        if plan.take or plan.takeover:
+            claim = r.store.claim(box.address, ticket.number, r.login, r.now, force=plan.takeover)
+            if not claim.won:
+                return _refused(r, box, claim), r.records
+            ticket = claim.ticket
+        _apply_agent_commands(r, box, plan)
+        ticket = _apply_ticket_commands(r, box, ticket, plan)
+        own_id = message_id(r.message.header("Message-ID"))
+        ticket = r.store.touch(box.address, ticket.number, [own_id] if own_id else [], [], r.now)
+        r.record(box, ticket, "note", mid=own_id)
+        mark = f"{box.tag} #{ticket.number}"
+        subj = subject.with_token(r.text_subject, box.tag, ticket.number)
+        edits += ticket_headers(ticket, mark)
+        owner = ticket.owner
+    else:
+        _apply_agent_commands(r, box, plan)
+        subj, mark, owner = r.text_subject, box.tag, r.login
+    edits.append(SetHeader("Subject", encode_header_value(f"[Note] {subj}")))
+    edits.append(AddHeader("X-Postroom-Note", f"{r.login} ({mark})"))
+    edits.append(SetHeader("Keywords", "note"))
+    folder = r.config.agent_folder(owner) if owner in r.config.agents else box.inbox_folder
+    edits += [RemoveRecipient(x) for x in r.message.envelope.rcpts]
+    edits.append(AddRecipient(folder_address(box.address, r.config.recipient_delimiter, folder)))
+    message_logger(r.qid).info("%s: note by %s on %s into %s", box.address, r.login, mark, folder or "INBOX")
+    return Verdict.accept(*edits, summary=f"{mark} note by {r.login}"), r.records
+
+
+def _reply(
+    r: _Reply, box: MailboxConfig, found: Ticket | None, plan: commands.Plan, keys: Keyring
+) -> tuple[Verdict, list[Record]]:
+    """To a customer: claim, rewrite, copy to the team, sign."""
+    config, store, login, now = r.config, r.store, r.login, r.now
+    qlog = message_logger(r.qid)
+    own_id = message_id(r.message.header("Message-ID"))
+    edits: list[Edit] = strip_internal(r.message.headers)
     if not own_id:
         own_id = f"postroom.{uuid.uuid4().hex}@{box.address.rpartition('@')[2]}"
         edits.append(SetHeader("Message-ID", f"<{own_id}>"))
     event = "reply"
-    if found.ticket is None:
-        customer = external[0].strip("<>").lower()
+    if found is None:
+        customer = r.external[0].strip("<>").lower()
         ticket = store.open(
             box.address,
             NewTicket(
                 customer=customer,
-                subject=text_subject[:300],
+                subject=r.text_subject[:300],
                 participants=(customer,),
                 message_ids=(own_id,),
                 owner=login,
@@ -118,37 +280,30 @@ def outbound(
             now,
         )
         event = "opened_by_agent"
-        claim = Claim(True, ticket, "", now)
     else:
-        claim = store.claim(box.address, found.ticket.number, login, now, force=takeover)
+        claim = store.claim(box.address, found.number, login, now, force=plan.takeover)
         ticket = claim.ticket
-        mark = f"[{box.tag} #{ticket.number}]"
         if not claim.won:
-            owner_name = config.agent_name(ticket.owner) if ticket.owner in config.agents else ticket.owner
             if box.on_rival_reply == "reject":
-                reply = replies.S550_TICKET_OWNED.format(mark=mark, owner=owner_name, since=_since(claim.owned_since))
-                qlog.info("%s: reply by %s refused, %s owned by %s", box.address, login, mark, ticket.owner)
-                record = _record(
-                    box, ticket, "rival_refused", now, qid=env.queue_id, mid=own_id, login=login, subj=text_subject
-                )
-                return Verdict.reject(reply, summary=f"{mark} rival reply by {login} refused"), [record]
+                return _refused(r, box, claim), r.records
             event = f"rival_reply_{box.on_rival_reply}"
-        elif takeover and claim.previous_owner not in ("", login):
+        elif plan.takeover and claim.previous_owner not in ("", login):
             event = "takeover"
-        store.touch(box.address, ticket.number, [own_id], [r.strip("<>").lower() for r in external], now)
+        ticket = store.touch(box.address, ticket.number, [own_id], [x.strip("<>").lower() for x in r.external], now)
+    _apply_agent_commands(r, box, plan)
+    ticket = _apply_ticket_commands(r, box, ticket, plan)
 
-    agent_name = config.agent_name(login)
-    display = box.from_format.format(agent=agent_name, mailbox=box.tag)
+    display = box.from_format.format(agent=config.agent_name(login), mailbox=box.tag)
     edits.append(SetHeader("From", display_from(display, box.address)))
     edits.append(SetHeader("Reply-To", box.reply_to or box.address))
-    edits.append(SetHeader("Subject", encode_header_value(subject.with_token(text_subject, box.tag, ticket.number))))
+    edits.append(SetHeader("Subject", encode_header_value(subject.with_token(r.text_subject, box.tag, ticket.number))))
     edits.append(ChangeSender(box.address))
-    if cmds:
-        new_body, mime_changes = commands.strip(message.headers, body, [""] * len(cmds))
+    if plan.replacements:
+        new_body, mime_changes = commands.strip(r.message.headers, r.body, plan.replacements)
         edits.append(ReplaceBody(new_body))
         edits += [SetHeader(k, v) for k, v in mime_changes.items()]
     # The team's copy: into the owner's folder, once, instead of any shared address the agent put in Cc.
-    edits += [RemoveRecipient(r) for r in shared_rcpts]
+    edits += [RemoveRecipient(x) for x in r.shared_rcpts]
     if box.copy_replies:
         owner = ticket.owner if ticket.owner in config.agents else login
         edits.append(AddRecipient(folder_address(box.address, config.recipient_delimiter, config.agent_folder(owner))))
@@ -157,18 +312,18 @@ def outbound(
         edits.append(AddRecipient(config.agents[ticket.owner].address))
     key = keys.for_address(box.address)
     if key is not None:
-        signed_headers = apply_to_headers(message.headers, edits)
-        edits.append(AddHeader("DKIM-Signature", sign(key, signed_headers, final_body(body, edits)), top=True))
+        signed_headers = apply_to_headers(r.message.headers, edits)
+        edits.append(AddHeader("DKIM-Signature", sign(key, signed_headers, final_body(r.body, edits)), top=True))
     else:
         qlog.warning("no DKIM key for %s: the reply leaves unsigned", box.address)
     mark = f"[{box.tag} #{ticket.number}]"
     qlog.info("%s: %s %s by %s (owner %s)", box.address, mark, event, login, ticket.owner or "-")
-    record = _record(box, ticket, event, now, qid=env.queue_id, mid=own_id, login=login, subj=text_subject)
-    return Verdict.accept(*edits, summary=f"{mark} {event} by {login}"), [record]
+    r.record(box, ticket, event, mid=own_id)
+    return Verdict.accept(*edits, summary=f"{mark} {event} by {login}"), r.records
 
 
 def _record(
-    box: MailboxConfig, t: Ticket, event: str, now: float, *, qid: str, mid: str, login: str, subj: str
+    box: MailboxConfig, t: Ticket, event: str, now: float, *, qid: str, mid: str, login: str, subj: str, detail: str
 ) -> Record:
     return Record(
         mailbox=box.address,
@@ -187,5 +342,5 @@ def _record(
         from_addr=login,
         subject=subj[:1000],
         actor=login,
-        detail="",
+        detail=detail,
     )

@@ -6,7 +6,7 @@ exception or a dead Redis becomes the configured fail-safe verdict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from postroom import replies, subject
@@ -23,6 +23,7 @@ from postroom.mime import (
     message_id,
     readable,
     strip_internal,
+    ticket_headers,
 )
 from postroom.outbound import outbound
 from postroom.store import NewTicket, StoreUnavailable, Ticket, TicketStore
@@ -46,14 +47,22 @@ class _Routed:
     rcpts: tuple[str, ...]  # the envelope recipients that named this mailbox
 
 
-def process(message: Message, config: Config, store: TicketStore, now: float, keys: Keyring = NO_KEYS) -> Outcome:
+def process(
+    message: Message,
+    config: Config,
+    store: TicketStore,
+    now: float,
+    *,
+    keys: Keyring = NO_KEYS,
+    canned: Mapping[str, Mapping[str, str]] | None = None,
+) -> Outcome:
     """Run the pipeline; never raises.  The failure policy of DESIGN.md lives here and nowhere else."""
     log = message_logger(message.envelope.queue_id)
     # Authenticated submissions are agents' mail (the outbound path); everything else is customer mail.
     is_outbound = bool(message.envelope.auth_login)
     try:
         if is_outbound:
-            verdict, records = outbound(message, config, store, keys, now)
+            verdict, records = outbound(message, config, store, keys, now, canned=canned)
             return Outcome(verdict, records)
         return inbound(message, config, store, now)
     except StoreUnavailable as exc:
@@ -169,17 +178,11 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
         )
         summaries.append(f"{mark} {event}")
         new_subject = subject.with_token(new_subject, r.box.tag, ticket.number)
-        headers += [
-            AddHeader("X-Postroom-Ticket", f"{ticket.number} ({r.box.tag})"),
-            AddHeader("X-Postroom-Owner", f"{ticket.owner or 'unassigned'} ({mark})"),
-            AddHeader("X-Postroom-State", f"{ticket.state} ({mark})"),
-            AddHeader("X-Postroom-Priority", f"{ticket.priority} ({mark})"),
-        ]
-        if ticket.tags:
-            headers.append(AddHeader("X-Postroom-Tags", f"{' '.join(ticket.tags)} ({mark})"))
-        if ticket.linked:
-            headers.append(AddHeader("X-Postroom-Linked", f"{ticket.linked} ({mark})"))
-        folder = config.agent_folder(ticket.owner) if ticket.owner in config.agents else r.box.inbox_folder
+        headers += ticket_headers(ticket, mark)
+        folder = r.box.inbox_folder
+        if ticket.owner in config.agents and not store.away(r.box.address, [ticket.owner]):
+            # An absent agent's customers are answered by the team: their mail waits in the inbox.
+            folder = config.agent_folder(ticket.owner)
         recipient_edits += _reroute(r.rcpts, config.recipient_delimiter, folder)
         records.append(
             Record(

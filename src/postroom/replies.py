@@ -35,3 +35,12 @@ S550_TICKET_OWNED = Reply(
     "postroom: {mark} belongs to {owner} since {since}. Your reply was not sent. "
     "To take the ticket over, send it again with the first line #takeover",
 )
+S550_BAD_COMMAND = Reply(
+    550, "5.5.2", "postroom: cannot carry out {line!r}: {reason}. Nothing was changed and nothing was sent"
+)
+S550_NO_TICKET = Reply(
+    550,
+    "5.5.2",
+    "postroom: {line!r} needs a ticket: answer a mail of the ticket or put [{tag} #NUMBER] in the subject. "
+    "Nothing was changed",
+)

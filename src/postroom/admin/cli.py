@@ -11,6 +11,7 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
+from postroom.commands import CannedError, load_canned
 from postroom.config import Config, ConfigError, load_config
 from postroom.dkim import DkimError, Keyring, generate, public_txt
 from postroom.history import HistoryWriter, make_engine, migrate
@@ -85,12 +86,13 @@ def milter_command(config_path: Path) -> None:
         )
     try:
         keys = Keyring.from_config(config)
-    except DkimError as exc:
+        canned = load_canned(config)
+    except (DkimError, CannedError) as exc:
         click.echo(f"{config_path}: {exc}", err=True)
         raise SystemExit(2) from None
     log.info("postroom %s milter starting with %s", __version__, config_path)
     try:
-        run(Runtime(config, store, history, keys))
+        run(Runtime(config, store, history, keys, canned))
     finally:
         history.flush(timeout=10)
         history.close()

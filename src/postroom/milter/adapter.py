@@ -11,7 +11,8 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import Milter
@@ -49,6 +50,7 @@ class Runtime:
     store: TicketStore
     history: HistoryWriter | None
     keys: Keyring = NO_KEYS
+    canned: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # mailbox -> name -> text
 
 
 class _Holder:
@@ -128,7 +130,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         )
         chunks = self.chunks
         message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
-        outcome = process(message, rt.config, rt.store, time.time(), rt.keys)
+        outcome = process(message, rt.config, rt.store, time.time(), keys=rt.keys, canned=rt.canned)
         # Redis has already changed: the history records it whether or not Postfix takes every edit.
         if rt.history is not None and outcome.records:
             rt.history.submit(outcome.records)
