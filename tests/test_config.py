@@ -23,7 +23,7 @@ def test_example_config_loads_with_the_documented_team() -> None:
 
 def test_every_key_of_the_schema_is_in_the_example() -> None:
     data = tomllib.loads(example_config_path().read_text())
-    for section in ("milter", "redis", "database"):
+    for section in ("milter", "smtpd", "redis", "database"):
         model = type(getattr(load_config(example_config_path(), environ={}), section))
         assert set(data[section]) == set(model.model_fields), section
 

@@ -61,6 +61,17 @@ class MilterConfig(_Section):
         return value
 
 
+class SmtpdConfig(_Section):
+    """The after-queue content filter (``postroom smtpd``); the failure policy is [milter] on_error for both."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: Annotated[int, Field(ge=1, le=65535)] = 10025
+    reinject_host: str = "127.0.0.1"
+    reinject_port: Annotated[int, Field(ge=1, le=65535)] = 10026
+    max_message_size: Annotated[int, Field(ge=0)] = 52_428_800
+    timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+
+
 class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "postroom"
@@ -222,6 +233,7 @@ class MailerConfig(_Section):
 
 class Config(_Section):
     milter: MilterConfig = MilterConfig()
+    smtpd: SmtpdConfig = SmtpdConfig()
     redis: RedisConfig = RedisConfig()
     database: DatabaseConfig = DatabaseConfig()
     recipient_delimiter: Annotated[str, Field(min_length=1, max_length=1)] = "+"
