@@ -10,7 +10,16 @@ from postroom.config import Config, example_config_path, load_config, parse_conf
 from postroom.pipeline import Message, Outcome, process
 from postroom.store import Lookup
 from postroom.subject import decode
-from postroom.verdict import Action, AddHeader, AddRecipient, Envelope, RemoveHeader, RemoveRecipient, SetHeader
+from postroom.verdict import (
+    Action,
+    AddHeader,
+    AddRecipient,
+    Envelope,
+    RemoveHeader,
+    RemoveRecipient,
+    SetHeader,
+    effective_edits,
+)
 from tests.fakes import MemoryStore
 
 SUPPORT = "support@example.test"
@@ -190,3 +199,11 @@ def test_encoded_line_break_in_subject_cannot_inject_a_header(config: Config) ->
     [value] = header(out, "Subject")
     assert "\r" not in value and "\n" not in value
     assert value == "[Support #1] Hi Bcc: victim@x.test"
+
+
+def test_effective_edits_never_leave_a_mail_without_recipient() -> None:
+    same = [RemoveRecipient("<support@example.test>"), AddRecipient("support@example.test")]
+    assert effective_edits(["<support@example.test>"], same) == []
+    moved = [RemoveRecipient("<support@example.test>"), AddRecipient("support+Meier@example.test")]
+    assert effective_edits(["<support@example.test>"], moved) == moved
+    assert effective_edits(["<a@x.test>"], [RemoveRecipient("<a@x.test>")]) == []

@@ -129,3 +129,24 @@ class Envelope:
     auth_login: str = ""  # {auth_authen}: the only source of an agent's identity
     client_addr: str = ""
     macros: dict[str, str] = field(default_factory=dict)
+
+
+def _addr(address: str) -> str:
+    return address.strip().strip("<>").lower()
+
+
+def effective_edits(rcpts: list[str], edits: tuple[Edit, ...] | list[Edit]) -> list[Edit]:
+    """The edits an adapter should apply to a mail with these envelope recipients.
+
+    Removing and adding the same address is dropped as a whole: Postfix's delrcpt removes every copy of an
+    address, the one just added included, and a mail left without recipients is accepted and silently
+    discarded.  For the same reason, if the removals would leave no recipient at all they are not applied.
+    """
+    added = {_addr(e.address) for e in edits if isinstance(e, AddRecipient)}
+    removed = {_addr(e.address) for e in edits if isinstance(e, RemoveRecipient)}
+    same = added & removed
+    out = [e for e in edits if not (isinstance(e, AddRecipient | RemoveRecipient) and _addr(e.address) in same)]
+    remaining = ({_addr(r) for r in rcpts} - removed) | added
+    if not remaining:
+        out = [e for e in out if not isinstance(e, RemoveRecipient)]
+    return out

@@ -11,18 +11,14 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import Milter
 
 from postroom import log as plog
 from postroom.config import Config
-from postroom.dkim import Keyring
-from postroom.history import HistoryWriter
-from postroom.pipeline import NO_KEYS, STATUS_HEADER, Message, process
-from postroom.store import TicketStore
+from postroom.pipeline import STATUS_HEADER, Message, process
+from postroom.runtime import Runtime  # shared with the after-queue filter
 from postroom.verdict import (
     Action,
     AddHeader,
@@ -34,23 +30,15 @@ from postroom.verdict import (
     ReplaceBody,
     SetHeader,
     Verdict,
+    effective_edits,
 )
+
+__all__ = ["ACTION_FLAGS", "PostroomMilter", "Runtime", "make_factory", "run"]
 
 log = logging.getLogger("postroom.milter")
 
 # Everything the verdicts can ask for; Postfix refuses an edit whose flag was not negotiated.
 ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM | Milter.MODBODY
-
-
-@dataclass
-class Runtime:
-    """What every connection shares: swapped as a whole on reload, read once per connection."""
-
-    config: Config
-    store: TicketStore
-    history: HistoryWriter | None
-    keys: Keyring = NO_KEYS
-    canned: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # mailbox -> name -> text
 
 
 class _Holder:
@@ -166,7 +154,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         counts = Counter(name.lower() for name, _ in self.headers)
         # Recipients are deleted last: if Postfix refuses an edit half way, the mail keeps a recipient
         # (a mail whose only recipient was deleted is accepted and silently removed from the queue).
-        edits = sorted(verdict.edits, key=lambda e: isinstance(e, RemoveRecipient))
+        edits = sorted(effective_edits(self.rcpts, verdict.edits), key=lambda e: isinstance(e, RemoveRecipient))
         for edit in edits:
             match edit:
                 case AddHeader(name, value, top):
