@@ -14,6 +14,7 @@ from postroom.verdict import (
     Action,
     AddHeader,
     AddRecipient,
+    Edit,
     Envelope,
     RemoveHeader,
     RemoveRecipient,
@@ -202,8 +203,8 @@ def test_encoded_line_break_in_subject_cannot_inject_a_header(config: Config) ->
 
 
 def test_effective_edits_never_leave_a_mail_without_recipient() -> None:
-    same = [RemoveRecipient("<support@example.test>"), AddRecipient("support@example.test")]
+    same: list[Edit] = [RemoveRecipient("<support@example.test>"), AddRecipient("support@example.test")]
     assert effective_edits(["<support@example.test>"], same) == []
-    moved = [RemoveRecipient("<support@example.test>"), AddRecipient("support+Meier@example.test")]
+    moved: list[Edit] = [RemoveRecipient("<support@example.test>"), AddRecipient("support+Meier@example.test")]
     assert effective_edits(["<support@example.test>"], moved) == moved
     assert effective_edits(["<a@x.test>"], [RemoveRecipient("<a@x.test>")]) == []
