@@ -8,7 +8,7 @@ import pytest
 
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.pipeline import Message, Outcome, process
-from postroom.store import Lookup
+from postroom.store import Changes, Lookup
 from postroom.subject import decode
 from postroom.verdict import (
     Action,
@@ -208,3 +208,16 @@ def test_effective_edits_never_leave_a_mail_without_recipient() -> None:
     moved: list[Edit] = [RemoveRecipient("<support@example.test>"), AddRecipient("support+Meier@example.test")]
     assert effective_edits(["<support@example.test>"], moved) == moved
     assert effective_edits(["<a@x.test>"], [RemoveRecipient("<a@x.test>")]) == []
+
+
+def test_customer_answer_reopens_a_closed_ticket_and_ends_pending(config: Config) -> None:
+    store = MemoryStore()
+    process(mail(), config, store, 1.0)
+    store.update(SUPPORT, 1, Changes(state="closed", owner="meier"), 2.0)
+    out = process(mail("Re: [Support #1] Hello", msgid="m2@customer.test"), config, store, 3.0)
+    assert header(out, "X-Postroom-State") == ["open (Support #1)"]
+    assert out.records[0].event == "reopened"
+    store.update(SUPPORT, 1, Changes(state="pending"), 4.0)
+    out = process(mail("Re: [Support #1] Hello", msgid="m3@customer.test"), config, store, 5.0)
+    assert store.ticket_map[(SUPPORT, 1)].state == "open"
+    assert out.records[0].event == "followup"

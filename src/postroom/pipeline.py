@@ -26,7 +26,7 @@ from postroom.mime import (
     ticket_headers,
 )
 from postroom.outbound import outbound
-from postroom.store import NewTicket, StoreUnavailable, Ticket, TicketStore
+from postroom.store import Changes, NewTicket, StoreUnavailable, Ticket, TicketStore
 from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, RemoveRecipient, SetHeader, Verdict
 
 __all__ = ["STATUS_HEADER", "Message", "Outcome", "inbound", "process"]
@@ -167,6 +167,10 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
         else:
             ticket = store.touch(r.box.address, ticket.number, [own_id] if own_id else [], senders, now)
             event = "followup"
+            if ticket.state in ("closed", "pending"):
+                # The customer answered: a closed ticket is live again, a pending one no longer waits for them.
+                event = "reopened" if ticket.state == "closed" else event
+                ticket = store.update(r.box.address, ticket.number, Changes(state="open"), now)
         mark = f"{r.box.tag} #{ticket.number}"
         log.info(
             "mailbox %s ticket #%d %s (%s) owner=%s",
