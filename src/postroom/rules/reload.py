@@ -1,0 +1,91 @@
+"""Loading everything a mail is decided with (config, rules, templates, DKIM keys) as one immutable bundle, and
+the SIGHUP reload that swaps in a new bundle only when all of it is good.
+
+For the milter's Runtime holder::
+
+    def on_sighup() -> None:
+        result = reload(config_path)              # logs why when it fails
+        if isinstance(result, Loaded):
+            holder.set(Runtime(result.config, store, history, result.keys, rules=result.rules, ...))
+        # else: the old bundle stays; connections in flight keep the one they started with either way
+
+Nothing here touches a connection: a reload only changes what the *next* connection reads from the holder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from postroom.autoreply import NO_TEMPLATES, TemplateError, Templates, load_templates
+from postroom.config import Config, ConfigError, load_config
+from postroom.dkim import DkimError, Keyring
+from postroom.rules.engine import NO_RULES, Ruleset
+from postroom.rules.loader import RulesError, load_rules
+
+log = logging.getLogger("postroom")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    config: Config
+    rules: Ruleset
+    templates: Templates
+    keys: Keyring
+
+
+class LoadError(RuntimeError):
+    """Why a config could not be (re)loaded: every problem, each naming its file (and key or line)."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def load_all(config_path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Loaded:
+    """The config and what it names: ``rules_file``, ``[autoreply] templates_dir``, the DKIM keys."""
+    name = os.fspath(config_path)
+    try:
+        config = load_config(name, environ)
+    except ConfigError as exc:
+        raise LoadError(name, [f"{exc.path}: {p}" for p in exc.problems]) from None
+    problems: list[str] = []
+    try:
+        templates = load_templates(config)
+    except TemplateError as exc:
+        problems += exc.problems
+        templates = NO_TEMPLATES
+    rules = NO_RULES
+    if config.rules_file:
+        try:
+            rules = load_rules(config.rules_file, config, templates if not problems else None)
+        except RulesError as exc:
+            problems += [p.format(exc.path) for p in exc.problems]
+    try:
+        keys = Keyring.from_config(config)
+    except DkimError as exc:
+        problems.append(f"{name}: {exc}")
+        keys = Keyring({})
+    if problems:
+        raise LoadError(name, problems)
+    return Loaded(config, rules, templates, keys)
+
+
+def reload(config_path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Loaded | LoadError:
+    """Load again for SIGHUP: the new bundle, or the error (already logged) so the caller keeps the old one."""
+    try:
+        loaded = load_all(config_path, environ)
+    except LoadError as exc:
+        log.error("reload of %s failed, keeping the running config and rules:\n%s", exc.path, exc)
+        return exc
+    log.info(
+        "reloaded %s: %d mailboxes, %d rules from %s",
+        os.fspath(config_path),
+        len(loaded.config.mailboxes),
+        len(loaded.rules.rules),
+        loaded.rules.source or "(no rules file)",
+    )
+    return loaded
