@@ -23,9 +23,10 @@ def test_example_config_loads_with_the_documented_team() -> None:
 
 def test_every_key_of_the_schema_is_in_the_example() -> None:
     data = tomllib.loads(example_config_path().read_text())
-    for section in ("milter", "smtpd", "redis", "database"):
+    for section in ("milter", "smtpd", "redis", "database", "hours", "autoreply", "mailer"):
         model = type(getattr(load_config(example_config_path(), environ={}), section))
         assert set(data[section]) == set(model.model_fields), section
+    assert "rules_file" in data
 
 
 def test_environment_overrides(tmp_path: Path) -> None:
