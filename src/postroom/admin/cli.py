@@ -11,6 +11,7 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
+from postroom.admin.rules_cli import rules_group
 from postroom.commands import CannedError, load_canned
 from postroom.config import Config, ConfigError, load_config
 from postroom.dkim import DkimError, Keyring, generate, public_txt
@@ -174,6 +175,8 @@ def db_upgrade(config_path: Path) -> None:
     migrate(config.database.url)
     click.echo(f"database at {config.database.url.split('@')[-1]} is at the newest revision")
 
+
+main.add_command(rules_group)
 
 if __name__ == "__main__":
     sys.exit(main())
