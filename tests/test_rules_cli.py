@@ -66,7 +66,9 @@ def test_test_shows_matches_owner_folder_headers_and_the_reply_without_services(
     assert "matched:    outage reports, key account, cancellations, documents, everything else, in turn" in out
     assert "owner:      schulze (Schulze)" in out  # the outage rule's assignment came first
     assert "folder:     Schulze  (recipient support+Schulze@example.test)" in out
+    assert "Subject: [Support #NEW] Störung im Portal" in out
     assert "X-Postroom-Priority: urgent (Support #NEW)" in out
+    assert "Importance: high" in out  # what Outlook and Thunderbird show
     assert "X-Postroom-Tags: outage key-account cancellation document (Support #NEW)" in out
     assert "auto-reply: auto-reply 'urgent' for Support #0 to kunde@bigcorp.example (not sent)" in out
     assert "Subject: Re: [Support #0] Störung im Portal" in out

@@ -15,7 +15,7 @@ import click
 
 from postroom.autoreply import BusinessHours, TemplateError, Templates, load_templates, plan_auto_reply
 from postroom.config import Config, ConfigError, load_config
-from postroom.mime import addresses, readable
+from postroom.mime import addresses, readable, ticket_headers
 from postroom.rules import (
     LoadError,
     MemoryAssignmentState,
@@ -26,6 +26,9 @@ from postroom.rules import (
     load_all,
     load_rules,
 )
+from postroom.store import Ticket
+from postroom.subject import with_token
+from postroom.verdict import AddHeader, SetHeader
 
 
 @click.group("rules")
@@ -183,11 +186,21 @@ def test_command(
         local_part, _, domain = box.address.partition("@")
         recipient = f"{local_part}{config.recipient_delimiter}{folder}@{domain}" if folder else box.address
         click.echo(f"  folder:     {folder or 'INBOX'}  (recipient {recipient})")
+        # The headers the pipeline writes for a ticket in this state (the same function), number shown as NEW.
+        ticket = Ticket(
+            mailbox=box.address,
+            number=0,
+            owner=owner,
+            state="open" if owner else "new",
+            priority=decision.priority or "normal",
+            tags=decision.tags,
+        )
         click.echo("  headers:")
-        click.echo(f"    X-Postroom-Owner: {owner or 'unassigned'} ({mark})")
-        click.echo(f"    X-Postroom-Priority: {decision.priority or 'normal'} ({mark})")
-        if decision.tags:
-            click.echo(f"    X-Postroom-Tags: {' '.join(decision.tags)} ({mark})")
+        new_subject = with_token(readable(values.get("subject", "")), box.tag, 0)
+        click.echo(f"    Subject: {new_subject.replace(f'[{box.tag} #0]', f'[{box.tag} #NEW]')}")
+        for edit in ticket_headers(ticket, mark):
+            if isinstance(edit, AddHeader | SetHeader):
+                click.echo(f"    {edit.name}: {edit.value.replace('0 (' + box.tag + ')', 'NEW (' + box.tag + ')')}")
         for note in decision.notes:
             click.echo(f"  note:       {note}")
         plan = plan_auto_reply(
