@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postroom.autoreply import BusinessHours
 from postroom.config import HoursConfig
@@ -185,3 +187,14 @@ def test_business_hours_condition_needs_configured_hours() -> None:
     assert not open_now.matches(facts(), datetime(2025, 1, 7, 12, 0, tzinfo=UTC))  # Tuesday: closed
     with pytest.raises(ValueError, match="no opening hours"):
         BusinessHoursCondition.parse(True, Context(hours=BusinessHours.from_config(HoursConfig())))
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["Content-Type", "Subject", "From", "X-A"]), st.text(max_size=40)), max_size=4),
+    st.binary(max_size=400),
+)
+def test_any_headers_and_body_give_facts_without_raising(headers: list[tuple[str, str]], body: bytes) -> None:
+    mail = MessageFacts(mailbox="support", mailbox_address="support@example.test", headers=headers, body=body)
+    assert isinstance(mail.body_text, str)
+    assert isinstance(mail.attachments, tuple)
+    assert isinstance(mail.subject, str) and isinstance(mail.senders, tuple)
