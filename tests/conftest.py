@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.config import Config, example_config_path, load_config, parse_config
-from postroom.testbed import Deployment, RedisServer, deploy
+from postroom.testbed import ADAPTERS, Deployment, RedisServer, deploy
 
 # The local PostgreSQL server (Debian's postgresql package, started by .ci/run); each test run makes its own
 # database there and drops it afterwards, so nothing depends on what the server held before.
@@ -80,7 +80,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"{base}?options=-csearch_path%3D{schema}"
 
 
-# -- end to end: a private Postfix + Dovecot + Redis with the real `postroom milter` in front of Dovecot --
+# -- end to end: a private Postfix + Dovecot + Redis with the real postroom daemon in front of Dovecot --
 
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
 
@@ -98,15 +98,17 @@ def e2e_base_config() -> Config:
     return parse_config(data, environ={})
 
 
-@pytest.fixture(scope="session")
-def deployment() -> Iterator[Deployment]:
-    """One deployment shared by the tests that leave it as they found it."""
-    with deploy(e2e_base_config(), CUSTOMERS) as d:
+# Every behaviour test runs through both adapters: the milter and the after-queue content filter (postroom smtpd)
+# share one pipeline, so they must show the user the same results, except where a test says why not.
+@pytest.fixture(scope="session", params=ADAPTERS)
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """One deployment per adapter shared by the tests that leave it as they found it."""
+    with deploy(e2e_base_config(), CUSTOMERS, adapter=request.param) as d:
         yield d
 
 
-@pytest.fixture
-def own_deployment() -> Iterator[Deployment]:
+@pytest.fixture(params=ADAPTERS)
+def own_deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """A deployment of its own, for tests that stop or break a part of it."""
-    with deploy(e2e_base_config(), CUSTOMERS) as d:
+    with deploy(e2e_base_config(), CUSTOMERS, adapter=request.param) as d:
         yield d

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from postroom.history import EventRow, TicketRow
 from postroom.testbed import Deployment
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, ticket_number
-from tests.test_outbound_e2e import ALICE, BOB, _text, agent_mail, received, submit
+from tests.test_outbound_e2e import ALICE, BOB, _text, agent_mail, bounce_text, received, submit
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +35,12 @@ def note(d: Deployment, login: str, first: EmailMessage, body: str, subject: str
 
 
 def refused(d: Deployment, login: str, msg: EmailMessage, rcpts: list[str]) -> str:
+    """The refusal the agent gets: the milter's 550 in the SMTP session; after the queue, Postfix's bounce."""
+    if d.adapter == "smtpd":
+        submit(d, login, msg, rcpts)
+        text = bounce_text(d, f"{login}@example.test", msg)
+        assert "said: 550 " in text
+        return text
     with pytest.raises(smtplib.SMTPDataError) as err:
         submit(d, login, msg, rcpts)
     assert err.value.smtp_code == 550
@@ -77,6 +83,7 @@ def test_note_with_close_and_priority_reaches_only_the_team(deployment: Deployme
     submit(
         d, "meier", agent_mail("meier@example.test", ALICE, "Re: Help", in_reply_to=str(first["Message-ID"])), [ALICE]
     )
+    d.stack.postfix.wait_queue_empty()  # the reply above is in Alice's INBOX before she is counted
     before = len(d.stack.fetch(ALICE))
     msg = note(d, "meier", first, "#priority high\n#tag billing vip\nCalled her, waiting for the invoice.\n")
     got = received(d, SUPPORT, msg, folder="Meier")

@@ -44,3 +44,11 @@ S550_NO_TICKET = Reply(
     "postroom: {line!r} needs a ticket: answer a mail of the ticket or put [{tag} #NUMBER] in the subject. "
     "Nothing was changed",
 )
+
+# The after-queue filter's answers to Postfix's content_filter delivery (docs/deploy-after-queue.md).  Postfix
+# writes them into its log line for the original queue id, which so names the queue id of the mail handed back.
+S250_HANDED_BACK = Reply(250, "2.0.0", "postroom: handed back to Postfix as {queue_id}")
+S250_DISCARDED = Reply(250, "2.7.0", "postroom: discarded")
+S451_REINJECTION_FAILED = Reply(
+    451, "4.3.0", "postroom: Postfix did not take the mail back ({reason}); it stays queued and is tried again"
+)

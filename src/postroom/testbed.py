@@ -38,21 +38,27 @@ from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import redis
 
+from postroom.admin import snippets
 from postroom.config import Config, to_toml, with_changes
 
 __all__ = [
+    "ADAPTERS",
     "MILTER_MACROS",
     "SUBMISSION_DAEMON_NAME",
+    "Adapter",
     "Deployment",
     "Dovecot",
     "Login",
     "MailUser",
     "MilterDaemon",
     "Postfix",
+    "PostroomDaemon",
     "RedisServer",
+    "SmtpdDaemon",
     "Stack",
     "StackError",
     "config_for_stack",
@@ -712,6 +718,7 @@ class Postfix:
         milter_default_action: str = "accept",
         default_transport: str = "error:5.1.2 the testbed delivers only to its own domains",
         main_cf: Mapping[str, str] | None = None,
+        filter_port: int | None = None,
     ) -> None:
         if not domains:
             raise ValueError("Postfix needs at least one domain")
@@ -733,6 +740,10 @@ class Postfix:
         self.extra_main_cf = dict(main_cf or {})
         self.smtp_port = free_port()
         self.submission_port = free_port()
+        # After-queue mode: the MX and submission listeners hand every mail to a content filter on filter_port
+        # (postroom smtpd), which hands it back to the listener on reinject_port.
+        self.filter_port = filter_port
+        self.reinject_port = free_port() if filter_port is not None else None
         # Only for the log lines; maillog_file keeps instances apart anyway.
         self.syslog_name = "postfix-" + re.sub(r"[^A-Za-z0-9-]", "-", workdir.name)
         self._started = False
@@ -806,11 +817,28 @@ class Postfix:
             "smtpd_recipient_restrictions": "permit_sasl_authenticated,reject",
             "milter_macro_daemon_name": SUBMISSION_DAEMON_NAME,
         }
-        options = "".join(f"\n  -o {name}={value}" for name, value in submission_options.items())
+        mx_options: dict[str, str] = {}
+        after_queue = ""
+        if self.filter_port is not None:
+            # What `postroom postfix-snippet --mode after-queue` prints, from the same tables.
+            filtered = {"content_filter": f"{snippets.TRANSPORT}:[{LOOPBACK}]:{self.filter_port}"}
+            filtered.update(snippets.FILTERED_LISTENER)
+            mx_options.update(filtered)
+            submission_options.update(filtered)
+            submission_options.update(snippets.SUBMISSION_LISTENER)
+            after_queue = (
+                f"{snippets.TRANSPORT} unix - - n - {snippets.MAX_PROCESSES} smtp"
+                + snippets.options(snippets.TRANSPORT_OPTIONS)
+                + f"\n{LOOPBACK}:{self.reinject_port} inet n - n - {snippets.MAX_PROCESSES} smtpd"
+                + snippets.options({"syslog_name": f"{self.syslog_name}/reinject", **snippets.REINJECT_OPTIONS})
+                + "\n"
+            )
         return (
             "# Written by postroom.testbed for one private test instance.\n"
-            f"{LOOPBACK}:{self.smtp_port} inet n - n - - smtpd\n"
-            f"{LOOPBACK}:{self.submission_port} inet n - n - - smtpd{options}\n" + _MASTER_SERVICES
+            f"{LOOPBACK}:{self.smtp_port} inet n - n - - smtpd{snippets.options(mx_options)}\n"
+            f"{LOOPBACK}:{self.submission_port} inet n - n - - smtpd{snippets.options(submission_options)}\n"
+            + after_queue
+            + _MASTER_SERVICES
         )
 
     def write_config(self) -> None:
@@ -884,6 +912,8 @@ class Postfix:
 
     def _new_ports(self) -> None:
         self.smtp_port, self.submission_port = free_port(), free_port()
+        if self.reinject_port is not None:
+            self.reinject_port = free_port()
 
     def _start_once(self) -> None:
         self.write_config()
@@ -970,6 +1000,11 @@ class Stack:
     (:attr:`milter_socket_path`) for a milter the test starts itself; any other string is used
     as the ``smtpd_milters`` value as it is. Until a milter listens there, Postfix applies
     ``milter_default_action``.
+
+    ``filter="after-queue"`` sets up Postfix's after-queue content filter instead (the amavis pattern, as
+    ``postroom postfix-snippet --mode after-queue`` prints it): the MX and submission listeners queue each mail
+    and hand it to a filter the test starts on :attr:`filter_port`, which hands it back to the listener on
+    :attr:`reinject_port`. Until a filter listens, Postfix keeps the mail in its deferred queue.
     """
 
     def __init__(
@@ -983,7 +1018,15 @@ class Stack:
         milter_default_action: str = "accept",
         main_cf: Mapping[str, str] | None = None,
         parent_dir: Path | None = None,
+        filter: str | None = None,  # shadows the builtin: the word Postfix's documentation uses
+        filter_port: int | None = None,
     ) -> None:
+        if filter not in (None, "after-queue"):
+            raise ValueError(f'filter must be None or "after-queue", not {filter!r}')
+        if filter is not None and milter is not None:
+            raise ValueError("a stack runs a milter or an after-queue filter, not both")
+        self.filter = filter
+        self._filter_port = filter_port
         self.domains = list(domains)
         self.users = list(users)
         self.logins = list(logins)
@@ -1028,6 +1071,23 @@ class Stack:
         return self.root / "milter.sock"
 
     @property
+    def filter_port(self) -> int:
+        """Where Postfix delivers to the after-queue filter (the filter listens here)."""
+        if self.filter is None:
+            raise StackError("Stack.filter_port: this stack has no after-queue filter")
+        if self._filter_port is None:
+            self._filter_port = free_port()
+        return self._filter_port
+
+    @property
+    def reinject_port(self) -> int:
+        """Postfix's listener that takes mail back from the after-queue filter."""
+        port = self.postfix.reinject_port
+        if port is None:
+            raise StackError("Stack.reinject_port: this stack has no after-queue filter")
+        return port
+
+    @property
     def milter_spec(self) -> str:
         """The milter in Postfix notation, e.g. for pymilter's ``Milter.runmilter``."""
         return f"unix:{self.milter_socket_path}"
@@ -1070,6 +1130,7 @@ class Stack:
                 milter=milter,
                 milter_default_action=self.milter_default_action,
                 main_cf=self.main_cf,
+                filter_port=self.filter_port if self.filter is not None else None,
             )
             self._postfix.start()
         except BaseException as exc:
@@ -1182,6 +1243,28 @@ class Stack:
         finally:
             imap.logout()
 
+    def find_raw(self, address: str, text: str, folder: str = "INBOX", password: str | None = None) -> list[bytes]:
+        """The messages of a folder whose headers or body contain ``text`` (IMAP SEARCH TEXT), as stored.
+
+        One search instead of fetching the whole folder, for folders that grow over a test session (a bounce
+        that quotes a Message-ID, one reply among hundreds). Read-only; [] for a missing folder.
+        """
+        if '"' in text or "\\" in text or not text.isascii():
+            raise ValueError(f"cannot search for {text!r}: quotes, backslashes and non-ASCII are not supported")
+        imap = self._imap(address, password)
+        try:
+            status, _detail = imap.select(imap_quote(folder), readonly=True)
+            if status != "OK":
+                return []
+            _status, data = imap.search(None, "TEXT", f'"{text}"')
+            messages: list[bytes] = []
+            for number in data[0].split() if data and data[0] else []:
+                _status, parts = imap.fetch(number.decode(), "(BODY.PEEK[])")
+                messages += [part[1] for part in parts if isinstance(part, tuple)]
+            return messages
+        finally:
+            imap.logout()
+
     def fetch(self, address: str, folder: str = "INBOX", password: str | None = None) -> list[EmailMessage]:
         """All messages of a folder in arrival order, parsed with email.policy.default.
 
@@ -1242,31 +1325,41 @@ class Stack:
         )
 
 
-class MilterDaemon:
-    """``postroom milter`` (or any milter command) as a child process on a unix socket, for tests and benches.
+class PostroomDaemon:
+    """A postroom daemon as a child process with its config file and log in ``workdir``, for tests and benches.
 
-    The config is written to ``workdir`` from a :class:`postroom.config.Config`; the socket is made with
-    umask 0 there because Postfix's smtpd runs as another user than the root test process.
+    The config is written to ``workdir`` from TOML text; :meth:`reconfigure` rewrites it (the new config takes
+    effect at the next :meth:`start`).  Subclasses say what "listening" means.
     """
 
-    def __init__(
-        self, workdir: Path, config_toml: str, socket_path: Path, *, command: Sequence[str] | None = None
-    ) -> None:
+    kind = "postroom"
+
+    def __init__(self, workdir: Path, config_toml: str, *, command: Sequence[str] | None = None) -> None:
         self.workdir = _mkdir(workdir)
-        self.socket_path = socket_path
         self.config_path = workdir / "postroom.toml"
         self.config_path.write_text(config_toml)
-        self.log_path = workdir / "milter.log"
-        self.command = list(command or [sys.executable, "-m", "postroom", "milter", "--config", str(self.config_path)])
+        self.log_path = workdir / f"{self.kind}.log"
+        self.command = list(command or [sys.executable, "-m", "postroom", self.kind, "--config", str(self.config_path)])
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def reconfigure(self, config_toml: str) -> None:
+        self.config_path.write_text(config_toml)
+
+    def _prepare(self) -> None:
+        """Called before the process starts."""
+
+    def _listening(self) -> bool:
+        raise NotImplementedError
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
     def start(self, timeout: float = 15.0) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        self._prepare()
         log = self.log_path.open("ab")
         try:
             self._proc = subprocess.Popen(
@@ -1275,12 +1368,12 @@ class MilterDaemon:
         finally:
             log.close()
         deadline = time.monotonic() + timeout
-        while not self.socket_path.exists():
+        while not self._listening():
             if self._proc.poll() is not None:
-                raise _error(f"milter exited with {self._proc.returncode} before listening", self.log_path)
+                raise _error(f"{self.kind} exited with {self._proc.returncode} before listening", self.log_path)
             if time.monotonic() > deadline:
                 self.stop()
-                raise _error(f"milter not listening on {self.socket_path} after {timeout:.0f}s", self.log_path)
+                raise _error(f"{self.kind} not listening on {self._where()} after {timeout:.0f}s", self.log_path)
             time.sleep(_POLL)
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
@@ -1304,45 +1397,112 @@ class MilterDaemon:
             return ""
 
 
+class MilterDaemon(PostroomDaemon):
+    """``postroom milter`` (or any milter command) as a child process on a unix socket, for tests and benches.
+
+    The config is written to ``workdir`` from a :class:`postroom.config.Config`; the socket is made with
+    umask 0 there because Postfix's smtpd runs as another user than the root test process.
+    """
+
+    kind = "milter"
+
+    def __init__(
+        self, workdir: Path, config_toml: str, socket_path: Path, *, command: Sequence[str] | None = None
+    ) -> None:
+        self.socket_path = socket_path
+        super().__init__(workdir, config_toml, command=command)
+
+    def _prepare(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def _listening(self) -> bool:
+        return self.socket_path.exists()
+
+    def _where(self) -> str:
+        return str(self.socket_path)
+
+
+class SmtpdDaemon(PostroomDaemon):
+    """``postroom smtpd``, the after-queue content filter, as a child process listening on a loopback port."""
+
+    kind = "smtpd"
+
+    def __init__(self, workdir: Path, config_toml: str, port: int, *, command: Sequence[str] | None = None) -> None:
+        self.port = port
+        super().__init__(workdir, config_toml, command=command)
+
+    def _listening(self) -> bool:
+        return self._proc is not None and self.port in _listening_ports(self._proc.pid)
+
+    def _where(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+Adapter = Literal["milter", "smtpd"]
+ADAPTERS: tuple[Adapter, ...] = ("milter", "smtpd")
+
+
 def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:
-    """``base`` pointed at the stack: its milter socket (umask 0 for Postfix), its Redis, SQLite in ``workdir``."""
-    return with_changes(
-        base,
-        {
-            "milter": {"socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0},
-            "redis": {"url": stack.redis.url},
-            "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
-        },
-    )
+    """``base`` pointed at the stack: its milter socket (umask 0 for Postfix) or its after-queue filter ports,
+    its Redis, SQLite in ``workdir``."""
+    changes: dict[str, dict[str, object]] = {
+        "milter": {"socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0},
+        "redis": {"url": stack.redis.url},
+        "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
+    }
+    if stack.filter is not None:
+        changes["smtpd"] = {
+            "listen_host": LOOPBACK,
+            "listen_port": stack.filter_port,
+            "reinject_host": LOOPBACK,
+            "reinject_port": stack.reinject_port,
+        }
+    return with_changes(base, changes)
 
 
 @dataclass
 class Deployment:
-    """A stack with the real ``postroom milter`` in front of Dovecot: what an admin would run."""
+    """A stack with the real postroom in front of Dovecot, as a milter or as an after-queue filter."""
 
     stack: Stack
-    milter: MilterDaemon
+    daemon: MilterDaemon | SmtpdDaemon
     config: Config
+    adapter: Adapter = "milter"
+
+    @property
+    def milter(self) -> MilterDaemon | SmtpdDaemon:
+        """The postroom daemon; the name is from the days when it was always the milter."""
+        return self.daemon
 
     def redis_client(self) -> redis.Redis:
         return redis.Redis.from_url(self.stack.redis.url, decode_responses=True)
 
 
 @contextlib.contextmanager
-def deploy(base: Config, customers: Sequence[str] = ()) -> Iterator[Deployment]:
-    """Start a stack whose mailboxes and logins are the config's, plus the milter; stop everything on exit."""
+def deploy(base: Config, customers: Sequence[str] = (), adapter: Adapter = "milter") -> Iterator[Deployment]:
+    """Start a stack whose mailboxes and logins are the config's, plus postroom as ``adapter``: the milter
+    (``postroom milter``) or the after-queue filter (``postroom smtpd``); stop everything on exit."""
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, not {adapter!r}")
     addresses = [box.address for box in base.mailboxes.values()]
     addresses += [agent.address for agent in base.agents.values()]
     users = [MailUser(a) for a in dict.fromkeys([*addresses, *customers])]
-    with Stack(users=users, logins=[Login(name) for name in base.agents], milter="auto") as stack:
+    logins = [Login(name) for name in base.agents]
+    milter, after_queue = ("auto", None) if adapter == "milter" else (None, "after-queue")
+    with Stack(users=users, logins=logins, milter=milter, filter=after_queue) as stack:
         workdir = stack.root / "postroom"
         config = config_for_stack(base, stack, workdir)
-        milter = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
-        milter.start()
+        daemon: MilterDaemon | SmtpdDaemon
+        if adapter == "milter":
+            daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
+        else:
+            daemon = SmtpdDaemon(workdir, to_toml(config), stack.filter_port)
+        daemon.start()
         try:
-            yield Deployment(stack, milter, config)
+            yield Deployment(stack, daemon, config, adapter)
         finally:
-            milter.stop()
+            daemon.stop()
 
 
 def _stop_forgotten_stacks() -> None:

@@ -11,41 +11,16 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
+from postroom.admin import snippets
+from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_or_exit
 from postroom.admin.rules_cli import rules_group
-from postroom.commands import CannedError, load_canned
-from postroom.config import Config, ConfigError, load_config
-from postroom.dkim import DkimError, Keyring, generate, public_txt
-from postroom.history import HistoryWriter, make_engine, migrate
-from postroom.store import RedisStore, StoreUnavailable
+from postroom.dkim import generate, public_txt
+from postroom.history import migrate
 
 log = logging.getLogger("postroom")
 
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("/etc/postroom/postroom.toml"),
-    show_default=True,
-    help="The TOML configuration file (see docs/examples/postroom.toml).",
-)
-
-
-def _load(path: Path) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"{exc.path}: {problem}", err=True)
-        raise SystemExit(2) from None
-
-
-def _store(config: Config) -> RedisStore:
-    return RedisStore.from_url(
-        config.redis.url,
-        key_prefix=config.redis.key_prefix,
-        message_index_days=config.redis.message_index_days,
-        timeout=config.redis.timeout_seconds,
-    )
+# Shared with the subcommands in postroom.admin.*; the old name stays for the commands defined here.
+_load = load_or_exit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,8 +28,8 @@ def _store(config: Config) -> RedisStore:
 def main() -> None:
     """postroom turns a shared mailbox (support@, sales@) into a team inbox at the SMTP level.
 
-    It runs beside Postfix as a milter: customer mail gets a ticket number and lands in the owning agent's
-    folder; agents answer from their own mail client.
+    It runs beside Postfix as a milter (or as an after-queue content filter): customer mail gets a ticket
+    number and lands in the owning agent's folder; agents answer from their own mail client.
     """
 
 
@@ -66,38 +41,34 @@ def milter_command(config_path: Path) -> None:
     Point Postfix at it with `smtpd_milters = unix:/run/postroom/milter.sock` and
     `milter_default_action = accept` (see `postroom postfix-snippet`).
     """
-    from postroom.milter import Runtime, run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
+    from postroom.milter import run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
 
     config = _load(config_path)
     plog.setup(config.milter.log_level)
-    if config.database.auto_migrate:
-        migrate(config.database.url)
-    history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
-    history.start()
-    store = _store(config)
-    try:
-        store.ping()
-    except StoreUnavailable as exc:
-        # Start anyway: mail keeps flowing under the failure policy until Redis is back.
-        log.warning(
-            "Redis at %s is not reachable (%s); mail will get policy %r until it is",
-            config.redis.url,
-            exc,
-            config.milter.on_error,
-        )
-    try:
-        keys = Keyring.from_config(config)
-        canned = load_canned(config)
-    except (DkimError, CannedError) as exc:
-        click.echo(f"{config_path}: {exc}", err=True)
-        raise SystemExit(2) from None
-    log.info("postroom %s milter starting with %s", __version__, config_path)
-    try:
-        run(Runtime(config, store, history, keys, canned))
-    finally:
-        history.flush(timeout=10)
-        history.close()
-        log.info("postroom milter stopped")
+    with daemon_runtime(config, config_path, "milter") as runtime:
+        run(runtime)
+
+
+@main.command("smtpd")
+@CONFIG_OPTION
+def smtpd_command(config_path: Path) -> None:
+    """Run the after-queue content filter in the foreground until SIGTERM.
+
+    The alternative to the milter, for sites that filter the amavis way: Postfix hands every queued mail to
+    postroom on [smtpd] listen_host:listen_port (content_filter = postroom:[127.0.0.1]:10025), postroom edits it
+    and hands it back to the Postfix listener on reinject_host:reinject_port, answering Postfix only once that
+    listener has the mail.  See `postroom postfix-snippet` and docs/deploy-after-queue.md.
+    """
+    from postroom.smtpd import run  # noqa: PLC0415  (only the daemon needs aiosmtpd loaded)
+
+    config = _load(config_path)
+    plog.setup(config.milter.log_level)
+    with daemon_runtime(config, config_path, "smtpd") as runtime:
+        run(runtime)
+
+
+main.add_command(snippets.postfix_snippet_command)
+main.add_command(snippets.dovecot_snippet_command)
 
 
 @main.command("demo")
