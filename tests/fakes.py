@@ -39,7 +39,9 @@ class MemoryStore:
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
         self._check()
         n = self.seq[mailbox] = self.seq.get(mailbox, 0) + 1
-        t = Ticket(mailbox, n, new.owner, new.state, new.priority, (), new.customer, new.subject, now, now, new.linked)
+        t = Ticket(
+            mailbox, n, new.owner, new.state, new.priority, new.tags, new.customer, new.subject, now, now, new.linked
+        )
         self.ticket_map[(mailbox, n)] = t
         self.participants[(mailbox, n)] = set(new.participants)
         for mid in new.message_ids:

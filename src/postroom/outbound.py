@@ -29,6 +29,7 @@ from postroom.mime import (
     strip_internal,
     ticket_headers,
 )
+from postroom.rules.state import AssignmentState, recount
 from postroom.store import KEEP, Changes, Claim, NewTicket, Ticket, TicketStore
 from postroom.verdict import (
     AddHeader,
@@ -107,6 +108,12 @@ class _Reply:
         self.from_addrs = addresses(message.header("From"))
         self.body = message.body()
         self.records: list[Record] = []
+        self.assign: AssignmentState | None = None
+
+    def changed(self, box: MailboxConfig, before: Ticket, after: Ticket) -> Ticket:
+        """Every ownership change goes through here, so least-open assignment counts stay true."""
+        recount(self.assign, box.address, before, after)
+        return after
 
     def record(self, box: MailboxConfig, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
         self.records.append(
@@ -139,12 +146,14 @@ def outbound(
     now: float,
     *,
     canned: Mapping[str, Mapping[str, str]] | None = None,
+    assign: AssignmentState | None = None,
 ) -> tuple[Verdict, list[Record]]:
     env = message.envelope
     login = config.agent_for_login(env.auth_login)
     if login is None:
         return Verdict.accept(summary=f"login {env.auth_login} is not an agent: passed through"), []
     r = _Reply(message, config, store, now, login)
+    r.assign = assign
     found = _find(config, login, store, from_addrs=r.from_addrs, info=r.info, refs=r.refs)
     if found is None and not r.external:
         # A mail to a shared address without a ticket: the address's own mailbox, if the agent works it.
@@ -185,7 +194,7 @@ def _apply_agent_commands(r: _Reply, box: MailboxConfig, plan: commands.Plan) ->
             # Open tickets go back to the team's inbox, so nothing waits for an absent agent.
             for t in r.store.tickets(b.address):
                 if t.owner == r.login and t.state != "closed":
-                    handed = r.store.update(b.address, t.number, Changes(owner=""), r.now)
+                    handed = r.changed(b, t, r.store.update(b.address, t.number, Changes(owner=""), r.now))
                     r.record(b, handed, "handed_over", detail=f"{r.login} away")
     if plan.away or plan.back:
         detail = "" if plan.away_until is None else _since(plan.away_until)
@@ -201,7 +210,7 @@ def _apply_ticket_commands(r: _Reply, box: MailboxConfig, ticket: Ticket, plan: 
         remove_tags=tuple(plan.remove_tags),
     )
     if changes:
-        ticket = r.store.update(box.address, ticket.number, changes, r.now)
+        ticket = r.changed(box, ticket, r.store.update(box.address, ticket.number, changes, r.now))
     for name, detail in plan.events:
         if name not in ("note", "away", "back"):
             r.record(box, ticket, name, detail=detail)
@@ -230,7 +239,7 @@ def _note(r: _Reply, box: MailboxConfig, ticket: Ticket | None, plan: commands.P
             claim = r.store.claim(box.address, ticket.number, r.login, r.now, force=plan.takeover)
             if not claim.won:
                 return _refused(r, box, claim), r.records
-            ticket = claim.ticket
+            ticket = r.changed(box, ticket, claim.ticket)
         _apply_agent_commands(r, box, plan)
         ticket = _apply_ticket_commands(r, box, ticket, plan)
         own_id = message_id(r.message.header("Message-ID"))
@@ -279,10 +288,12 @@ def _reply(
             ),
             now,
         )
+        if r.assign is not None:
+            r.assign.count_assigned(box.address, login)
         event = "opened_by_agent"
     else:
         claim = store.claim(box.address, found.number, login, now, force=plan.takeover)
-        ticket = claim.ticket
+        ticket = r.changed(box, found, claim.ticket)
         if not claim.won:
             if box.on_rival_reply == "reject":
                 return _refused(r, box, claim), r.records

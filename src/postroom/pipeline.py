@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from postroom import replies, subject
+from postroom.autoreply import NO_TEMPLATES, Templates, plan_auto_reply
 from postroom.config import Config, MailboxConfig
 from postroom.dkim import Keyring
 from postroom.history import Record
 from postroom.log import message_logger
+from postroom.mailer import OutgoingMail
 from postroom.mime import (
     STATUS_HEADER,
     Message,
@@ -26,7 +29,9 @@ from postroom.mime import (
     ticket_headers,
 )
 from postroom.outbound import outbound
-from postroom.store import Changes, NewTicket, StoreUnavailable, Ticket, TicketStore
+from postroom.rules import NO_RULES, AssignmentState, Decision, MessageFacts, Ruleset, evaluate
+from postroom.rules.state import recount
+from postroom.store import KEEP, Changes, NewTicket, StoreUnavailable, Ticket, TicketStore
 from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, RemoveRecipient, SetHeader, Verdict
 
 __all__ = ["STATUS_HEADER", "Message", "Outcome", "inbound", "process"]
@@ -38,6 +43,9 @@ NO_KEYS = Keyring({})
 class Outcome:
     verdict: Verdict
     records: list[Record] = field(default_factory=list)
+    # Mails we write because of this one (auto-replies); the adapter hands them to the mailer once the
+    # verdict is applied, so nothing is sent for a mail Postfix did not take.
+    outgoing: list[OutgoingMail] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,9 @@ def process(
     *,
     keys: Keyring = NO_KEYS,
     canned: Mapping[str, Mapping[str, str]] | None = None,
+    rules: Ruleset = NO_RULES,
+    templates: Templates = NO_TEMPLATES,
+    assign: AssignmentState | None = None,
 ) -> Outcome:
     """Run the pipeline; never raises.  The failure policy of DESIGN.md lives here and nowhere else."""
     log = message_logger(message.envelope.queue_id)
@@ -62,9 +73,9 @@ def process(
     is_outbound = bool(message.envelope.auth_login)
     try:
         if is_outbound:
-            verdict, records = outbound(message, config, store, keys, now, canned=canned)
+            verdict, records = outbound(message, config, store, keys, now, canned=canned, assign=assign)
             return Outcome(verdict, records)
-        return inbound(message, config, store, now)
+        return inbound(message, config, store, now, Extras(rules=rules, templates=templates, keys=keys, assign=assign))
     except StoreUnavailable as exc:
         log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
         return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
@@ -125,7 +136,22 @@ def _decide(
     return None, 0, "new"
 
 
-def inbound(message: Message, config: Config, store: TicketStore, now: float) -> Outcome:
+@dataclass(frozen=True)
+class Extras:
+    """What inbound mail needs besides config and store when rules or auto-replies are configured."""
+
+    rules: Ruleset = NO_RULES
+    templates: Templates = NO_TEMPLATES
+    keys: Keyring = NO_KEYS
+    assign: AssignmentState | None = None
+
+    def state(self) -> AssignmentState:
+        if self.assign is None:
+            raise ValueError("rules and auto-replies need an assignment state (Redis); none was given")
+        return self.assign
+
+
+def inbound(message: Message, config: Config, store: TicketStore, now: float, extras: Extras = Extras()) -> Outcome:
     log = message_logger(message.envelope.queue_id)
     routed = _route(message.envelope, config)
     edits: list[Edit] = strip_internal(message.headers)
@@ -147,8 +173,21 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
     headers: list[Edit] = []
     recipient_edits: list[Edit] = []
     summaries: list[str] = []
+    outgoing: list[OutgoingMail] = []
+    when = datetime.fromtimestamp(now, UTC)
     for r in routed:
         ticket, linked, why = _decide(store, r, info, refs, senders)
+        decision = Decision()
+        if extras.rules.rules:
+            facts = MessageFacts.from_message(message, r.key, r.box.address)
+            decision = evaluate(extras.rules, facts, when, extras.state(), new_ticket=ticket is None)
+            if decision.matched_rule_names:
+                log.info(
+                    "rules for %s: %s %s",
+                    r.box.address,
+                    ", ".join(decision.matched_rule_names),
+                    "; ".join(decision.notes),
+                )
         if ticket is None:
             # A stranger's or a forwarded ticket's token is not this ticket's name.
             base_subject = subject.strip_token(text_subject, r.box.tag)
@@ -160,17 +199,26 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
                     participants=tuple(senders),
                     message_ids=(own_id,) if own_id else (),
                     linked=linked,
+                    owner=decision.owner,
+                    priority=decision.priority or "normal",
+                    tags=decision.tags,
                 ),
                 now,
             )
             event = "linked" if linked else "opened"
+            outgoing += _auto_reply(message, config, store, extras, r=r, ticket=ticket, decision=decision, when=when)
         else:
             ticket = store.touch(r.box.address, ticket.number, [own_id] if own_id else [], senders, now)
             event = "followup"
-            if ticket.state in ("closed", "pending"):
+            reopen = ticket.state in ("closed", "pending")
+            new_tags = tuple(t for t in decision.tags if t not in ticket.tags)
+            if reopen or new_tags:
                 # The customer answered: a closed ticket is live again, a pending one no longer waits for them.
                 event = "reopened" if ticket.state == "closed" else event
-                ticket = store.update(r.box.address, ticket.number, Changes(state="open"), now)
+                changes = Changes(state="open" if reopen else KEEP, add_tags=new_tags)
+                before = ticket
+                ticket = store.update(r.box.address, ticket.number, changes, now)
+                recount(extras.assign, r.box.address, before, ticket)
         mark = f"{r.box.tag} #{ticket.number}"
         log.info(
             "mailbox %s ticket #%d %s (%s) owner=%s",
@@ -183,9 +231,9 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
         summaries.append(f"{mark} {event}")
         new_subject = subject.with_token(new_subject, r.box.tag, ticket.number)
         headers += ticket_headers(ticket, mark)
-        folder = r.box.inbox_folder
+        # The owner's folder; while the owner is away, the rule's folder or the team's inbox.
+        folder = decision.folder or r.box.inbox_folder
         if ticket.owner in config.agents and not store.away(r.box.address, [ticket.owner]):
-            # An absent agent's customers are answered by the team: their mail waits in the inbox.
             folder = config.agent_folder(ticket.owner)
         recipient_edits += _reroute(r.rcpts, config.recipient_delimiter, folder)
         records.append(
@@ -212,7 +260,45 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float) ->
     edits.append(SetHeader("Subject", encode_header_value(new_subject)))
     edits += headers
     edits += recipient_edits
-    return Outcome(Verdict.accept(*edits, summary="; ".join(summaries)), records)
+    return Outcome(Verdict.accept(*edits, summary="; ".join(summaries)), records, outgoing)
+
+
+def _auto_reply(
+    message: Message,
+    config: Config,
+    store: TicketStore,
+    extras: Extras,
+    *,
+    r: _Routed,
+    ticket: Ticket,
+    decision: Decision,
+    when: datetime,
+) -> list[OutgoingMail]:
+    """The acknowledgement of a new ticket, if the config, the rules and RFC 3834 allow one."""
+    if not (config.autoreply.acknowledge or decision.auto_reply_template):
+        return []
+    plan = plan_auto_reply(
+        config,
+        extras.templates,
+        extras.keys,
+        extras.state(),
+        mailbox=r.key,
+        ticket=ticket.number,
+        new_ticket=True,
+        rule_template=decision.auto_reply_template,
+        headers=message.headers,
+        envelope_sender=message.envelope.mail_from,
+        queue_id=message.envelope.queue_id,
+        now=when,
+    )
+    log = message_logger(message.envelope.queue_id)
+    if plan.mail is None:
+        log.info("%s #%d: %s", r.box.address, ticket.number, plan.reason)
+        return []
+    # The customer's answer to the acknowledgement must thread into this ticket.
+    store.touch(r.box.address, ticket.number, [plan.message_id], [], when.timestamp())
+    log.info("%s #%d: %s", r.box.address, ticket.number, plan.mail.what)
+    return [plan.mail]
 
 
 def _reroute(rcpts: Sequence[str], delimiter: str, folder: str) -> list[Edit]:

@@ -15,6 +15,8 @@ from typing import Protocol, cast
 import redis
 import redis.exceptions
 
+from postroom.keyspace import away_key, key_base
+
 
 class StoreUnavailable(RuntimeError):
     """Redis did not answer; the caller applies the failure policy."""
@@ -75,6 +77,7 @@ class NewTicket:
     state: str = "new"
     priority: str = "normal"
     linked: int = 0
+    tags: tuple[str, ...] = ()
 
 
 class TicketStore(Protocol):
@@ -241,7 +244,7 @@ class RedisStore:
     # -- keys: one hash tag per mailbox --
 
     def base(self, mailbox: str) -> str:
-        return f"{self._prefix}:{{{mailbox}}}:"
+        return key_base(self._prefix, mailbox)
 
     def ticket_key(self, mailbox: str, number: int) -> str:
         return f"{self.base(mailbox)}t:{number}"
@@ -303,12 +306,13 @@ class RedisStore:
             "owner": new.owner,
             "state": new.state,
             "priority": new.priority,
-            "tags": "",
+            "tags": ",".join(new.tags),
             "customer": new.customer,
             "subject": new.subject,
             "created": repr(now),
             "updated": repr(now),
             "linked": str(new.linked),
+            "owned_since": repr(now) if new.owner else "",
         }
         args: list[str | int] = [self.base(mailbox), self._ttl, len(fields)]
         for k, v in fields.items():
@@ -380,7 +384,8 @@ class RedisStore:
         return Ticket.from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def away_key(self, mailbox: str, login: str) -> str:
-        return f"{self.base(mailbox)}away:{login}"
+        # One name for the flag, shared with the rules' assignment (which skips absent agents).
+        return away_key(self._prefix, mailbox, login)
 
     def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None:
         """Mark an agent absent for a mailbox, until a time (the key expires then) or until #back."""

@@ -2,8 +2,8 @@
 tickets, and how many auto-replies a correspondent got today.
 
 Every key carries the mailbox's hash tag (``postroom:{support@example.test}:...``) like the ticket store's, so one
-mailbox stays in one Redis Cluster slot and each script below is atomic there.  The key names live here and only
-here: the #away command (issue 4) and ``postroom admin rebuild`` use these functions too.
+mailbox stays in one Redis Cluster slot and each script below is atomic there.  The key names live in
+:mod:`postroom.keyspace`, shared with the ticket store and the #away command.
 
 :class:`AssignmentState` is what :func:`postroom.rules.evaluate` is handed; :class:`RedisAssignmentState` in
 production, :class:`MemoryAssignmentState` in unit tests and in the ``postroom rules test`` dry run.
@@ -17,34 +17,22 @@ from typing import Protocol
 import redis
 import redis.exceptions
 
-from postroom.store import StoreUnavailable
+from postroom.keyspace import away_key, key_base, open_counts_key, reply_cap_key, round_robin_key
+from postroom.store import StoreUnavailable, Ticket
+
+__all__ = [
+    "AssignmentState",
+    "MemoryAssignmentState",
+    "RedisAssignmentState",
+    "away_key",
+    "key_base",
+    "open_counts_key",
+    "recount",
+    "reply_cap_key",
+    "round_robin_key",
+]
 
 CAP_WINDOW_SECONDS = 86400
-
-
-def key_base(prefix: str, mailbox: str) -> str:
-    """``postroom:{support@example.test}:``, the same base the ticket store's keys have."""
-    return f"{prefix}:{{{mailbox}}}:"
-
-
-def away_key(prefix: str, mailbox: str, login: str) -> str:
-    """Exists while ``login`` is absent from ``mailbox`` (set by #away, with an expiry or until #back)."""
-    return f"{key_base(prefix, mailbox)}away:{login}"
-
-
-def round_robin_key(prefix: str, mailbox: str, group: str) -> str:
-    """The login that got the group's last ticket."""
-    return f"{key_base(prefix, mailbox)}rr:{group}"
-
-
-def open_counts_key(prefix: str, mailbox: str) -> str:
-    """A hash login -> number of open tickets the rules have counted for the agent."""
-    return f"{key_base(prefix, mailbox)}open"
-
-
-def reply_cap_key(prefix: str, mailbox: str, correspondent: str) -> str:
-    """Auto-replies sent to one correspondent from one mailbox within the current 24-hour window."""
-    return f"{key_base(prefix, mailbox)}ar:{correspondent.lower()}"
 
 
 class AssignmentState(Protocol):
@@ -65,6 +53,8 @@ class AssignmentState(Protocol):
     def count_released(self, mailbox: str, agent: str) -> None: ...
 
     def open_counts(self, mailbox: str, agents: Sequence[str]) -> dict[str, int]: ...
+
+    def allow(self, mailbox: str, correspondent: str, limit: int) -> bool: ...
 
 
 # The agent after the one who had the last turn, skipping absent agents; a newly absent agent never costs anyone
@@ -256,3 +246,17 @@ class MemoryAssignmentState:
         key = (mailbox, correspondent.lower())
         self.replies[key] = self.replies.get(key, 0) + 1
         return self.replies[key] <= limit
+
+
+def recount(assign: AssignmentState | None, mailbox: str, before: Ticket, after: Ticket) -> None:
+    """Keep the open-ticket counts that least-open assignment reads in step with an ownership change."""
+    if assign is None:
+        return
+    was = before.owner if before.owner and before.state != "closed" else ""
+    now = after.owner if after.owner and after.state != "closed" else ""
+    if was == now:
+        return
+    if was:
+        assign.count_released(mailbox, was)
+    if now:
+        assign.count_assigned(mailbox, now)

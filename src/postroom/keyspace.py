@@ -1,0 +1,32 @@
+"""Every Redis key name postroom uses, in one place.
+
+Each key carries the mailbox's hash tag (``postroom:{support@example.test}:...``), so one mailbox lives in one
+Redis Cluster slot and the scripts that touch several of its keys stay atomic there.
+"""
+
+from __future__ import annotations
+
+
+def key_base(prefix: str, mailbox: str) -> str:
+    """``postroom:{support@example.test}:``, the same base the ticket store's keys have."""
+    return f"{prefix}:{{{mailbox}}}:"
+
+
+def away_key(prefix: str, mailbox: str, login: str) -> str:
+    """Exists while ``login`` is absent from ``mailbox`` (set by #away, with an expiry or until #back)."""
+    return f"{key_base(prefix, mailbox)}away:{login}"
+
+
+def round_robin_key(prefix: str, mailbox: str, group: str) -> str:
+    """The login that got the group's last ticket."""
+    return f"{key_base(prefix, mailbox)}rr:{group}"
+
+
+def open_counts_key(prefix: str, mailbox: str) -> str:
+    """A hash login -> number of open tickets the rules have counted for the agent."""
+    return f"{key_base(prefix, mailbox)}open"
+
+
+def reply_cap_key(prefix: str, mailbox: str, correspondent: str) -> str:
+    """Auto-replies sent to one correspondent from one mailbox within the current 24-hour window."""
+    return f"{key_base(prefix, mailbox)}ar:{correspondent.lower()}"
