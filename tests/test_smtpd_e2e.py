@@ -96,3 +96,20 @@ def test_only_postfixs_own_received_line_names_an_agent_and_no_login_reaches_a_c
     assert out["From"] == "Meier via Support <support@example.test>"
     for raw in (*d.stack.find_raw(ALICE, mid(forged)), *d.stack.find_raw(ALICE, mid(reply))):
         assert b"Authenticated sender" not in raw
+
+
+def test_while_postroom_is_down_mail_waits_in_postfixs_queue_and_nothing_passes_unprocessed(
+    smtpd_deployment: Deployment,
+) -> None:
+    d = smtpd_deployment
+    d.daemon.stop()
+    msg = customer_mail(ALICE, "Anyone there?")
+    d.stack.send(msg, mail_from=ALICE, rcpts=[SUPPORT])
+    qid = queue_id(d, str(msg["Message-ID"]))
+    wait_for_log(d, rf"{qid}: .*status=deferred \(connect to 127\.0\.0\.1\[127\.0\.0\.1\]:\d+: Connection refused")
+    assert not d.stack.find_raw(SUPPORT, mid(msg))
+    d.daemon.start()
+    d.stack.postfix.flush()
+    d.stack.wait_for(SUPPORT, "INBOX", 1)
+    [got] = [m for m in d.stack.fetch(SUPPORT) if m["Message-ID"] == msg["Message-ID"]]
+    assert got["Subject"] == f"[Support #{ticket_number(got)}] Anyone there?"

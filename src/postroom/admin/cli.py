@@ -11,7 +11,7 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
-from postroom.admin import snippets
+from postroom.admin import snippets, tickets
 from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_or_exit
 from postroom.admin.rules_cli import rules_group
 from postroom.dkim import generate, public_txt
@@ -69,6 +69,7 @@ def smtpd_command(config_path: Path) -> None:
 
 main.add_command(snippets.postfix_snippet_command)
 main.add_command(snippets.dovecot_snippet_command)
+main.add_command(tickets.tickets_group)
 
 
 @main.command("demo")

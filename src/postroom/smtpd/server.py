@@ -219,6 +219,7 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
             client_addr=who.client_addr,
         )
         message = Message(envelope, raw.headers, body=lambda: raw.body)
+        # The same call as the milter's (milter/adapter.py): both adapters must hand the pipeline the same parts.
         outcome = process(message, config, rt.store, time.time(), keys=rt.keys, canned=rt.canned)
         verdict = outcome.verdict
         # Redis has already changed: the history records it whether or not the mail makes it back.
