@@ -7,12 +7,16 @@ the pipeline with the same parts and a mail in flight keeps the parts it started
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from postroom.autoreply import NO_TEMPLATES, Templates
 from postroom.config import Config
 from postroom.dkim import Keyring
 from postroom.history import HistoryWriter
-from postroom.pipeline import NO_KEYS
+from postroom.mailer import Mailer
+from postroom.mime import Message
+from postroom.pipeline import NO_KEYS, Outcome, process
+from postroom.rules import NO_RULES, AssignmentState, Loaded, Ruleset
 from postroom.store import TicketStore
 
 
@@ -25,3 +29,47 @@ class Runtime:
     history: HistoryWriter | None
     keys: Keyring = NO_KEYS
     canned: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # mailbox -> name -> text
+    rules: Ruleset = NO_RULES
+    templates: Templates = NO_TEMPLATES
+    assign: AssignmentState | None = None  # round-robin turns, open counts, auto-reply cap (Redis)
+    mailer: Mailer | None = None  # sends auto-replies through the local Postfix
+
+    def process(self, message: Message, now: float) -> Outcome:
+        """The pipeline with every part of this runtime: the one call both adapters make."""
+        return process(
+            message,
+            self.config,
+            self.store,
+            now,
+            keys=self.keys,
+            canned=self.canned,
+            rules=self.rules,
+            templates=self.templates,
+            assign=self.assign,
+        )
+
+    def record(self, outcome: Outcome) -> None:
+        """History first: Redis has changed whether or not Postfix takes every edit."""
+        if self.history is not None and outcome.records:
+            self.history.submit(outcome.records)
+
+    def send(self, outcome: Outcome) -> None:
+        """Hand the mails this one caused (auto-replies) to the mailer, once the mail itself was taken."""
+        if self.mailer is not None:
+            for mail in outcome.outgoing:
+                self.mailer.submit(mail)
+
+    def reloaded(self, loaded: Loaded) -> Runtime:
+        """A runtime with a new config, rules, templates, keys and canned replies, and the same connections.
+
+        Redis, the SQL database and the mailer stay as they were started: changing their addresses needs a
+        restart, which the caller logs.
+        """
+        return replace(
+            self,
+            config=loaded.config,
+            rules=loaded.rules,
+            templates=loaded.templates,
+            keys=loaded.keys,
+            canned=loaded.canned,
+        )

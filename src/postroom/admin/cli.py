@@ -12,7 +12,7 @@ import click
 from postroom import __version__
 from postroom import log as plog
 from postroom.admin import snippets, tickets
-from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_or_exit
+from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_or_exit, reload_runtime
 from postroom.admin.rules_cli import rules_group
 from postroom.dkim import generate, public_txt
 from postroom.history import migrate
@@ -46,7 +46,7 @@ def milter_command(config_path: Path) -> None:
     config = _load(config_path)
     plog.setup(config.milter.log_level)
     with daemon_runtime(config, config_path, "milter") as runtime:
-        run(runtime)
+        run(runtime, reload=lambda current: reload_runtime(current, config_path))
 
 
 @main.command("smtpd")

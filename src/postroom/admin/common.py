@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from postroom import __version__
-from postroom.commands import CannedError, load_canned
 from postroom.config import Config, ConfigError, load_config
-from postroom.dkim import DkimError, Keyring
 from postroom.history import HistoryWriter, make_engine, migrate
+from postroom.mailer import Mailer
+from postroom.rules import LoadError, RedisAssignmentState, load_all, reload
 from postroom.runtime import Runtime
 from postroom.store import RedisStore, StoreUnavailable
 
@@ -60,14 +60,14 @@ def redis_store(config: Config) -> RedisStore:
 def daemon_runtime(config: Config, config_path: Path, daemon: str) -> Iterator[Runtime]:
     """Everything the milter and the after-queue filter run the pipeline with, built the same way for both.
 
-    The history writer is flushed and stopped when the daemon returns, so mail handled just before a stop is
-    still recorded.
+    The history writer is flushed and the mailer drained when the daemon returns, so mail handled just before a
+    stop is still recorded and its auto-replies still sent.
     """
     try:
-        keys = Keyring.from_config(config)
-        canned = load_canned(config)
-    except (DkimError, CannedError) as exc:
-        raise fail(f"{config_path}: {exc}") from None
+        loaded = load_all(config_path)
+    except LoadError as exc:
+        raise fail(str(exc)) from None
+    config = loaded.config
     if config.database.auto_migrate:
         migrate(config.database.url)
     history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
@@ -83,10 +83,48 @@ def daemon_runtime(config: Config, config_path: Path, daemon: str) -> Iterator[R
             exc,
             config.milter.on_error,
         )
+    assign = RedisAssignmentState.from_url(
+        config.redis.url, key_prefix=config.redis.key_prefix, timeout=config.redis.timeout_seconds
+    )
+    mailer = Mailer.from_config(config)
+    mailer.start()
     log.info("postroom %s %s starting with %s", __version__, daemon, config_path)
+    runtime = Runtime(
+        config,
+        store,
+        history,
+        loaded.keys,
+        loaded.canned,
+        rules=loaded.rules,
+        templates=loaded.templates,
+        assign=assign,
+        mailer=mailer,
+    )
     try:
-        yield Runtime(config, store, history, keys, canned)
+        yield runtime
     finally:
+        mailer.stop(timeout=10)
         history.flush(timeout=10)
         history.close()
         log.info("postroom %s stopped", daemon)
+
+
+def reload_runtime(current: Runtime, config_path: Path) -> Runtime | None:
+    """SIGHUP: the running parts with the config, rules and templates read again; None keeps the old ones.
+
+    A broken file is logged with every problem and changes nothing, so a typo never stops mail.
+    """
+    loaded = reload(config_path)
+    if isinstance(loaded, LoadError):
+        return None
+    new, old = loaded.config, current.config
+    for what, before, after in (
+        ("redis.url", old.redis.url, new.redis.url),
+        ("database.url", old.database.url, new.database.url),
+        ("milter.socket", old.milter.socket, new.milter.socket),
+        ("smtpd", old.smtpd, new.smtpd),
+        ("mailer", old.mailer, new.mailer),
+    ):
+        if before != after:
+            log.warning("%s changed in %s: it takes effect at the next restart, not on reload", what, config_path)
+    return current.reloaded(loaded)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import Milter
+import milter
 
 from postroom import log as plog
 from postroom.config import Config
-from postroom.pipeline import STATUS_HEADER, Message, process
+from postroom.pipeline import STATUS_HEADER, Message
 from postroom.runtime import Runtime  # shared with the after-queue filter
 from postroom.verdict import (
     Action,
@@ -118,10 +121,8 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         )
         chunks = self.chunks
         message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
-        outcome = process(message, rt.config, rt.store, time.time(), keys=rt.keys, canned=rt.canned)
-        # Redis has already changed: the history records it whether or not Postfix takes every edit.
-        if rt.history is not None and outcome.records:
-            rt.history.submit(outcome.records)
+        outcome = rt.process(message, time.time())
+        rt.record(outcome)
         try:
             rc = self._apply(outcome.verdict)
         except Exception:
@@ -130,6 +131,8 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             return self._apply_failed(rt.config)
         if outcome.verdict.summary:
             log.info("%s: %s", outcome.verdict.action.value, outcome.verdict.summary)
+        if rc == Milter.ACCEPT:
+            rt.send(outcome)
         return rc
 
     def _apply_failed(self, config: Config) -> int:
@@ -197,15 +200,59 @@ def make_factory(runtime: Runtime) -> tuple[type[PostroomMilter], _Holder]:
     return cls, holder
 
 
-def run(runtime: Runtime, name: str = "postroom") -> None:
-    """Serve until libmilter is told to stop (SIGTERM/SIGINT); blocks."""
+def run(
+    runtime: Runtime,
+    reload: Callable[[Runtime], Runtime | None] | None = None,
+    name: str = "postroom",
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP calls ``reload`` and swaps in what it returns.  Blocks.
+
+    libmilter treats SIGHUP like SIGTERM (its signal thread stops the milter), so libmilter runs in a thread of
+    its own: it blocks HUP, TERM and INT there and in the threads it starts, while this (main) thread keeps them
+    and handles them in Python.  Linux delivers a signal sent to the process to the main thread when the main
+    thread does not block it, so libmilter's signal thread never sees them.
+    """
     config = runtime.config
-    factory, _holder = make_factory(runtime)
+    factory, holder = make_factory(runtime)
     Milter.factory = factory
     Milter.set_flags(ACTION_FLAGS)
-    old = os.umask(config.milter.socket_umask)
+    failure: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            Milter.runmilter(name, config.milter.socket, config.milter.timeout_seconds)
+        except (milter.error, OSError) as exc:  # e.g. the socket cannot be opened: re-raised below
+            failure.append(exc)
+
+    def on_hup(signum: int, frame: object) -> None:
+        if reload is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        new = reload(holder.get())
+        if new is not None:
+            # Connections keep the runtime they started with; new ones get this one.
+            holder.set(new)
+            log.info("SIGHUP: reloaded; new connections use the new config and rules")
+
+    def on_stop(signum: int, frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        milter.stop()
+
+    old_umask = os.umask(config.milter.socket_umask)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    thread = threading.Thread(target=serve, name="libmilter")
     try:
         log.info("listening on %s", config.milter.socket)
-        Milter.runmilter(name, config.milter.socket, config.milter.timeout_seconds)
+        thread.start()
+        while thread.is_alive():
+            # A timed join returns now and then, so Python runs the signal handlers in this thread.
+            thread.join(0.5)
     finally:
-        os.umask(old)
+        os.umask(old_umask)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postroom.autoreply import NO_TEMPLATES, TemplateError, Templates, load_templates
+from postroom.commands import CannedError, load_canned
 from postroom.config import Config, ConfigError, load_config
 from postroom.dkim import DkimError, Keyring
 from postroom.rules.engine import NO_RULES, Ruleset
@@ -34,6 +35,7 @@ class Loaded:
     rules: Ruleset
     templates: Templates
     keys: Keyring
+    canned: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 class LoadError(RuntimeError):
@@ -69,9 +71,14 @@ def load_all(config_path: str | os.PathLike[str], environ: Mapping[str, str] | N
     except DkimError as exc:
         problems.append(f"{name}: {exc}")
         keys = Keyring({})
+    try:
+        canned = load_canned(config)
+    except CannedError as exc:
+        problems.append(f"{name}: {exc}")
+        canned = {}
     if problems:
         raise LoadError(name, problems)
-    return Loaded(config, rules, templates, keys)
+    return Loaded(config, rules, templates, keys, canned)
 
 
 def reload(config_path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Loaded | LoadError:
