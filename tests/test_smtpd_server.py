@@ -265,3 +265,11 @@ def test_lines_longer_than_smtps_limit_are_taken_not_bounced(postroom_filter: Fi
     assert len(long_refs) > 1000
     assert f.send(customer_mail(extra=b"X-Long: " + long_refs + b"\r\n")) == (250, "")
     assert long_refs in (f.postfix.mails[0].original_content or b"")
+
+
+def test_null_sender_mail_goes_through_with_its_null_sender(postroom_filter: Filter) -> None:
+    # Bounces and auto-replies to support@ come from <>; re-injected from anyone else they could loop.
+    f = postroom_filter
+    assert f.send(customer_mail("Undelivered Mail Returned to Sender"), mail_from="") == (250, "")
+    [mail] = f.postfix.mails
+    assert mail.mail_from == "<>"
