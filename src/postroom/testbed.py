@@ -1450,6 +1450,8 @@ def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:
         "milter": {"socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0},
         "redis": {"url": stack.redis.url},
         "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
+        # Auto-replies go out through this stack's Postfix, as they go through the local one in production.
+        "mailer": {"host": LOOPBACK, "port": stack.postfix.smtp_port},
     }
     if stack.filter is not None:
         changes["smtpd"] = {

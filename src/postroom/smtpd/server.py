@@ -29,7 +29,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from postroom import __version__, replies
 from postroom import log as plog
 from postroom.config import SmtpdConfig
-from postroom.pipeline import Message, process
+from postroom.pipeline import Message
 from postroom.replies import Reply
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, Submitter, parse, submitter, without_login_claims
@@ -219,12 +219,10 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
             client_addr=who.client_addr,
         )
         message = Message(envelope, raw.headers, body=lambda: raw.body)
-        # The same call as the milter's (milter/adapter.py): both adapters must hand the pipeline the same parts.
-        outcome = process(message, config, rt.store, time.time(), keys=rt.keys, canned=rt.canned)
+        # The same calls as the milter's (milter/adapter.py): both adapters run the pipeline with the same parts.
+        outcome = rt.process(message, time.time())
         verdict = outcome.verdict
-        # Redis has already changed: the history records it whether or not the mail makes it back.
-        if rt.history is not None and outcome.records:
-            rt.history.submit(outcome.records)
+        rt.record(outcome)
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             log.info("%s: %s", verdict.action.value, verdict.summary)
             fallback = replies.S550_BAD_MESSAGE if verdict.action is Action.REJECT else replies.S451_TEMPORARY_FAILURE
@@ -245,6 +243,7 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
             log.error("Postfix did not take the mail back (%s); it stays queued", exc)
             return smtp_reply(replies.S451_REINJECTION_FAILED.format(reason=str(exc)))
         log.info("%s: %s; handed back to Postfix as %s", verdict.action.value, verdict.summary, new_qid or "?")
+        rt.send(outcome)
         return smtp_reply(replies.S250_HANDED_BACK.format(queue_id=new_qid or "?"))
     finally:
         _close(smtp)
