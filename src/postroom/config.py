@@ -116,6 +116,7 @@ class MailboxConfig(_Section):
     reply_to: str = ""
     copy_replies: bool = True
     canned_dir: str = ""
+    away_handover: Literal["inbox", "round-robin", "least-open"] = "inbox"
 
     @field_validator("from_format")
     @classmethod

@@ -191,14 +191,29 @@ def _apply_agent_commands(r: _Reply, box: MailboxConfig, plan: commands.Plan) ->
             r.store.clear_away(b.address, r.login)
         if plan.away:
             r.store.set_away(b.address, r.login, plan.away_until, r.now)
-            # Open tickets go back to the team's inbox, so nothing waits for an absent agent.
+            # Nothing may wait for an absent agent: open tickets go to the team's inbox or to present agents.
             for t in r.store.tickets(b.address):
                 if t.owner == r.login and t.state != "closed":
-                    handed = r.changed(b, t, r.store.update(b.address, t.number, Changes(owner=""), r.now))
-                    r.record(b, handed, "handed_over", detail=f"{r.login} away")
+                    handed = _hand_over(r, b, t)
+                    r.record(b, handed, "handed_over", detail=f"{r.login} away, now {handed.owner or 'inbox'}")
     if plan.away or plan.back:
         detail = "" if plan.away_until is None else _since(plan.away_until)
         message_logger(r.qid).info("%s is %s %s", r.login, "away" if plan.away else "back", detail)
+
+
+def _hand_over(r: _Reply, box: MailboxConfig, ticket: Ticket) -> Ticket:
+    others = [a for a in box.agents if a != r.login]
+    new_owner = ""
+    if r.assign is not None and others:
+        # The picks skip absent agents and count the ticket for the one they choose.
+        if box.away_handover == "round-robin":
+            new_owner = r.assign.pick_round_robin(box.address, box.address, others)
+        elif box.away_handover == "least-open":
+            new_owner = r.assign.pick_least_open(box.address, others)
+    updated = r.store.update(box.address, ticket.number, Changes(owner=new_owner), r.now)
+    if r.assign is not None:
+        r.assign.count_released(box.address, r.login)
+    return updated
 
 
 def _apply_ticket_commands(r: _Reply, box: MailboxConfig, ticket: Ticket, plan: commands.Plan) -> Ticket:
