@@ -5,7 +5,9 @@ share is tested for both in test_inbound_e2e.py, test_outbound_e2e.py and test_b
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import time
 from collections.abc import Iterator
@@ -113,3 +115,32 @@ def test_while_postroom_is_down_mail_waits_in_postfixs_queue_and_nothing_passes_
     d.stack.wait_for(SUPPORT, "INBOX", 1)
     [got] = [m for m in d.stack.fetch(SUPPORT) if m["Message-ID"] == msg["Message-ID"]]
     assert got["Subject"] == f"[Support #{ticket_number(got)}] Anyone there?"
+
+
+def wait_for_daemon_log(d: Deployment, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in d.daemon.log_text():
+        assert time.monotonic() < deadline, f"{text!r} not in the smtpd log:\n{d.daemon.log_text()}"
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_the_config_and_a_broken_file_keeps_the_running_one(smtpd_deployment: Deployment) -> None:
+    d = smtpd_deployment
+    assert d.daemon.pid is not None
+    box = d.config.mailboxes["support"].model_dump()
+    d.daemon.reconfigure(to_toml(with_changes(d.config, {"mailboxes": {"support": {**box, "tag": "Help"}}})))
+    os.kill(d.daemon.pid, signal.SIGHUP)
+    wait_for_daemon_log(d, "SIGHUP: reloaded")
+    first = customer_mail(ALICE, "After the reload")
+    d.stack.send(first, mail_from=ALICE, rcpts=[SUPPORT])
+    assert [str(m["Subject"]) for m in d.stack.wait_for(SUPPORT, "INBOX", 1)] == ["[Help #1] After the reload"]
+
+    d.daemon.reconfigure(d.daemon.config_path.read_text() + "\n[smtpd]\nlisten_prot = 1\n")
+    os.kill(d.daemon.pid, signal.SIGHUP)
+    wait_for_daemon_log(d, "keeping the running config and rules")
+    d.stack.send(customer_mail(ALICE, "Still fine"), mail_from=ALICE, rcpts=[SUPPORT])
+    assert [str(m["Subject"]) for m in d.stack.wait_for(SUPPORT, "INBOX", 2)][1] == "[Help #2] Still fine"
+    assert d.daemon.is_running()
+    d.daemon.stop()
+    log = d.daemon.log_text()
+    assert "SIGTERM: stopping" in log and "postroom smtpd stopped" in log and "Traceback" not in log

@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from postroom.config import Config, example_config_path, load_config, with_changes
 from postroom.dkim import Keyring
 from postroom.runtime import Runtime
-from postroom.smtpd import serve
+from postroom.smtpd import FilterHandler, serve
 from postroom.store import NewTicket
 from postroom.testbed import free_port
 from tests.fakes import MemoryStore
@@ -144,7 +144,7 @@ def postroom_filter() -> Iterator[Filter]:
 
     async def main() -> None:
         ready.set()
-        await serve(runtime, stop)
+        await serve(FilterHandler(runtime), stop)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()

@@ -52,7 +52,7 @@ def milter_command(config_path: Path) -> None:
 @main.command("smtpd")
 @CONFIG_OPTION
 def smtpd_command(config_path: Path) -> None:
-    """Run the after-queue content filter in the foreground until SIGTERM.
+    """Run the after-queue content filter in the foreground until SIGTERM; SIGHUP reloads config and rules.
 
     The alternative to the milter, for sites that filter the amavis way: Postfix hands every queued mail to
     postroom on [smtpd] listen_host:listen_port (content_filter = postroom:[127.0.0.1]:10025), postroom edits it
@@ -64,7 +64,7 @@ def smtpd_command(config_path: Path) -> None:
     config = _load(config_path)
     plog.setup(config.milter.log_level)
     with daemon_runtime(config, config_path, "smtpd") as runtime:
-        run(runtime)
+        run(runtime, reload=lambda current: reload_runtime(current, config_path))
 
 
 main.add_command(snippets.postfix_snippet_command)

@@ -1,5 +1,5 @@
 """The aiosmtpd adapter: an after-queue content filter between two Postfix listeners (the amavis pattern)."""
 
-from postroom.smtpd.server import run, serve
+from postroom.smtpd.server import FilterHandler, run, serve
 
-__all__ = ["run", "serve"]
+__all__ = ["FilterHandler", "run", "serve"]

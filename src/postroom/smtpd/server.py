@@ -21,6 +21,7 @@ import signal
 import smtplib
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,11 +270,13 @@ class FilterSMTP(SMTP):
         await self.push("250 2.0.0 Ok")
 
 
-async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Listen until ``stop`` is set, then let the mails in flight finish (Postfix retries what we drop)."""
-    config = runtime.config.smtpd
+async def serve(handler: FilterHandler, stop: asyncio.Event) -> None:
+    """Listen until ``stop`` is set, then let the mails in flight finish (Postfix retries what we drop).
+
+    Where to listen is read once, at start; everything else comes from ``handler.runtime`` for each mail.
+    """
+    config = handler.runtime.config.smtpd
     loop = asyncio.get_running_loop()
-    handler = FilterHandler(runtime)
     hostname = socket.gethostname()
 
     def factory() -> FilterSMTP:
@@ -306,16 +309,44 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.05)
 
 
-def run(runtime: Runtime) -> None:
-    """Serve until SIGTERM or SIGINT; blocks."""
+Reload = Callable[[Runtime], Runtime | None]
+
+
+async def _reload(handler: FilterHandler, reload: Reload | None) -> None:
+    if reload is None:
+        log.info("SIGHUP: nothing to reload")
+        return
+    # Reading the files blocks; mail keeps flowing meanwhile, with the runtime it has.
+    new = await asyncio.to_thread(reload, handler.runtime)
+    if new is not None:
+        # A mail in flight keeps the runtime it started with; the next one gets this one.
+        handler.runtime = new
+        log.info("SIGHUP: reloaded; mail from now on uses the new config and rules")
+
+
+def run(runtime: Runtime, reload: Reload | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP calls ``reload`` and swaps in what it returns.  Blocks."""
     # aiosmtpd logs every connection at INFO; postroom's own lines (with the queue id) are the ones to read.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     async def main() -> None:
+        handler = FilterHandler(runtime)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_stop(signum: signal.Signals) -> None:
+            log.info("%s: stopping", signum.name)
+            stop.set()
+
+        def on_hup() -> None:
+            task = loop.create_task(_reload(handler, reload))
+            reloads.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(reloads.discard)
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(runtime, stop)
+            loop.add_signal_handler(signum, on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        await serve(handler, stop)
 
     asyncio.run(main())
