@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import delete, func, inspect, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, HistoryWriter, MessageRow, Record, TicketRow, make_engine, migrate
+from postroom.history import EventRow, HistoryWriter, MessageRow, Record, TicketRow, make_engine, migrate, write
 
 BOX = "support@example.test"
 
 
-def rec(number: int, event: str, **kw: object) -> Record:
-    return Record(mailbox=BOX, number=number, event=event, at=1_700_000_000.0, **kw)  # type: ignore[arg-type]
+def rec(number: int, event: str, at: float = 1_700_000_000.0, **kw: object) -> Record:
+    return Record(mailbox=BOX, number=number, event=event, at=at, **kw)  # type: ignore[arg-type]
 
 
 def test_migrations_create_the_schema(db_url: str) -> None:
@@ -61,3 +62,75 @@ def test_a_dead_database_loses_history_lines_not_the_thread(sqlite_url: str, cap
     writer.close()
     with Session(engine) as s:
         assert s.scalars(select(MessageRow.queue_id)).all() == ["QLIVE"]
+
+
+Rows = list[tuple[object, ...]]
+
+
+def _history_rows(engine: Engine) -> tuple[Rows, Rows, Rows]:
+    """Every row, with ticket ids replaced by (mailbox, number), in insertion order."""
+    with Session(engine) as s:
+        tickets = {t.id: t for t in s.scalars(select(TicketRow).order_by(TicketRow.id))}
+
+        def key(ticket_id: int) -> tuple[str, int]:
+            return tickets[ticket_id].mailbox, tickets[ticket_id].number
+
+        ticket_rows: Rows = [
+            (t.mailbox, t.number, t.customer, t.subject, t.owner, t.state, t.priority, t.linked, t.created_at,
+             t.updated_at)
+            for t in tickets.values()
+        ]  # fmt: skip
+        message_rows: Rows = [
+            (key(m.ticket_id), m.message_id, m.direction, m.queue_id, m.from_addr, m.subject, m.at)
+            for m in s.scalars(select(MessageRow).order_by(MessageRow.id))
+        ]
+        event_rows: Rows = [
+            (key(e.ticket_id), e.kind, e.actor, e.detail, e.at)
+            for e in s.scalars(select(EventRow).order_by(EventRow.id))
+        ]
+    return ticket_rows, message_rows, event_rows
+
+
+def test_one_batch_writes_what_the_records_one_by_one_write(db_url: str) -> None:
+    """A ticket opened and followed up in one batch, and one that an earlier batch opened, end the same."""
+    earlier = [rec(7, "opened", customer="old@c", ticket_subject="Old", message_id="o1@c", queue_id="Q0")]
+    batch = [
+        rec(1, "opened", customer="alice@c", ticket_subject="Hello", message_id="m1@c", queue_id="Q1"),
+        rec(7, "followup", owner="meier", state="open", message_id="o2@c", queue_id="Q2", at=1_700_000_100.0),
+        rec(1, "followup", owner="meier", state="open", priority="high", message_id="m2@c", queue_id="Q3"),
+        rec(2, "linked", customer="bob@c", linked=1, message_id="m3@c", queue_id="Q4"),
+        rec(1, "assign", owner="mueller", state="open", priority="high", actor="admin", detail="mueller (was meier)"),
+        rec(
+            1,
+            "reply",
+            owner="mueller",
+            state="pending",
+            priority="high",
+            direction="outbound",
+            queue_id="Q5",
+            at=1_700_000_200.0,
+        ),
+    ]
+    migrate(db_url)
+    engine = make_engine(db_url)
+    with Session(engine) as s, s.begin():
+        write(s, earlier)
+    with Session(engine) as s, s.begin():
+        write(s, batch)
+    batched = _history_rows(engine)
+    with Session(engine) as s, s.begin():
+        for table in (EventRow, MessageRow, TicketRow):
+            s.execute(delete(table))
+    for one in [*earlier, *batch]:
+        with Session(engine) as s, s.begin():
+            write(s, [one])
+    assert _history_rows(engine) == batched
+    tickets, messages, events = batched
+    assert [t[1:2] + t[4:7] for t in tickets] == [
+        (7, "meier", "open", "normal"),
+        (1, "mueller", "pending", "high"),
+        (2, "", "new", "normal"),
+    ]
+    assert [m[3] for m in messages] == ["Q0", "Q1", "Q2", "Q3", "Q4", "Q5"]
+    assert [e[1] for e in events] == ["opened", "opened", "followup", "followup", "linked", "assign", "reply"]
+    engine.dispose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     ForeignKey,
     Index,
@@ -25,8 +27,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
+    insert,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -128,46 +133,128 @@ def migrate(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
+_TICKETS = Base.metadata.tables["tickets"]
+_MESSAGES = Base.metadata.tables["messages"]
+_EVENTS = Base.metadata.tables["events"]
+# Keys per SELECT of existing tickets: far below every back end's limit of bound parameters.
+_LOOKUP_CHUNK = 500
+
+_INSERT_MESSAGES = insert(_MESSAGES)
+_INSERT_EVENTS = insert(_EVENTS)
+_UPDATE_TICKETS = (
+    update(_TICKETS)
+    .where(_TICKETS.c.id == bindparam("b_id"))
+    .values(
+        owner=bindparam("b_owner"),
+        state=bindparam("b_state"),
+        priority=bindparam("b_priority"),
+        updated_at=bindparam("b_updated_at"),
+    )
+)
+
+_Key = tuple[str, int]
+
+
+def _ticket_ids(conn: Connection, keys: Iterable[_Key]) -> dict[_Key, int]:
+    """The row ids of those of these tickets that already exist."""
+    wanted = list(keys)
+    found: dict[_Key, int] = {}
+    for start in range(0, len(wanted), _LOOKUP_CHUNK):
+        chunk = wanted[start : start + _LOOKUP_CHUNK]
+        query = select(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id).where(
+            _TICKETS.c.mailbox.in_({box for box, _ in chunk}), _TICKETS.c.number.in_({n for _, n in chunk})
+        )
+        keep = set(chunk)
+        for mailbox, number, row_id in conn.execute(query):
+            if (mailbox, number) in keep:
+                found[(mailbox, number)] = row_id
+    return found
+
+
 def write(session: Session, records: list[Record]) -> None:
-    """Apply records in order; a ticket row is created on its first record and updated after."""
-    cache: dict[tuple[str, int], TicketRow] = {}
+    """Apply records in order; a ticket row is created on its first record and updated after.
+
+    The result is that of applying the records one by one: a new ticket's row takes customer, subject, link and
+    creation time from its first record, and every ticket ends with owner, state, priority and update time of
+    its last one.  A batch costs one look-up of the tickets it names and one multi-row statement per table.
+    """
+    if not records:
+        return
+    conn = session.connection()
+    first: dict[_Key, Record] = {}
+    last: dict[_Key, Record] = {}
     for rec in records:
         key = (rec.mailbox, rec.number)
-        row = cache.get(key)
-        if row is None:
-            row = session.scalars(
-                select(TicketRow).where(TicketRow.mailbox == rec.mailbox, TicketRow.number == rec.number)
-            ).first()
-        if row is None:
-            row = TicketRow(
-                mailbox=rec.mailbox,
-                number=rec.number,
-                customer=rec.customer,
-                subject=rec.ticket_subject,
-                linked=rec.linked,
-                created_at=_ts(rec.at),
-                updated_at=_ts(rec.at),
+        first.setdefault(key, rec)
+        last[key] = rec
+    ids = _ticket_ids(conn, first)
+    known = [key for key in first if key in ids]
+    fresh = [key for key in first if key not in ids]
+    if fresh:
+        rows = []
+        for key in fresh:
+            a, z = first[key], last[key]
+            rows.append(
+                {
+                    "mailbox": a.mailbox,
+                    "number": a.number,
+                    "customer": a.customer,
+                    "subject": a.ticket_subject,
+                    "linked": a.linked,
+                    "created_at": _ts(a.at),
+                    "owner": z.owner,
+                    "state": z.state,
+                    "priority": z.priority,
+                    "updated_at": _ts(z.at),
+                }
             )
-            session.add(row)
-        row.owner = rec.owner
-        row.state = rec.state
-        row.priority = rec.priority
-        row.updated_at = _ts(rec.at)
-        session.flush()
-        cache[key] = row
-        if rec.message_id or rec.queue_id:
-            session.add(
-                MessageRow(
-                    ticket_id=row.id,
-                    message_id=rec.message_id,
-                    direction=rec.direction,
-                    queue_id=rec.queue_id,
-                    from_addr=rec.from_addr,
-                    subject=rec.subject,
-                    at=_ts(rec.at),
-                )
-            )
-        session.add(EventRow(ticket_id=row.id, kind=rec.event, actor=rec.actor, detail=rec.detail, at=_ts(rec.at)))
+        if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+            stmt = insert(_TICKETS).returning(_TICKETS.c.id, sort_by_parameter_order=True)
+            ids.update(zip(fresh, conn.execute(stmt, rows).scalars(), strict=True))
+        else:
+            # SQLite before 3.35 has no RETURNING: read the new ids back.
+            conn.execute(insert(_TICKETS), rows)
+            ids.update(_ticket_ids(conn, fresh))
+    if known:
+        conn.execute(
+            _UPDATE_TICKETS,
+            [
+                {
+                    "b_id": ids[key],
+                    "b_owner": last[key].owner,
+                    "b_state": last[key].state,
+                    "b_priority": last[key].priority,
+                    "b_updated_at": _ts(last[key].at),
+                }
+                for key in known
+            ],
+        )
+    messages = [
+        {
+            "ticket_id": ids[(rec.mailbox, rec.number)],
+            "message_id": rec.message_id,
+            "direction": rec.direction,
+            "queue_id": rec.queue_id,
+            "from_addr": rec.from_addr,
+            "subject": rec.subject,
+            "at": _ts(rec.at),
+        }
+        for rec in records
+        if rec.message_id or rec.queue_id
+    ]
+    if messages:
+        conn.execute(_INSERT_MESSAGES, messages)
+    events = [
+        {
+            "ticket_id": ids[(rec.mailbox, rec.number)],
+            "kind": rec.event,
+            "actor": rec.actor,
+            "detail": rec.detail,
+            "at": _ts(rec.at),
+        }
+        for rec in records
+    ]
+    conn.execute(_INSERT_EVENTS, events)
 
 
 class HistoryWriter:
