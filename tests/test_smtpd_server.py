@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from postroom.config import Config, example_config_path, load_config, with_chang
 from postroom.dkim import Keyring
 from postroom.runtime import Runtime
 from postroom.smtpd import FilterHandler, serve
+from postroom.smtpd.server import ReinjectionError, connect
 from postroom.store import NewTicket
 from postroom.testbed import free_port
 from tests.fakes import MemoryStore
@@ -273,3 +275,22 @@ def test_null_sender_mail_goes_through_with_its_null_sender(postroom_filter: Fil
     assert f.send(customer_mail("Undelivered Mail Returned to Sender"), mail_from="") == (250, "")
     [mail] = f.postfix.mails
     assert mail.mail_from == "<>"
+
+
+def test_a_busy_postfix_greeting_421_is_a_failed_reinjection() -> None:
+    # smtplib hands back a 421 greeting instead of raising: it must not count as a Postfix ready for the mail.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def greet_busy() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"421 4.3.2 Service shutting down\r\n")
+
+    thread = threading.Thread(target=greet_busy, daemon=True)
+    thread.start()
+    config = with_changes(load_config(example_config_path(), environ={}), {"smtpd": {"reinject_port": port}})
+    with pytest.raises(ReinjectionError, match=r"greeted with 421 4\.3\.2 Service shutting down"):
+        connect(config.smtpd)
+    thread.join(5)
+    listener.close()

@@ -65,12 +65,17 @@ def smtp_reply(reply: Reply) -> str:
 
 def connect(config: SmtpdConfig) -> smtplib.SMTP:
     """An EHLO'd session with the re-injection listener; raises ReinjectionError when there is none."""
+    where = f"{config.reinject_host}:{config.reinject_port}"
+    smtp = smtplib.SMTP(timeout=config.timeout_seconds, local_hostname=socket.gethostname())
     try:
-        smtp = smtplib.SMTP(timeout=config.timeout_seconds, local_hostname=socket.gethostname())
-        smtp.connect(config.reinject_host, config.reinject_port)
-    except OSError as exc:
-        raise ReinjectionError(f"{config.reinject_host}:{config.reinject_port}: {exc.strerror or exc}") from None
+        code, text = smtp.connect(config.reinject_host, config.reinject_port)
+    except OSError as exc:  # smtplib's own errors are OSErrors too
+        smtp.close()
+        raise ReinjectionError(f"{where}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
+        # smtplib.connect returns a 421 greeting (Postfix busy or shutting down) instead of raising.
+        if code != 220:
+            raise ReinjectionError(f"{where} greeted with {code} {text.decode(errors='replace')}")
         code, text = smtp.ehlo()
         if code != 250:
             raise ReinjectionError(f"EHLO answered {code} {text.decode(errors='replace')}")
