@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from sqlalchemy import delete, func, inspect, select
@@ -133,4 +134,23 @@ def test_one_batch_writes_what_the_records_one_by_one_write(db_url: str) -> None
     ]
     assert [m[3] for m in messages] == ["Q0", "Q1", "Q2", "Q3", "Q4", "Q5"]
     assert [e[1] for e in events] == ["opened", "opened", "followup", "followup", "linked", "assign", "reply"]
+    engine.dispose()
+
+
+def test_flush_writes_at_once_without_waiting_out_the_linger(sqlite_url: str) -> None:
+    migrate(sqlite_url)
+    engine = make_engine(sqlite_url)
+    writer = HistoryWriter(engine, linger=60.0)
+    writer.start()
+    writer.submit([rec(1, "opened", queue_id="Q1", message_id="a@c")])
+    writer.submit([rec(1, "followup", queue_id="Q2", message_id="b@c")])
+    started = time.monotonic()
+    assert writer.flush()
+    assert time.monotonic() - started < 10
+    with Session(engine) as s:
+        assert s.scalars(select(MessageRow.queue_id).order_by(MessageRow.id)).all() == ["Q1", "Q2"]
+    writer.submit([rec(2, "opened", queue_id="Q3", message_id="c@c")])
+    writer.close()  # stopping writes what is queued, too
+    with Session(engine) as s:
+        assert s.scalars(select(MessageRow.queue_id).order_by(MessageRow.id)).all() == ["Q1", "Q2", "Q3"]
     engine.dispose()
