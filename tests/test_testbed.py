@@ -6,11 +6,14 @@ import os
 import shutil
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope
 
 from postroom.testbed import Login, MailUser, RedisServer, Stack, StackError, imap_quote, pid_alive
 
@@ -176,3 +179,54 @@ def test_imap_folder_names_are_quoted_in_modified_utf7() -> None:
     assert imap_quote("Meier") == '"Meier"'
     assert imap_quote('Müller & "Co"') == '"M&APw-ller &- \\"Co\\""'
     assert imap_quote("台北") == '"&U,BTFw-"'  # RFC 3501's example
+
+
+class _PassThrough:
+    """The smallest after-queue content filter: hands every mail back to Postfix's re-injection listener."""
+
+    def __init__(self, reinject_port: int) -> None:
+        self.reinject_port = reinject_port
+        self.seen: list[str] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Envelope) -> str:
+        self.seen.append(str(envelope.mail_from))
+        with smtplib.SMTP("127.0.0.1", self.reinject_port, timeout=10) as smtp:
+            smtp.sendmail(envelope.mail_from or "", envelope.rcpt_tos, envelope.original_content or b"")
+        return "250 OK handed back"
+
+
+def test_after_queue_stack_keeps_mail_until_a_filter_hands_it_back() -> None:
+    with Stack(users=USERS, logins=[MEIER], filter="after-queue") as stack:
+        assert stack.postfix.milter is None
+        stack.send(_message("filtered later", SUPPORT), mail_from="bob@outside.test", rcpts=[SUPPORT])
+        # No filter listens yet: Postfix keeps the mail queued, it does not deliver it unfiltered.
+        deadline = time.monotonic() + 10
+        while "status=deferred" not in stack.postfix.log_text():
+            assert time.monotonic() < deadline, stack.postfix.log_tail()
+            time.sleep(0.1)
+        assert stack.dovecot.is_running() and not stack.postfix.queue_empty()
+        passthrough = _PassThrough(stack.reinject_port)
+        controller = Controller(passthrough, hostname="127.0.0.1", port=stack.filter_port)
+        controller.start()
+        try:
+            stack.postfix.flush()
+            assert "filtered later" in _subjects(stack, SUPPORT, "INBOX", 1)
+            # The agent's login reached the filter only because the submission listener writes it for it.
+            stack.send(_message("agent reply", ALICE, SUPPORT), mail_from=SUPPORT, rcpts=[ALICE], login=MEIER)
+            raw = next(r for r in _raw_when(stack, ALICE, 1) if b"agent reply" in r)
+            assert b"(Authenticated sender: meier)" in raw
+        finally:
+            controller.stop()
+        assert passthrough.seen == ["bob@outside.test", SUPPORT]
+
+
+def _raw_when(stack: Stack, address: str, count: int) -> list[bytes]:
+    stack.wait_for(address, "INBOX", count)
+    return stack.fetch_raw(address)
+
+
+def test_a_stack_runs_a_milter_or_an_after_queue_filter_not_both() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        Stack(users=USERS, milter="auto", filter="after-queue")
+    with pytest.raises(ValueError, match="after-queue"):
+        Stack(users=USERS, filter="before-queue")

@@ -719,6 +719,7 @@ class Postfix:
         default_transport: str = "error:5.1.2 the testbed delivers only to its own domains",
         main_cf: Mapping[str, str] | None = None,
         filter_port: int | None = None,
+        reinject_port: int | None = None,
     ) -> None:
         if not domains:
             raise ValueError("Postfix needs at least one domain")
@@ -743,7 +744,9 @@ class Postfix:
         # After-queue mode: the MX and submission listeners hand every mail to a content filter on filter_port
         # (postroom smtpd), which hands it back to the listener on reinject_port.
         self.filter_port = filter_port
-        self.reinject_port = free_port() if filter_port is not None else None
+        # A port the caller chose is kept on a port clash (the caller's filter is pointed at it); ours is renewed.
+        self._reinject_port_given = reinject_port is not None
+        self.reinject_port = (reinject_port or free_port()) if filter_port is not None else None
         # Only for the log lines; maillog_file keeps instances apart anyway.
         self.syslog_name = "postfix-" + re.sub(r"[^A-Za-z0-9-]", "-", workdir.name)
         self._started = False
@@ -912,7 +915,7 @@ class Postfix:
 
     def _new_ports(self) -> None:
         self.smtp_port, self.submission_port = free_port(), free_port()
-        if self.reinject_port is not None:
+        if self.reinject_port is not None and not self._reinject_port_given:
             self.reinject_port = free_port()
 
     def _start_once(self) -> None:
@@ -1020,6 +1023,7 @@ class Stack:
         parent_dir: Path | None = None,
         filter: str | None = None,  # shadows the builtin: the word Postfix's documentation uses
         filter_port: int | None = None,
+        reinject_port: int | None = None,
     ) -> None:
         if filter not in (None, "after-queue"):
             raise ValueError(f'filter must be None or "after-queue", not {filter!r}')
@@ -1027,6 +1031,7 @@ class Stack:
             raise ValueError("a stack runs a milter or an after-queue filter, not both")
         self.filter = filter
         self._filter_port = filter_port
+        self._reinject_port = reinject_port
         self.domains = list(domains)
         self.users = list(users)
         self.logins = list(logins)
@@ -1131,6 +1136,7 @@ class Stack:
                 milter_default_action=self.milter_default_action,
                 main_cf=self.main_cf,
                 filter_port=self.filter_port if self.filter is not None else None,
+                reinject_port=self._reinject_port,
             )
             self._postfix.start()
         except BaseException as exc:
