@@ -7,15 +7,18 @@ batches from one background thread, so a slow or dead database costs history lin
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -31,11 +34,12 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     create_engine,
+    event,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -121,8 +125,27 @@ def _ensure_sqlite_dir(url: str) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    # WAL: readers (postroom tickets, team leads' queries) never block the writer; NORMAL: a commit does not wait
+    # for fsync (a power cut may lose the last history lines, never corrupt the file).
+    cursor = dbapi_connection.cursor()
+    try:
+        # Switching a file to WAL needs it to itself for a moment; if another process holds it, a later
+        # connection switches it (the mode is stored in the file) and this one works as the file is.
+        with contextlib.suppress(sqlite3.OperationalError):
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
 def make_engine(url: str) -> Engine:
     _ensure_sqlite_dir(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        # A file database cannot go away under an open connection: no ping per checkout.
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
     return create_engine(url, pool_pre_ping=True)
 
 
