@@ -236,6 +236,7 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
         if verdict.action is Action.DISCARD:
             log.info("discard: %s", verdict.summary)
             return smtp_reply(replies.S250_DISCARDED)
+        applied = True
         try:
             out = rewrite(raw, mail.mail_from, mail.rcpts, verdict.edits)
         except Exception:
@@ -243,13 +244,16 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
             if config.milter.on_error == "tempfail" or who.login:
                 return smtp_reply(replies.S451_TEMPORARY_FAILURE)
             out = degraded(raw, mail.mail_from, mail.rcpts)
+            applied = False
         try:
             new_qid = reinject(smtp, out, mail.mail_options, mail.xforward)
         except ReinjectionError as exc:
             log.error("Postfix did not take the mail back (%s); it stays queued", exc)
             return smtp_reply(replies.S451_REINJECTION_FAILED.format(reason=str(exc)))
         log.info("%s: %s; handed back to Postfix as %s", verdict.action.value, verdict.summary, new_qid or "?")
-        rt.send(outcome)
+        if applied:
+            # As the milter: what this mail caused (auto-replies) goes out only for a mail handled as decided.
+            rt.send(outcome)
         return smtp_reply(replies.S250_HANDED_BACK.format(queue_id=new_qid or "?"))
     finally:
         _close(smtp)
