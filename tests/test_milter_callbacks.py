@@ -19,9 +19,8 @@ import pytest
 from Milter import testctx
 
 from postroom import log as plog
-from postroom import replies
+from postroom import replies, runtime
 from postroom.config import Config, example_config_path, load_config, with_changes
-from postroom.milter import adapter
 from postroom.milter.adapter import Runtime, make_factory
 from postroom.pipeline import Message, Outcome
 from postroom.verdict import (
@@ -310,7 +309,7 @@ def test_follow_up_to_an_owned_ticket_moves_the_recipient_to_the_owners_folder(
 def test_each_kind_of_verdict_becomes_its_milter_calls(
     connect: Connect, monkeypatch: pytest.MonkeyPatch, verdict: Verdict, calls: list[Call], rc: int
 ) -> None:
-    monkeypatch.setattr(adapter, "process", lambda *args, **kwargs: Outcome(verdict))
+    monkeypatch.setattr(runtime, "process", lambda *args, **kwargs: Outcome(verdict))
     ctx = connect()
     assert ctx.send(mail(), ALICE, SUPPORT) == rc
     assert ctx.calls == calls
@@ -333,7 +332,7 @@ def test_pipeline_gets_the_envelope_headers_whole_body_and_the_queue_id_of_end_o
         seen.append(message)
         return Outcome(Verdict.accept())
 
-    monkeypatch.setattr(adapter, "process", spy)
+    monkeypatch.setattr(runtime, "process", spy)
     body = "".join(f"line {i:05d} of a long mail\n" for i in range(1000))  # several body() chunks
     ctx = connect()
     ctx.send(mail(body=body), ALICE, SUPPORT, "sales@example.test", qid="4QbOdY")
@@ -356,27 +355,35 @@ def test_auth_login_is_read_with_mail_from(connect: Connect, monkeypatch: pytest
         seen.append(message)
         return Outcome(Verdict.accept())
 
-    monkeypatch.setattr(adapter, "process", spy)
+    monkeypatch.setattr(runtime, "process", spy)
     connect().send(mail(sender="meier@example.test"), "meier@example.test", "alice@customer.test", login="meier")
     assert seen[0].envelope.auth_login == "meier"
 
 
-def test_queue_id_read_at_end_of_message_is_in_the_log_lines(connect: Connect) -> None:
+def test_queue_id_read_at_end_of_message_is_in_the_one_log_line_of_the_mail(connect: Connect) -> None:
     ctx = connect()
     with admin_log() as log:
         ctx.send(mail(), ALICE, SUPPORT, qid="4QlOg5")
-    text = log.getvalue()
+    lines = [line for line in log.getvalue().splitlines() if " 4QlOg5: " in line]
+    assert len(lines) == 1, lines
     assert re.search(
-        r" INFO 4QlOg5: mailbox support@example\.test ticket #1 opened \(new\) owner=unassigned$", text, re.M
+        r" INFO 4QlOg5: mailbox support@example\.test ticket #1 opened \(new\) owner=unassigned$", lines[0]
     )
-    assert re.search(r" INFO 4QlOg5: accept: Support #1 opened$", text, re.M)
 
 
-def test_without_a_queue_id_the_log_lines_carry_the_connection_id(connect: Connect) -> None:
+def test_without_a_queue_id_the_log_line_carries_the_connection_id(connect: Connect) -> None:
     ctx = connect()
     with admin_log() as log:
         ctx.send(mail(), ALICE, SUPPORT, qid=None)
-    assert re.search(r" INFO conn\d+: accept: Support #1 opened$", log.getvalue(), re.M)
+    assert re.search(r" INFO conn\d+: mailbox support@example\.test ticket #1 opened", log.getvalue(), re.M)
+
+
+def test_mail_without_a_ticket_is_logged_with_the_verdict(connect: Connect) -> None:
+    ctx = connect()
+    with admin_log() as log:
+        ctx.send(mail(sender=BOB), BOB, "info@example.test", qid="4QnOtK")
+    lines = [line for line in log.getvalue().splitlines() if " 4QnOtK: " in line]
+    assert [line.split(" 4QnOtK: ", 1)[1] for line in lines] == ["accept: no shared mailbox among the recipients"]
 
 
 def test_second_message_on_a_connection_does_not_see_the_first_ones_headers_or_recipients(

@@ -38,6 +38,12 @@ FORMAT = "%(asctime)s %(levelname)s %(queue_id)s: %(message)s"
 
 def setup(level: str = "info") -> None:
     """Log to stderr (journald under systemd) with the queue id in every line."""
+    # FORMAT shows none of these, so no log record needs to look them up (the logging HOWTO's "Optimization":
+    # thread, process and multiprocessing names, and the caller's file and line, which _srcfile = None skips).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_QueueIdFilter())

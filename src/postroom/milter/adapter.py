@@ -129,7 +129,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             # The verdict was half applied; the mail must still not be lost.
             log.exception("could not apply the verdict (%s)", outcome.verdict.summary)
             return self._apply_failed(rt.config)
-        if outcome.verdict.summary:
+        # One line per mail: the pipeline logs a line (queue id, mailbox, ticket, event, owner) for every ticket
+        # it records, which the summary would only repeat.
+        if outcome.verdict.summary and not outcome.records:
             log.info("%s: %s", outcome.verdict.action.value, outcome.verdict.summary)
         if rc == Milter.ACCEPT:
             rt.send(outcome)
