@@ -13,7 +13,6 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -303,6 +302,7 @@ class HistoryWriter:
         self._thread = threading.Thread(target=self._run, name="postroom-history", daemon=True)
         self._idle = threading.Event()
         self._idle.set()
+        self._hurry = threading.Event()  # flush or close is waiting: stop lingering
 
     def start(self) -> None:
         self._thread.start()
@@ -316,36 +316,39 @@ class HistoryWriter:
         """Wait until everything submitted so far is written (tests, shutdown)."""
         if self._thread.is_alive():
             self._q.put(_Signal.FLUSH)
+            self._hurry.set()
         self._q.join()
         return self._idle.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         self._q.put(_Signal.STOP)
+        self._hurry.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            batch: list[Record] = []
-            taken = 0
-            signal: _Signal | None = None
-            deadline = 0.0
-            while len(batch) < self._batch and signal is None:
-                # The first record is awaited as long as it takes; the rest only until the deadline.
-                wait = max(0.0, deadline - time.monotonic()) if batch else None
+            item = self._q.get()
+            items = [item]
+            if not isinstance(item, _Signal) and self._q.qsize() < self._batch:
+                # Let the next records gather in the queue: sleeping through the linger instead of waking for each
+                # record keeps this thread off the CPU and out of the mail threads' way (flush and close wake it).
+                self._hurry.wait(self._linger)
+            size = 0 if isinstance(item, _Signal) else len(item)
+            while size < self._batch and not isinstance(items[-1], _Signal):
                 try:
-                    item = self._q.get(timeout=wait)
+                    item = self._q.get_nowait()
                 except queue.Empty:
                     break
-                taken += 1
-                if isinstance(item, _Signal):
-                    signal = item
-                    continue
-                if not batch:
-                    deadline = time.monotonic() + self._linger
-                batch.extend(item)
+                items.append(item)
+                if not isinstance(item, _Signal):
+                    size += len(item)
+            signal = items[-1] if isinstance(items[-1], _Signal) else None
+            if signal is not None:
+                self._hurry.clear()
+            batch = [rec for it in items if not isinstance(it, _Signal) for rec in it]
             if batch:
                 self._write(batch)
-            for _ in range(taken):
+            for _ in items:
                 self._q.task_done()
             if self._q.empty():
                 self._idle.set()
