@@ -23,6 +23,7 @@ from postroom import replies, runtime
 from postroom.config import Config, example_config_path, load_config, with_changes
 from postroom.milter.adapter import Runtime, make_factory
 from postroom.pipeline import Message, Outcome
+from postroom.rules import NO_RULES, MemoryAssignmentState, Ruleset, parse_rules
 from postroom.verdict import (
     Action,
     AddRecipient,
@@ -80,6 +81,20 @@ class PostfixCtx(testctx.TestCtx):  # type: ignore[misc]
         super().__init__()
         self.stage_macros: dict[int, dict[str, str]] = {}
         self.calls: list[Call] = []
+        self.body_answers: list[int] = []
+
+    def _feed_body(self, bfp: io.BytesIO) -> int:
+        # TestCtx takes any answer but CONTINUE for the end of the mail; Postfix takes SKIP (negotiated) as "send
+        # no more body" and goes on to end of message, as libmilter's smfi_body documents.
+        self.body_answers = []
+        while chunk := bfp.read(8192):
+            rc = int(self._priv.body(chunk))
+            self.body_answers.append(rc)
+            if rc == Milter.SKIP and self._protocol & Milter.P_SKIP:
+                break
+            if rc != Milter.CONTINUE:
+                return rc
+        return int(Milter.CONTINUE)
 
     def getsymval(self, name: str) -> str | None:
         stage = self._stage
@@ -179,8 +194,11 @@ def connect(monkeypatch: pytest.MonkeyPatch, config: Config, store: MemoryStore)
     monkeypatch.setattr(testctx.TestCtx, "default_opts", [Milter.CURR_ACTS, OFFERED_STEPS, 0, 0])
     opened: list[PostfixCtx] = []
 
-    def open_connection(ctx_class: type[PostfixCtx] = PostfixCtx, with_config: Config | None = None) -> PostfixCtx:
-        factory, _holder = make_factory(Runtime(with_config or config, store, None))
+    def open_connection(
+        ctx_class: type[PostfixCtx] = PostfixCtx, with_config: Config | None = None, rules: Ruleset = NO_RULES
+    ) -> PostfixCtx:
+        runtime_ = Runtime(with_config or config, store, None, rules=rules, assign=MemoryAssignmentState())
+        factory, _holder = make_factory(runtime_)
         monkeypatch.setattr(Milter, "factory", factory)
         ctx = ctx_class()
         ctx.stage_macros[Milter.M_CONNECT] = {"j": "mx.example.test", "{daemon_name}": "mx.example.test"}
@@ -323,6 +341,10 @@ def test_each_kind_of_verdict_becomes_its_milter_calls(
 # -- what the callbacks collect ---------------------------------------------------------------------------------
 
 
+BODY_RULES = parse_rules('[[rule]]\nname = "refunds"\nbody_contains = "refund"\ntag = "billing"\n', "rules.toml")
+LONG_BODY = "".join(f"line {i:05d} of a long mail\n" for i in range(1000))  # several body() chunks
+
+
 def test_pipeline_gets_the_envelope_headers_whole_body_and_the_queue_id_of_end_of_message(
     connect: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,9 +355,10 @@ def test_pipeline_gets_the_envelope_headers_whole_body_and_the_queue_id_of_end_o
         return Outcome(Verdict.accept())
 
     monkeypatch.setattr(runtime, "process", spy)
-    body = "".join(f"line {i:05d} of a long mail\n" for i in range(1000))  # several body() chunks
-    ctx = connect()
+    body = LONG_BODY
+    ctx = connect(rules=BODY_RULES)  # a rule reads the body, so customer mail needs it
     ctx.send(mail(body=body), ALICE, SUPPORT, "sales@example.test", qid="4QbOdY")
+    assert len(ctx.body_answers) > 1 and set(ctx.body_answers) == {Milter.CONTINUE}
     (message,) = seen
     env = message.envelope
     assert (env.mail_from, env.rcpts, env.queue_id, env.auth_login) == (
@@ -348,7 +371,9 @@ def test_pipeline_gets_the_envelope_headers_whole_body_and_the_queue_id_of_end_o
     assert message.body() == body.encode()
 
 
-def test_auth_login_is_read_with_mail_from(connect: Connect, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auth_login_is_read_with_mail_from_and_an_agents_body_is_always_read(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[Message] = []
 
     def spy(message: Message, *args: object, **kwargs: object) -> Outcome:
@@ -356,8 +381,51 @@ def test_auth_login_is_read_with_mail_from(connect: Connect, monkeypatch: pytest
         return Outcome(Verdict.accept())
 
     monkeypatch.setattr(runtime, "process", spy)
-    connect().send(mail(sender="meier@example.test"), "meier@example.test", "alice@customer.test", login="meier")
+    ctx = connect()  # no rules: an agent's commands and the DKIM signature still need the body
+    ctx.send(mail(sender="meier@example.test", body=LONG_BODY), "meier@example.test", ALICE, login="meier")
     assert seen[0].envelope.auth_login == "meier"
+    assert seen[0].body() == LONG_BODY.encode()
+    assert len(ctx.body_answers) > 1 and set(ctx.body_answers) == {Milter.CONTINUE}
+
+
+def test_customer_mail_skips_a_body_that_no_rule_reads(connect: Connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Message] = []
+
+    def spy(message: Message, *args: object, **kwargs: object) -> Outcome:
+        seen.append(message)
+        return Outcome(Verdict.accept())
+
+    monkeypatch.setattr(runtime, "process", spy)
+    ctx = connect()
+    assert ctx.send(mail(body=LONG_BODY), ALICE, SUPPORT) == Milter.ACCEPT
+    # The first chunk answers SKIP: Postfix sends no more of the body and goes on to end of message.
+    assert ctx.body_answers == [Milter.SKIP]
+    assert [name for name, _ in seen[0].headers] == ["From", "To", "Subject", "Message-ID"]
+    with pytest.raises(RuntimeError, match="skipped"):
+        seen[0].body()
+
+
+def test_a_skipped_body_still_makes_a_ticket(connect: Connect, store: MemoryStore) -> None:
+    ctx = connect()
+    assert ctx.send(mail(body=LONG_BODY), ALICE, SUPPORT) == Milter.ACCEPT
+    assert ctx.body_answers == [Milter.SKIP]
+    assert ("chgheader", "Subject", 1, "[Support #1] Printer on fire") in ctx.calls
+    # With a rule that reads the body, the body is read and the rule applies.
+    ctx = connect(rules=BODY_RULES)
+    refund = mail("Money back", body="I want a refund\n", msgid="<r@customer.test>")
+    assert ctx.send(refund, ALICE, SUPPORT) == Milter.ACCEPT
+    assert ctx.body_answers == [Milter.CONTINUE]
+    assert store.ticket_map[(SUPPORT, 2)].tags == ("billing",)
+
+
+def test_an_mta_that_cannot_skip_gets_continue_and_the_body_is_dropped(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(testctx.TestCtx, "default_opts", [Milter.CURR_ACTS, OFFERED_STEPS & ~Milter.P_SKIP, 0, 0])
+    ctx = connect()
+    assert ctx.send(mail(body=LONG_BODY), ALICE, SUPPORT) == Milter.ACCEPT
+    assert len(ctx.body_answers) > 1 and set(ctx.body_answers) == {Milter.CONTINUE}
+    assert ctx.getpriv().chunks == []
 
 
 def test_queue_id_read_at_end_of_message_is_in_the_one_log_line_of_the_mail(connect: Connect) -> None:

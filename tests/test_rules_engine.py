@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from postroom.config import Config, parse_config
 from postroom.rules import (
+    NO_RULES,
     Decision,
     MemoryAssignmentState,
     MessageFacts,
@@ -179,3 +180,17 @@ def test_time_conditions_read_the_configured_time_zone() -> None:
     # 12:00 UTC is 21:00 in Tokyo.
     assert run(table, mail()).tags == ("evening",)
     assert evaluate(table, mail(), datetime(2025, 1, 6, 12, 0), MemoryAssignmentState()).tags == ("evening",)
+
+
+def test_a_rule_set_reads_the_body_only_with_a_body_or_attachment_condition() -> None:
+    """The milter skips the body of customer mail when no rule reads it (Ruleset.reads_body)."""
+    assert not NO_RULES.reads_body
+    assert not rules(TABLE).reads_body
+    headers_only = rules(
+        '[[rule]]\nname = "h"\nheader = { name = "X-Spam-Flag", contains = "yes" }\nsubject_regex = "x"\n'
+        'sender = "a@b.example"\nweekday = ["mon"]\ntime = "08:00-17:00"\nmailbox = "support"\ntag = "t"\n'
+    )
+    assert not headers_only.reads_body
+    for condition in ('body_contains = "refund"', 'body_regex = "re.und"', "has_attachment = true",
+                      'attachment_type = ".pdf"'):  # fmt: skip
+        assert rules(f'[[rule]]\nname = "b"\nsubject_contains = "x"\n{condition}\ntag = "t"\n').reads_body, condition

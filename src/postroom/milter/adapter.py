@@ -58,6 +58,10 @@ class _Holder:
             self._runtime = runtime
 
 
+def _skipped_body() -> bytes:
+    raise RuntimeError("the body of this mail was skipped: nothing was to read it (Ruleset.reads_body)")
+
+
 class PostroomMilter(Milter.Base):  # type: ignore[misc]
     holder: _Holder  # set on the subclass made by make_factory
 
@@ -73,6 +77,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         self.rcpts: list[str] = []
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
+        self.body_skipped = False
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -97,8 +102,12 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         self.headers.append((name, value))
         return Milter.CONTINUE  # type: ignore[no-any-return]
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
     def body(self, chunk: bytes) -> int:
+        # Customer mail needs its body only for rules that read it; agents' mail always (commands, DKIM).  Not
+        # @noreply: the first chunk of a body nobody reads answers SKIP, and Postfix sends no more of it.
+        if not (self.auth_login or self.runtime.rules.reads_body):
+            self.body_skipped = True
+            return Milter.SKIP if self._protocol & Milter.P_SKIP else Milter.CONTINUE  # type: ignore[no-any-return]
         self.chunks.append(chunk)
         return Milter.CONTINUE  # type: ignore[no-any-return]
 
@@ -120,7 +129,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             client_addr=self.client_addr,
         )
         chunks = self.chunks
-        message = Message(envelope, self.headers, body=lambda: b"".join(chunks))
+        message = Message(envelope, self.headers, body=_skipped_body if self.body_skipped else lambda: b"".join(chunks))
         outcome = rt.process(message, time.time())
         rt.record(outcome)
         try:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from postroom.autoreply import BusinessHours
 from postroom.config import HoursConfig
 from postroom.rules.actions import Action, AgentTarget, Draft, GroupTarget
 from postroom.rules.facts import MessageFacts
-from postroom.rules.predicates import Condition
+from postroom.rules.predicates import HEADER_ONLY, Condition
 from postroom.rules.state import AssignmentState
 
 
@@ -51,6 +52,11 @@ class Ruleset:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     hours: BusinessHours = field(default_factory=lambda: BusinessHours.from_config(HoursConfig()))
     source: str = ""  # the file it came from, "" for no rules
+
+    @cached_property
+    def reads_body(self) -> bool:
+        """Some rule may look at the body (text or attachments); if none does, inbound mail needs only headers."""
+        return any(not isinstance(c, HEADER_ONLY) for rule in self.rules for c in rule.conditions)
 
 
 NO_RULES = Ruleset()

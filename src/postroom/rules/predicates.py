@@ -394,3 +394,18 @@ CONDITIONS: tuple[ConditionType, ...] = (
     Weekday,
     BusinessHoursCondition,
 )
+
+# The conditions that read nothing but the envelope, the headers and the time.  Any other condition may read the
+# body (its text or its attachments), which the milter then collects for inbound mail (Ruleset.reads_body); a new
+# condition counts as reading it until it is added here.
+HEADER_ONLY: tuple[type, ...] = (
+    Sender,
+    SenderDomain,
+    Header,
+    SubjectContains,
+    SubjectRegex,
+    Mailbox,
+    TimeOfDay,
+    Weekday,
+    BusinessHoursCondition,
+)
