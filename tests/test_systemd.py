@@ -1,4 +1,4 @@
-"""The shipped systemd unit: valid, hardened, and starting the milter the documented way."""
+"""The shipped systemd units: valid, hardened, and starting the daemons the documented way."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "postroom-milter.service"
+SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+DAEMONS = {"milter": SYSTEMD_DIR / "postroom-milter.service", "smtpd": SYSTEMD_DIR / "postroom-smtpd.service"}
+per_unit = pytest.mark.parametrize("daemon", sorted(DAEMONS))
 CONFIG = "/etc/postroom/postroom.toml"
 MAX_EXPOSURE = 2.0
 
@@ -37,8 +39,8 @@ def _directives(text: str) -> list[tuple[str, str, str, int]]:
             section = line[1:-1]
             continue
         key, sep, value = line.partition("=")
-        assert sep, f"{UNIT}:{index + 1}: not a section header or an assignment: {raw!r}"
-        assert not value.endswith("\\"), f"{UNIT}:{index + 1}: line continuations are not handled here"
+        assert sep, f"line {index + 1}: not a section header or an assignment: {raw!r}"
+        assert not value.endswith("\\"), f"line {index + 1}: line continuations are not handled here"
         out.append((section, key.strip(), value.strip(), index))
     return out
 
@@ -88,21 +90,23 @@ def _installed_postroom(tmp_path: Path) -> Path:
 
 
 @needs_systemd_analyze
-def test_unit_verifies(tmp_path: Path) -> None:
+@per_unit
+def test_unit_verifies(tmp_path: Path, daemon: str) -> None:
+    unit = DAEMONS[daemon]
     # `systemd-analyze verify` also checks that every Exec*= binary exists and is executable.  The
     # unit ships ExecStart=/usr/local/bin/postroom (a system-wide pip install), which isn't there on
     # a developer machine or in CI, where postroom lives in a virtualenv.  So verify a copy in which
     # only the ExecStart binary is replaced by this environment's real console script; every other
     # byte, including the arguments, is the shipped file.  The file name must stay the same: it
     # tells systemd the unit name and type.
-    original = UNIT.read_bytes().decode("utf-8")
+    original = unit.read_bytes().decode("utf-8")
     argv, index = _exec_start(original)
     lines = original.splitlines(keepends=True)
     old_line = lines[index]
     new_line = old_line.replace(argv[0], str(_installed_postroom(tmp_path)), 1)
     assert new_line != old_line
     lines[index] = new_line
-    copy = tmp_path / UNIT.name
+    copy = tmp_path / unit.name
     copy.write_bytes("".join(lines).encode("utf-8"))
 
     # --man=no: don't require man pages for Documentation=man: links on the test host.
@@ -112,13 +116,14 @@ def test_unit_verifies(tmp_path: Path) -> None:
     # systemd 252 only warns ("Unknown key ..., ignoring.", "Failed to parse ..., ignoring: ...")
     # and still exits 0 for a misspelt directive or a bad value, so any message about the unit
     # counts as a failure.
-    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if UNIT.name in line or str(copy) in line]
+    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if unit.name in line or str(copy) in line]
     assert not complaints, _show(proc)
 
 
 @needs_systemd_analyze
-def test_unit_exposure_is_low() -> None:
-    proc = _run("security", "--offline=true", str(UNIT))
+@per_unit
+def test_unit_exposure_is_low(daemon: str) -> None:
+    proc = _run("security", "--offline=true", str(DAEMONS[daemon]))
     assert proc.returncode == 0, _show(proc)
     match = _EXPOSURE_RE.search(proc.stdout + proc.stderr)
     assert match is not None, "no 'Overall exposure level' line\n" + _show(proc)
@@ -126,8 +131,9 @@ def test_unit_exposure_is_low() -> None:
     assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}\n" + _show(proc)
 
 
-def test_exec_start_runs_milter_with_config() -> None:
-    argv, _ = _exec_start(UNIT.read_text(encoding="utf-8"))
+@per_unit
+def test_exec_start_runs_the_daemon_with_config(daemon: str) -> None:
+    argv, _ = _exec_start(DAEMONS[daemon].read_text(encoding="utf-8"))
     assert Path(argv[0]).is_absolute(), argv
     assert Path(argv[0]).name == "postroom", argv
-    assert argv[1:] == ["milter", "--config", CONFIG], argv
+    assert argv[1:] == [daemon, "--config", CONFIG], argv
