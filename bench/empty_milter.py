@@ -1,8 +1,10 @@
 """An empty pymilter milter: the baseline that bench/inbound.py compares postroom against.
 
-It implements the same callbacks as postroom's adapter (src/postroom/milter/adapter.py) with the same
-``@Milter.noreply`` marks and action flags, so Postfix and libmilter do the same protocol work for both; it
-only keeps no state and decides nothing: every mail is accepted unchanged at end of message.
+It implements the same callbacks as postroom's adapter (src/postroom/milter/adapter.py) with the same action
+flags and ``@Milter.noreply`` marks, except on ``body``: postroom answers the first body chunk (SKIP when nothing
+reads the body of a customer's mail, so Postfix sends no more of it), while this milter takes every chunk without
+an answer, the cheapest way for a milter that keeps the body.  It keeps no state and decides nothing: every mail
+is accepted unchanged at end of message.
 
 Usage: ``python bench/empty_milter.py /path/to/milter.sock`` (or ``unix:/path``); runs until SIGTERM/SIGINT and
 then prints how many messages it accepted, which the benchmark checks against what it sent.
