@@ -1,4 +1,4 @@
-"""``postroom demo``: the inbound story on a private Postfix, Dovecot and Redis, with the real milter.
+"""``postroom demo --postfix``: the inbound story on a private Postfix, Dovecot and Redis, with the real milter.
 
 Everything runs on free loopback ports in one temp dir and is stopped at the end (``--keep`` leaves it running
 for Thunderbird or swaks).  The demo uses the shipped example config, so what it shows is what an admin gets.
@@ -98,10 +98,13 @@ class Story:
 def run(keep: bool = False, console: Console | None = None) -> int:
     console = console or Console()
     if os.geteuid() != 0:
-        console.print("[red]postroom demo runs a private Postfix, which needs root: run it with sudo[/]")
+        console.print(
+            "[red]postroom demo --postfix runs a private Postfix, which needs root: run it with sudo[/] "
+            "(postroom demo without --postfix does not)"
+        )
         return 2
     config = load_config(example_config_path(), environ={})
-    console.rule("postroom demo: a private Postfix + Dovecot + Redis with the postroom milter")
+    console.rule("postroom demo --postfix: a private Postfix + Dovecot + Redis with the postroom milter")
     try:
         with deploy(config, CUSTOMERS) as d:
             console.print(f"work folder {d.stack.root}; milter log {d.milter.log_path}")

@@ -49,6 +49,8 @@ S550_NO_TICKET = Reply(
 # writes them into its log line for the original queue id, which so names the queue id of the mail handed back.
 S250_HANDED_BACK = Reply(250, "2.0.0", "postroom: handed back to Postfix as {queue_id}")
 S250_DISCARDED = Reply(250, "2.7.0", "postroom: discarded")
+# The development server (postroom demo) has no Postfix to hand mail to: it files it into its Maildir folders.
+S250_FILED = Reply(250, "2.0.0", "postroom dev server: filed as {queue_id}")
 S451_REINJECTION_FAILED = Reply(
     451, "4.3.0", "postroom: Postfix did not take the mail back ({reason}); it stays queued and is tried again"
 )

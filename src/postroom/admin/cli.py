@@ -73,16 +73,35 @@ main.add_command(tickets.tickets_group)
 
 
 @main.command("demo")
-@click.option("--keep", is_flag=True, help="Leave the demo's Postfix, Dovecot, Redis and milter running until Ctrl-C.")
-def demo_command(keep: bool) -> None:
-    """Play the inbound story on a private Postfix, Dovecot and Redis with the real milter.
+@click.option("--keep", is_flag=True, help="Leave the demo's SMTP server and Redis running until Ctrl-C.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Work folder for Redis, SQLite, the config and the Maildir folders (kept); default a temp dir.",
+)
+@click.option(
+    "--postfix", is_flag=True, help="Play the inbound story on a private Postfix, Dovecot and Redis (needs root)."
+)
+def demo_command(keep: bool, workdir: Path | None, postfix: bool) -> None:
+    """Play the story: customers write, a rule routes, agents reply, a rival reply is refused.
 
-    Needs root and the Debian packages postfix, dovecot-imapd, dovecot-lmtpd and redis-server
-    (`./dev demo` installs them).  Everything runs on free loopback ports in a temp dir.
+    Runs without root: a private redis-server (installed with apt-get when missing and run as root), SQLite and
+    a development SMTP server on 127.0.0.1 that runs every mail through postroom's pipeline and files it into
+    Maildir folders.  Agents log in with AUTH, password "demo".  Everything it started is stopped at the end.
+
+    With --postfix: the inbound story through a private Postfix, Dovecot and Redis with the real milter; needs
+    root and the Debian packages postfix, dovecot-imapd, dovecot-lmtpd and redis-server (`./dev demo` installs
+    them).
     """
-    from postroom.demo import run as run_demo  # noqa: PLC0415  (rich and the testbed only for the demo)
+    # rich, aiosmtpd and the testbed only for the demo.
+    if postfix:
+        from postroom.demo_postfix import run as run_postfix  # noqa: PLC0415
 
-    raise SystemExit(run_demo(keep=keep))
+        raise SystemExit(run_postfix(keep=keep))
+    from postroom.demo import run as run_demo  # noqa: PLC0415
+
+    raise SystemExit(run_demo(keep=keep, workdir=workdir))
 
 
 @main.group("config")

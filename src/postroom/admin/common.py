@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import click
@@ -57,14 +57,17 @@ def redis_store(config: Config) -> RedisStore:
 
 
 @contextlib.contextmanager
-def daemon_runtime(config: Config, config_path: Path, daemon: str) -> Iterator[Runtime]:
+def daemon_runtime(
+    config: Config, config_path: Path, daemon: str, environ: Mapping[str, str] | None = None
+) -> Iterator[Runtime]:
     """Everything the milter and the after-queue filter run the pipeline with, built the same way for both.
 
     The history writer is flushed and the mailer drained when the daemon returns, so mail handled just before a
-    stop is still recorded and its auto-replies still sent.
+    stop is still recorded and its auto-replies still sent.  ``environ`` stands for the process environment's
+    POSTROOM_* overrides (the demo passes {} so its private Redis is the one used).
     """
     try:
-        loaded = load_all(config_path)
+        loaded = load_all(config_path, environ)
     except LoadError as exc:
         raise fail(str(exc)) from None
     config = loaded.config
