@@ -6,17 +6,71 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from postroom.demo import demo_rules_path, write_config
+from postroom.rules import load_all
 
 
-def test_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
+def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "postroom", "demo"], capture_output=True, text=True, timeout=300, env=env, check=False
+    return subprocess.run(
+        [sys.executable, "-m", "postroom", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
     )
+
+
+def test_demo_plays_the_story_and_ends_with_the_ticket_table_and_folders(tmp_path: Path) -> None:
+    # --workdir so the test can see what was left behind: only files, no process.
+    proc = _run_demo("--workdir", str(tmp_path / "demo"))
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "lands in support@example.test/Meier as [Support #1] Printer on fire" in out
+    assert "the rule 'key account' routes it to Meier" in out
+    assert "lands in support@example.test/INBOX as [Support #2] Invoice wrong" in out
+    assert "lands in alice@bigcorp.example/INBOX as Re: [Support #1] Printer on fire" in out
+    assert "From: Meier via Support <support@example.test>" in out
+    assert "DKIM signature verifies" in out
+    # The rival reply is refused with the pipeline's own SMTP reply, as the agent's mail client would show it.
+    assert re.search(
+        r"his mail client shows: 550 5\.7\.1 postroom: \[Support #1\] belongs to Meier since .* UTC\. "
+        r"Your reply was not sent\. To take the ticket over, send it again with the first line #takeover",
+        out,
+    )
+    assert "lands in support@example.test/Meier as AW: Re: [Support #1] Printer on fire" in out
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^│ (\d) │.*$", out, re.M)}
+    assert set(rows) == {"1", "2"}
+    assert re.search(
+        r"alice@bigcorp.example\s+│ Printer on fire\s+│ meier\s+│ open\s+│ high\s+│ key-account", rows["1"]
+    )
+    assert re.search(r"bob@customer.test\s+│ Invoice wrong\s+│ unassigned\s+│ new\s+│ normal", rows["2"])
+    tree = out[out.index("Maildir folders in") :]
+    assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 messages\)", tree)
+    assert re.search(r"support@example.test\n.*INBOX \(1 messages\)\n.*Meier \(3 messages\)", tree)
+    assert "everything it started is stopped" in out
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "demo" / "maildir" / "support@example.test" / "Meier" / "new").is_dir()
+
+
+def test_the_demo_config_and_rules_load_as_a_daemon_loads_them(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "redis://127.0.0.1:1/0", 2525)
+    loaded = load_all(path, environ={})
+    assert loaded.config.rules_file == str(demo_rules_path())
+    assert [rule.name for rule in loaded.rules.rules] == ["key account"]
+    assert loaded.config.redis.url == "redis://127.0.0.1:1/0"
+    assert loaded.config.mailer.port == 2525
+    assert loaded.keys.for_address("support@example.test") is not None
+
+
+@pytest.mark.e2e
+def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
+    proc = _run_demo("--postfix")
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "lands in support@example.test/Meier as AW: [Support #1] Printer on fire" in out
