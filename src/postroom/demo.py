@@ -238,7 +238,9 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
                     f"mueller or schulze, password {DEMO_PASSWORD}); mail is filed under {root / 'maildir'}\n"
                     f"  swaks --server {server.host}:{server.port} --to {SUPPORT} --from carol@customer.test\n"
                     f"  swaks --server {server.host}:{server.port} --auth-user meier --auth-password {DEMO_PASSWORD}"
-                    f" --from meier@example.test --to {BOB} --header 'Subject: Re: [Support #2] Invoice wrong'"
+                    f" --from meier@example.test --to {BOB} --header 'Subject: Re: [Support #2] Invoice wrong'",
+                    # Commands to copy: never broken at the terminal's width.
+                    soft_wrap=True,
                 )
                 _wait_for_ctrl_c()
     except StackError as exc:
