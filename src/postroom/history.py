@@ -42,6 +42,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from postroom.store import Ticket
+
 log = logging.getLogger("postroom.history")
 
 
@@ -112,6 +114,40 @@ class Record:
     subject: str = ""
     actor: str = ""
     detail: str = ""
+
+    @staticmethod
+    def of(
+        ticket: Ticket,
+        event: str,
+        at: float,
+        *,
+        direction: str,
+        queue_id: str,
+        message_id: str,
+        actor: str,
+        subject: str,
+        detail: str = "",
+    ) -> Record:
+        """A record of ``event`` on the ticket as it is now, by ``actor`` (a customer's address or a login)."""
+        return Record(
+            mailbox=ticket.mailbox,
+            number=ticket.number,
+            event=event,
+            at=at,
+            customer=ticket.customer,
+            ticket_subject=ticket.subject,
+            owner=ticket.owner,
+            state=ticket.state,
+            priority=ticket.priority,
+            linked=ticket.linked,
+            message_id=message_id,
+            direction=direction,
+            queue_id=queue_id,
+            from_addr=actor,
+            subject=subject[:1000],
+            actor=actor,
+            detail=detail,
+        )
 
 
 def _ts(at: float) -> datetime:

@@ -115,17 +115,17 @@ class _Reply:
         recount(self.assign, box.address, before, after)
         return after
 
-    def record(self, box: MailboxConfig, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
+    def record(self, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
         self.records.append(
-            _record(
-                box,
+            Record.of(
                 ticket,
                 event,
                 self.now,
-                qid=self.qid,
-                mid=mid,
-                login=self.login,
-                subj=self.text_subject,
+                direction="outbound",
+                queue_id=self.qid,
+                message_id=mid,
+                actor=self.login,
+                subject=self.text_subject,
                 detail=detail,
             )
         )
@@ -195,7 +195,7 @@ def _apply_agent_commands(r: _Reply, box: MailboxConfig, plan: commands.Plan) ->
             for t in r.store.tickets(b.address):
                 if t.owner == r.login and t.state != "closed":
                     handed = _hand_over(r, b, t)
-                    r.record(b, handed, "handed_over", detail=f"{r.login} away, now {handed.owner or 'inbox'}")
+                    r.record(handed, "handed_over", detail=f"{r.login} away, now {handed.owner or 'inbox'}")
     if plan.away or plan.back:
         detail = "" if plan.away_until is None else _since(plan.away_until)
         message_logger(r.qid).info("%s is %s %s", r.login, "away" if plan.away else "back", detail)
@@ -228,7 +228,7 @@ def _apply_ticket_commands(r: _Reply, box: MailboxConfig, ticket: Ticket, plan: 
         ticket = r.changed(box, ticket, r.store.update(box.address, ticket.number, changes, r.now))
     for name, detail in plan.events:
         if name not in ("note", "away", "back"):
-            r.record(box, ticket, name, detail=detail)
+            r.record(ticket, name, detail=detail)
     return ticket
 
 
@@ -238,7 +238,7 @@ def _refused(r: _Reply, box: MailboxConfig, claim: Claim) -> Verdict:
     owner_name = r.config.agent_name(ticket.owner) if ticket.owner in r.config.agents else ticket.owner
     reply = replies.S550_TICKET_OWNED.format(mark=mark, owner=owner_name, since=_since(claim.owned_since))
     message_logger(r.qid).info("%s: mail by %s refused, %s owned by %s", box.address, r.login, mark, ticket.owner)
-    r.record(box, ticket, "rival_refused")
+    r.record(ticket, "rival_refused")
     return Verdict.reject(reply, summary=f"{mark} rival mail by {r.login} refused")
 
 
@@ -259,7 +259,7 @@ def _note(r: _Reply, box: MailboxConfig, ticket: Ticket | None, plan: commands.P
         ticket = _apply_ticket_commands(r, box, ticket, plan)
         own_id = message_id(r.message.header("Message-ID"))
         ticket = r.store.touch(box.address, ticket.number, [own_id] if own_id else [], [], r.now)
-        r.record(box, ticket, "note", mid=own_id)
+        r.record(ticket, "note", mid=own_id)
         mark = f"{box.tag} #{ticket.number}"
         subj = subject.with_token(r.text_subject, box.tag, ticket.number)
         edits += ticket_headers(ticket, mark)
@@ -344,29 +344,5 @@ def _reply(
         qlog.warning("no DKIM key for %s: the reply leaves unsigned", box.address)
     mark = f"[{box.tag} #{ticket.number}]"
     qlog.info("%s: %s %s by %s (owner %s)", box.address, mark, event, login, ticket.owner or "-")
-    r.record(box, ticket, event, mid=own_id)
+    r.record(ticket, event, mid=own_id)
     return Verdict.accept(*edits, summary=f"{mark} {event} by {login}"), r.records
-
-
-def _record(
-    box: MailboxConfig, t: Ticket, event: str, now: float, *, qid: str, mid: str, login: str, subj: str, detail: str
-) -> Record:
-    return Record(
-        mailbox=box.address,
-        number=t.number,
-        event=event,
-        at=now,
-        customer=t.customer,
-        ticket_subject=t.subject,
-        owner=t.owner,
-        state=t.state,
-        priority=t.priority,
-        linked=t.linked,
-        message_id=mid,
-        direction="outbound",
-        queue_id=qid,
-        from_addr=login,
-        subject=subj[:1000],
-        actor=login,
-        detail=detail,
-    )

@@ -237,23 +237,15 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float, ex
             folder = config.agent_folder(ticket.owner)
         recipient_edits += _reroute(r.rcpts, config.recipient_delimiter, folder)
         records.append(
-            Record(
-                mailbox=r.box.address,
-                number=ticket.number,
-                event=event,
-                at=now,
-                customer=ticket.customer,
-                ticket_subject=ticket.subject,
-                owner=ticket.owner,
-                state=ticket.state,
-                priority=ticket.priority,
-                linked=ticket.linked,
-                message_id=own_id,
+            Record.of(
+                ticket,
+                event,
+                now,
                 direction="inbound",
                 queue_id=message.envelope.queue_id,
-                from_addr=customer,
-                subject=text_subject[:1000],
+                message_id=own_id,
                 actor=customer,
+                subject=text_subject,
                 detail=why,
             )
         )
