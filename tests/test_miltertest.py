@@ -60,7 +60,7 @@ class RunningMilter:
         cmd = [miltertest_binary(), "-v", "-D", f"socket=unix:{self.socket_path}"]
         for name, value in values.items():
             cmd += ["-D", f"{name}={value}"]
-        cmd += ["-s", str(SCRIPT)]
+        cmd += ["-D", f"lib={SCRIPT.parent / 'session.lua'}", "-s", str(SCRIPT)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
         except subprocess.TimeoutExpired as exc:

@@ -58,7 +58,7 @@ def run_outbound(milter: RunningMilter, **values: str) -> str:
     cmd = [miltertest_binary(), "-vv", "-D", f"socket=unix:{milter.socket_path}"]
     for name, value in values.items():
         cmd += ["-D", f"{name}={value}"]
-    cmd += ["-s", str(SCRIPT)]
+    cmd += ["-D", f"lib={SCRIPT.parent / 'session.lua'}", "-s", str(SCRIPT)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
     except subprocess.TimeoutExpired as exc:
