@@ -275,19 +275,9 @@ def _change(config: Config, box: MailboxConfig, number: int, changes: Changes, *
         raise fail(f"no ticket {box.tag} #{number} in {box.address}") from None
     except StoreUnavailable as exc:
         raise _service_error(f"Redis at {config.redis.url} is not reachable", exc) from None
-    record = Record(
-        mailbox=box.address,
-        number=number,
-        event=event,
-        at=now,
-        customer=ticket.customer,
-        ticket_subject=ticket.subject,
-        owner=ticket.owner,
-        state=ticket.state,
-        priority=ticket.priority,
-        linked=ticket.linked,
-        actor=ACTOR,
-        detail=detail,
+    # No message id and no queue id: an admin's change is an event of the ticket, not a mail.
+    record = Record.of(
+        ticket, event, now, direction="inbound", queue_id="", message_id="", actor=ACTOR, subject="", detail=detail
     )
     try:
         if config.database.auto_migrate:
