@@ -51,6 +51,12 @@ class EmptyMilter(Milter.Base):  # type: ignore[misc]
         global _accepted  # noqa: PLW0603 - one counter for the whole process, read at exit
         with _count_lock:
             _accepted += 1
+            number = _accepted
+        if _options.edits:
+            # What postroom asks of Postfix for a new ticket of a mail without a Subject (smtp-source's mail).
+            self.addheader("Subject", f"[Support #{number}]")
+            for name, value in (("Ticket", number), ("Owner", "unassigned"), ("State", "new"), ("Priority", "normal")):
+                self.addheader(f"X-Postroom-{name}", f"{value} (x)")
         return Milter.ACCEPT  # type: ignore[no-any-return]
 
     def abort(self) -> int:
@@ -60,9 +66,19 @@ class EmptyMilter(Milter.Base):  # type: ignore[misc]
         return Milter.CONTINUE  # type: ignore[no-any-return]
 
 
+class _Options:
+    edits = False  # --edits: make postroom's header edits (set once before the milter starts)
+
+
+_options = _Options()
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--edits":
+        _options.edits = True
+        argv = argv[1:]
     if len(argv) != 1:
-        print("usage: empty_milter.py SOCKET_PATH", file=sys.stderr)
+        print("usage: empty_milter.py [--edits] SOCKET_PATH", file=sys.stderr)
         return 2
     spec = argv[0] if argv[0].startswith(("unix:", "local:", "inet:", "inet6:")) else f"unix:{argv[0]}"
     # Postfix's smtpd runs as another user than the benchmark (root): the socket must be writable for it.

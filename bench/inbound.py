@@ -1,15 +1,19 @@
 """Inbound throughput: Postfix alone, Postfix + an empty pymilter milter, Postfix + postroom.
 
-Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--sizes 2048,204800]``
+Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--sizes 2048,204800] [--rounds R]``
 
-For every message size and every configuration a fresh private stack (postroom.testbed.Stack: Postfix, Dovecot,
+For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn on a
+fresh private stack (postroom.testbed.Stack: Postfix, Dovecot,
 Redis in one temp dir) is started, Postfix's ``smtp-source`` sends a short warm-up and then the measured batch to
 support@example.test over SMTP, and the run counts as finished when Postfix's queues are empty and Dovecot has
 stored every message (files in the mailbox's Maildir ``new/``). Throughput is measured messages divided by the
 time from starting smtp-source to that moment. For the two milters the milter process's CPU time (utime + stime
 of all its threads, /proc/PID/stat) is read before and after the measured batch; after the last delivery the
 benchmark waits until the milter's CPU time stops growing, so postroom's background history writer is included.
-Peak RSS is VmHWM of the milter process (a fresh process per run).
+Peak RSS is VmHWM of the milter process (a fresh process per run). Machine CPU is the busy time of all CPUs
+(/proc/stat) from the start of the batch until the milter settled, per message: what the whole mail path costs,
+Postfix, Dovecot, Redis and the load generator included. The tables report medians over the rounds and the range;
+one run on a shared 2-CPU machine varies by about 10% in throughput.
 
 Milter runs use ``milter_default_action = tempfail``: a milter that is not reachable makes the load fail
 loudly instead of silently measuring Postfix without it. Each run is checked: the empty milter reports how many
@@ -36,6 +40,7 @@ import re
 import shlex
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -64,8 +69,9 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
 EMPTY_MILTER = Path(__file__).resolve().parent / "empty_milter.py"
-CONFIGS = ("none", "empty", "postroom")
-CONFIG_TITLES = {"none": "no milter", "empty": "empty milter", "postroom": "postroom"}
+CONFIGS = ("none", "empty", "edits", "postroom")
+DEFAULT_CONFIGS = ("none", "empty", "postroom")
+CONFIG_TITLES = {"none": "no milter", "empty": "empty milter", "edits": "empty+edits", "postroom": "postroom"}
 TARGET_RATIO = 0.9
 TARGET_CPU_MS = 1.0
 _POLL = 0.005
@@ -86,6 +92,8 @@ class Run:
     busy_during: float = 0.0  # % of all CPUs busy during the measured batch (load generator and stack included)
     cpu_seconds: float | None = None
     peak_rss_kib: int | None = None
+    machine_cpu_seconds: float = 0.0  # every process on the machine, busy time summed over the CPUs
+    redis_cpu_seconds: float = 0.0  # the stack's redis-server (idle unless postroom runs)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -95,6 +103,14 @@ class Run:
     @property
     def cpu_ms_per_message(self) -> float | None:
         return None if self.cpu_seconds is None else self.cpu_seconds * 1000 / self.messages
+
+    @property
+    def machine_ms_per_message(self) -> float:
+        return self.machine_cpu_seconds * 1000 / self.messages
+
+    @property
+    def redis_ms_per_message(self) -> float:
+        return self.redis_cpu_seconds * 1000 / self.messages
 
 
 # -- /proc ------------------------------------------------------------------------------------------------
@@ -323,9 +339,10 @@ def config_toml(cfg: Config) -> tuple[str, list[str]]:
 
 
 def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None, list[str]]:
-    if config == "empty":
+    if config in ("empty", "edits"):
         workdir = stack.root / "empty-milter"
-        command = [sys.executable, str(EMPTY_MILTER), str(stack.milter_socket_path)]
+        flags = ["--edits"] if config == "edits" else []
+        command = [sys.executable, str(EMPTY_MILTER), *flags, str(stack.milter_socket_path)]
         return MilterDaemon(workdir, "", stack.milter_socket_path, command=command), None, []
     workdir = stack.root / "postroom"
     cfg = postroom_config(stack, workdir)
@@ -395,6 +412,9 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                 if busy_before > 15.0:
                     notes.append(f"the machine was {busy_before:.0f}% busy with other work just before the run")
                 cpu_before = settled_cpu_seconds(pid) if pid is not None else 0.0
+                redis_pid = stack.redis.pid
+                assert redis_pid is not None
+                redis_before = cpu_seconds(redis_pid)
                 mark = cpu_jiffies()
                 seconds = send_batch(stack, messages, sessions, size, expect_total=warmup + messages, timeout=timeout)
                 run = Run(config, size, messages, seconds, busy_before, busy_percent(mark), notes=notes)
@@ -403,6 +423,9 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                         raise BenchError(f"the milter died during the run:\n{log_tail(milter.log_path)}")
                     run.cpu_seconds = settled_cpu_seconds(pid) - cpu_before
                     run.peak_rss_kib = peak_rss_kib(pid)
+                # Read after the milter settled, so postroom's late history writes count as well.
+                run.machine_cpu_seconds = (cpu_jiffies()[0] - mark[0]) / _CLK_TCK
+                run.redis_cpu_seconds = cpu_seconds(redis_pid) - redis_before
                 if cfg is not None:
                     run.notes += check_postroom(stack, cfg, warmup + messages)
                 deferred = len(re.findall(r"status=deferred", stack.postfix.log_text()))
@@ -413,7 +436,7 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                 hold_interrupts()
                 if milter is not None:
                     milter.stop()
-            if config == "empty" and milter is not None:
+            if config in ("empty", "edits") and milter is not None:
                 run.notes += check_empty(milter, warmup + messages)
     finally:
         release_interrupts()
@@ -433,34 +456,74 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table_rows(results: dict[tuple[str, int], Run], sizes: Sequence[int]) -> list[tuple[str, list[str]]]:
+Results = dict[tuple[str, int], list[Run]]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[str]]]:
+    """Medians over the rounds (each round ran every configuration once, in turn)."""
+
     def per_size(get: Callable[[int], str]) -> list[str]:
         return [get(size) for size in sizes]
 
-    def rate(config: str, size: int) -> str:
-        return fmt(results[(config, size)].rate)
+    def rate(config: str, size: int) -> float:
+        return median([r.rate for r in results[(config, size)]])
+
+    def spread(config: str, size: int) -> str:
+        rates = [r.rate for r in results[(config, size)]]
+        return f"{min(rates):.0f}-{max(rates):.0f}"
 
     def ratio(a: str, b: str, size: int) -> str:
-        return fmt(results[(a, size)].rate / results[(b, size)].rate, 2)
+        return fmt(rate(a, size) / rate(b, size), 2)
+
+    def ratios(a: str, b: str, size: int) -> str:
+        # Round by round: both runs of a round saw the same machine state.
+        pairs = zip(results[(a, size)], results[(b, size)], strict=True)
+        values = [x.rate / y.rate for x, y in pairs]
+        return f"{min(values):.2f}-{max(values):.2f}"
 
     def cpu(config: str, size: int) -> str:
-        return fmt(results[(config, size)].cpu_ms_per_message, 2)
+        values = [r.cpu_ms_per_message for r in results[(config, size)]]
+        return fmt(median([v for v in values if v is not None]), 2)
+
+    def machine(config: str, size: int) -> str:
+        return fmt(median([r.machine_ms_per_message for r in results[(config, size)]]), 2)
+
+    def redis_cpu(config: str, size: int) -> str:
+        return fmt(median([r.redis_ms_per_message for r in results[(config, size)]]), 3)
 
     def rss(config: str, size: int) -> str:
-        kib = results[(config, size)].peak_rss_kib
-        return fmt(None if kib is None else kib / 1024)
+        kib = max(r.peak_rss_kib or 0 for r in results[(config, size)])
+        return fmt(kib / 1024 if kib else None)
 
-    return [
-        ("msgs/s, no milter", per_size(lambda s: rate("none", s))),
-        ("msgs/s, empty milter", per_size(lambda s: rate("empty", s))),
-        ("msgs/s, postroom", per_size(lambda s: rate("postroom", s))),
-        ("ratio postroom / empty milter (msgs/s)", per_size(lambda s: ratio("postroom", "empty", s))),
-        ("ratio empty milter / no milter (msgs/s)", per_size(lambda s: ratio("empty", "none", s))),
-        ("milter CPU ms/message, empty milter", per_size(lambda s: cpu("empty", s))),
-        ("milter CPU ms/message, postroom", per_size(lambda s: cpu("postroom", s))),
-        ("milter peak RSS MiB, empty milter", per_size(lambda s: rss("empty", s))),
-        ("milter peak RSS MiB, postroom", per_size(lambda s: rss("postroom", s))),
-    ]
+    configs = [c for c in CONFIGS if (c, sizes[0]) in results]
+    milters = [c for c in configs if c != "none"]
+
+    def each(get: Callable[[str, int], str], config: str) -> list[str]:
+        return [get(config, size) for size in sizes]
+
+    def rate_text(config: str, size: int) -> str:
+        return fmt(rate(config, size))
+
+    rows: list[tuple[str, list[str]]] = []
+    rows += [(f"msgs/s, {CONFIG_TITLES[c]}", each(rate_text, c)) for c in configs]
+    rows += [(f"msgs/s range over rounds, {CONFIG_TITLES[c]}", each(spread, c)) for c in configs]
+    if "postroom" in configs and "empty" in configs:
+        rows.append(("ratio postroom / empty milter (msgs/s)", per_size(lambda s: ratio("postroom", "empty", s))))
+        rows.append(("ratio postroom / empty, per round (range)", per_size(lambda s: ratios("postroom", "empty", s))))
+    if "edits" in configs and "empty" in configs:
+        rows.append(("ratio empty+edits / empty milter (msgs/s)", per_size(lambda s: ratio("edits", "empty", s))))
+    if "empty" in configs and "none" in configs:
+        rows.append(("ratio empty milter / no milter (msgs/s)", per_size(lambda s: ratio("empty", "none", s))))
+    rows += [(f"milter CPU ms/message, {CONFIG_TITLES[c]}", each(cpu, c)) for c in milters]
+    if "postroom" in configs:
+        rows.append(("Redis CPU ms/message, postroom", each(redis_cpu, "postroom")))
+    rows += [(f"machine CPU ms/message, {CONFIG_TITLES[c]}", each(machine, c)) for c in configs]
+    rows += [(f"milter peak RSS MiB, {CONFIG_TITLES[c]}", each(rss, c)) for c in milters]
+    return rows
 
 
 def text_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
@@ -482,19 +545,21 @@ def markdown_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> s
     return "\n".join(lines)
 
 
-def target_line(results: dict[tuple[str, int], Run], sizes: Sequence[int]) -> str:
+def target_line(results: Results, sizes: Sequence[int]) -> str:
     met = True
     parts = []
     for size in sizes:
-        ratio = results[("postroom", size)].rate / results[("empty", size)].rate
-        cpu = results[("postroom", size)].cpu_ms_per_message
-        ok = ratio >= TARGET_RATIO and cpu is not None and cpu <= TARGET_CPU_MS
+        ratio = median([r.rate for r in results[("postroom", size)]]) / median(
+            [r.rate for r in results[("empty", size)]]
+        )
+        cpu = median([r.cpu_ms_per_message or 0.0 for r in results[("postroom", size)]])
+        ok = ratio >= TARGET_RATIO and cpu <= TARGET_CPU_MS
         met = met and ok
-        parts.append(f"{size_label(size)}: ratio {ratio:.2f}, CPU {fmt(cpu, 2)} ms/message {'ok' if ok else 'missed'}")
+        parts.append(f"{size_label(size)}: ratio {ratio:.2f}, CPU {cpu:.2f} ms/message {'ok' if ok else 'missed'}")
     verdict = "MET" if met else "NOT MET"
     return (
-        f"target (postroom/empty msgs/s >= {TARGET_RATIO} and postroom CPU <= {TARGET_CPU_MS:g} ms/message, "
-        f"every size): {verdict} ({'; '.join(parts)})"
+        f"target (medians: postroom/empty msgs/s >= {TARGET_RATIO} and postroom CPU <= {TARGET_CPU_MS:g} "
+        f"ms/message, every size): {verdict} ({'; '.join(parts)})"
     )
 
 
@@ -537,6 +602,14 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes or any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError("sizes must be positive byte counts")
     return sizes
+
+
+def parse_configs(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
+    return [c for c in CONFIGS if c in chosen]
 
 
 class _Interrupts:
@@ -590,6 +663,19 @@ def interrupts_as_keyboard_interrupt() -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def run_line(run: Run, round_no: int) -> str:
+    line = (
+        f"{size_label(run.size):>7}  {CONFIG_TITLES[run.config]:<13} #{round_no} {run.messages} messages in "
+        f"{run.seconds:7.2f} s = {run.rate:8.1f} msgs/s, machine CPU {run.machine_ms_per_message:.2f} ms/message"
+    )
+    cpu = run.cpu_ms_per_message
+    if cpu is not None:
+        line += f", milter CPU {cpu:.2f} ms/message, peak RSS {fmt(run.peak_rss_kib, 0)} KiB"
+    if run.config == "postroom":
+        line += f", Redis CPU {run.redis_ms_per_message:.3f} ms/message"
+    return line + f"; machine {run.busy_before:.0f}% busy before, {run.busy_during:.0f}% during"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000, help="measured messages per run (default 2000)")
@@ -600,9 +686,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=None, help="warm-up messages before each run (default messages/10, 20..200)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of every configuration, interleaved; medians are reported (3)"
+    )
+    parser.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=list(DEFAULT_CONFIGS),
+        help=f"configurations to run, of {','.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)}; "
+        "edits = the empty milter making the header edits postroom makes for a new ticket)",
+    )
     args = parser.parse_args(argv)
-    if args.messages < 1 or args.sessions < 1:
-        parser.error("--messages and --sessions must be at least 1")
+    if args.messages < 1 or args.sessions < 1 or args.rounds < 1:
+        parser.error("--messages, --sessions and --rounds must be at least 1")
     sizes: list[int] = args.sizes
     warmup: int = args.warmup if args.warmup is not None else max(20, min(200, args.messages // 10))
     if os.geteuid() != 0:
@@ -612,25 +708,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop(var, None)
 
     print_header(args, sizes, warmup)
-    results: dict[tuple[str, int], Run] = {}
+    results: Results = {}
     with interrupts_as_keyboard_interrupt():
         try:
             for size in sizes:
-                for config in CONFIGS:
-                    progress(f"... {size_label(size)}, {CONFIG_TITLES[config]}: {warmup} warm-up + {args.messages}")
-                    run = run_one(config, size, args.messages, args.sessions, warmup)
-                    results[(config, size)] = run
-                    cpu = run.cpu_ms_per_message
-                    line = (
-                        f"{size_label(size):>7}  {CONFIG_TITLES[config]:<13} {run.messages} messages in "
-                        f"{run.seconds:7.2f} s = {run.rate:8.1f} msgs/s"
-                    )
-                    if cpu is not None:
-                        line += f", milter CPU {cpu:.2f} ms/message, peak RSS {fmt(run.peak_rss_kib, 0)} KiB"
-                    line += f"; machine {run.busy_before:.0f}% busy before, {run.busy_during:.0f}% during"
-                    print(line, flush=True)
-                    for note in run.notes:
-                        print(f"         WARNING: {note}", flush=True)
+                # Rounds interleave the configurations, so a slow spell of the machine hits all of them alike.
+                for round_no in range(1, args.rounds + 1):
+                    for config in args.configs:
+                        progress(
+                            f"... {size_label(size)}, {CONFIG_TITLES[config]}, round {round_no}/{args.rounds}: "
+                            f"{warmup} warm-up + {args.messages}"
+                        )
+                        run = run_one(config, size, args.messages, args.sessions, warmup)
+                        results.setdefault((config, size), []).append(run)
+                        print(run_line(run, round_no), flush=True)
+                        for note in run.notes:
+                            print(f"         WARNING: {note}", flush=True)
         except KeyboardInterrupt:
             print("interrupted; every service of the benchmark has been stopped", file=sys.stderr)
             return 130
@@ -646,7 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(markdown_table(rows, sizes))
     print()
-    print(target_line(results, sizes))
+    if ("postroom", sizes[0]) in results and ("empty", sizes[0]) in results:
+        print(target_line(results, sizes))
     return 0
 
 
