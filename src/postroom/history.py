@@ -268,9 +268,11 @@ def write(session: Session, records: list[Record]) -> None:
                     "updated_at": _ts(z.at),
                 }
             )
-        if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-            stmt = insert(_TICKETS).returning(_TICKETS.c.id, sort_by_parameter_order=True)
-            ids.update(zip(fresh, conn.execute(stmt, rows).scalars(), strict=True))
+        if conn.dialect.insert_executemany_returning:
+            # Rows come back in any order, matched by their key: asking for parameter order makes SQLAlchemy
+            # insert one row per statement on SQLite (it has no sentinel to sort by), a statement per mail.
+            stmt = insert(_TICKETS).returning(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id)
+            ids.update(((mailbox, number), row_id) for mailbox, number, row_id in conn.execute(stmt, rows))
         else:
             # SQLite before 3.35 has no RETURNING: read the new ids back.
             conn.execute(insert(_TICKETS), rows)
