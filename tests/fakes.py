@@ -36,6 +36,13 @@ class MemoryStore:
                 found.by_token.append(Candidate(t, known))
         return found
 
+    def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]:
+        self._check()
+        seen = self.index.get((mailbox, message_id))
+        if seen and self.participants[(mailbox, seen)] & set(new.participants):
+            return self.ticket_map[(mailbox, seen)], False
+        return self.open(mailbox, new, now), True
+
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
         self._check()
         n = self.seq[mailbox] = self.seq.get(mailbox, 0) + 1

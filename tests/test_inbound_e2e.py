@@ -128,6 +128,26 @@ def test_customer_follow_up_goes_to_the_owners_folder(deployment: Deployment) ->
     ]
 
 
+def test_the_same_mail_sent_again_joins_its_ticket(deployment: Deployment) -> None:
+    d = deployment
+    msg = customer_mail("erin@customer.test", "Order 4711 missing")
+    n = ticket_number(deliver(d, msg))
+    d.redis_client().hset(f"postroom:{{{SUPPORT}}}:t:{n}", mapping={"owner": "meier", "state": "open"})
+    seq = d.redis_client().get(f"postroom:{{{SUPPORT}}}:seq")
+    # The customer's client did not see our 250 and sends the very same mail again.
+    again = deliver(d, msg, folder="Meier")
+    assert ticket_number(again) == n
+    assert again["Subject"] == f"[Support #{n}] Order 4711 missing"
+    assert d.redis_client().get(f"postroom:{{{SUPPORT}}}:seq") == seq  # no ticket was opened for it
+    deadline = time.monotonic() + 10
+    while True:
+        _row, _message, events = history_rows(d, queue_id(d, str(msg["Message-ID"])))
+        if len(events) > 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [e.kind for e in events] == ["opened", "duplicate"]
+
+
 def test_stranger_pasting_a_ticket_token_gets_a_new_ticket(deployment: Deployment) -> None:
     d = deployment
     n = ticket_number(deliver(d, customer_mail("alice@customer.test", "My contract")))

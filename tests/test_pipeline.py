@@ -6,8 +6,10 @@ from collections.abc import Iterable
 
 import pytest
 
+from postroom.autoreply import load_templates
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.pipeline import Message, Outcome, process
+from postroom.rules import MemoryAssignmentState
 from postroom.store import Changes, Lookup
 from postroom.subject import decode
 from postroom.verdict import (
@@ -71,6 +73,27 @@ def test_new_ticket_gets_token_headers_and_stays_in_inbox(config: Config) -> Non
     [rec] = out.records
     assert (rec.event, rec.number, rec.queue_id, rec.message_id) == ("opened", 1, "4AbCdEf", "m1@customer.test")
     assert store.ticket_map[(SUPPORT, 1)].customer == "alice@customer.test"
+
+
+def test_the_same_mail_again_joins_its_ticket_without_a_second_acknowledgement(config: Config) -> None:
+    data = config.model_dump()
+    data["autoreply"] = {**data["autoreply"], "acknowledge": True}
+    cfg = parse_config(data, environ={})
+    store, state = MemoryStore(), MemoryAssignmentState()
+    templates = load_templates(cfg)
+    first = process(mail(), cfg, store, 1000.0, templates=templates, assign=state)
+    store.assign(SUPPORT, 1, "meier")
+    # Postfix or the customer's client sends the very same mail again (same Message-ID, new queue id).
+    again = process(mail(qid="5XyZ"), cfg, store, 1060.0, templates=templates, assign=state)
+    assert len(first.outgoing) == 1 and again.outgoing == []
+    assert header(again, "Subject") == ["[Support #1] Hello"]
+    assert rcpt_edits(again) == [("RemoveRecipient", f"<{SUPPORT}>"), ("AddRecipient", "support+Meier@example.test")]
+    [rec] = again.records
+    assert (rec.event, rec.number, rec.queue_id) == ("duplicate", 1, "5XyZ")
+    assert store.seq[SUPPORT] == 1
+    # Another customer's mail with a Message-ID it copied is not the same mail: it gets a ticket of its own.
+    other = process(mail(sender="mallory@evil.test", qid="6Q"), cfg, store, 1100.0, templates=templates, assign=state)
+    assert header(other, "Subject") == ["[Support #2] Hello"] and other.records[0].event == "opened"
 
 
 def test_customer_follow_up_by_references_goes_to_the_owners_folder(config: Config) -> None:

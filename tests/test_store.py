@@ -34,6 +34,43 @@ def test_open_lookup_touch(redis_url: str) -> None:
     assert store.lookup(BOX, [], [1], ["bob@customer.test"]).by_token[0].sender_known
 
 
+def test_the_same_mail_again_gets_its_ticket_not_a_new_one(redis_url: str) -> None:
+    store = make(redis_url)
+    first, created = store.open_unless_seen(BOX, new(), "m1@c", 1.0)
+    assert created and first.number == 1
+    again, created = store.open_unless_seen(BOX, new(), "m1@c", 2.0)
+    assert not created
+    assert (again.number, again.customer, again.subject, again.created) == (1, "alice@customer.test", "Hello", 1.0)
+    # A follow-up's Message-ID is in the ticket too: that mail again is also the same ticket.
+    store.touch(BOX, 1, ["m2@c"], [], 3.0)
+    assert store.open_unless_seen(BOX, new(mid="m2@c"), "m2@c", 4.0) == (store.ticket(BOX, 1), False)
+    # A stranger reusing a known Message-ID does not get into that ticket.
+    stranger, created = store.open_unless_seen(BOX, new("mallory@evil.test", mid="m1@c"), "m1@c", 5.0)
+    assert created and stranger.number == 2
+    assert store.lookup(BOX, ["m1@c"], [], []).by_reference is not None
+
+
+def test_copies_of_one_mail_arriving_at_once_open_one_ticket(redis_url: str) -> None:
+    results: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        store = make(redis_url)
+        start.wait()
+        ticket, created = store.open_unless_seen(BOX, new(mid="same@c"), "same@c", 1.0)
+        with lock:
+            results.append((ticket.number, created))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [(1, False)] * 7 + [(1, True)]
+    assert make(redis_url).tickets(BOX)[0].number == 1 and len(make(redis_url).tickets(BOX)) == 1
+
+
 def test_keys_carry_the_mailbox_hash_tag_and_ttl(redis_url: str) -> None:
     store = make(redis_url)
     store.open(BOX, new(), 1.0)

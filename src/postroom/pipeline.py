@@ -191,22 +191,29 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float, ex
         if ticket is None:
             # A stranger's or a forwarded ticket's token is not this ticket's name.
             base_subject = subject.strip_token(text_subject, r.box.tag)
-            ticket = store.open(
-                r.box.address,
-                NewTicket(
-                    customer=customer,
-                    subject=base_subject[:300],
-                    participants=tuple(senders),
-                    message_ids=(own_id,) if own_id else (),
-                    linked=linked,
-                    owner=decision.owner,
-                    priority=decision.priority or "normal",
-                    tags=decision.tags,
-                ),
-                now,
+            new = NewTicket(
+                customer=customer,
+                subject=base_subject[:300],
+                participants=tuple(senders),
+                message_ids=(own_id,) if own_id else (),
+                linked=linked,
+                owner=decision.owner,
+                priority=decision.priority or "normal",
+                tags=decision.tags,
             )
-            event = "linked" if linked else "opened"
-            outgoing += _auto_reply(message, config, store, extras, r=r, ticket=ticket, decision=decision, when=when)
+            if own_id:
+                ticket, created = store.open_unless_seen(r.box.address, new, own_id, now)
+            else:
+                ticket, created = store.open(r.box.address, new, now), True
+            if created:
+                event = "linked" if linked else "opened"
+                outgoing += _auto_reply(
+                    message, config, store, extras, r=r, ticket=ticket, decision=decision, when=when
+                )
+            else:
+                # The same mail again: it gets the ticket it opened (same number, same folder), and no second
+                # acknowledgement goes to the customer.
+                event, why = "duplicate", "its Message-ID is already in this ticket"
         else:
             ticket = store.touch(r.box.address, ticket.number, [own_id] if own_id else [], senders, now)
             event = "followup"

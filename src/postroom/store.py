@@ -1,8 +1,9 @@
 """The Redis store: ticket counters, ticket hashes, participants and the Message-ID index.
 
 Every key of one mailbox carries the same hash tag (``postroom:{support@example.test}:...``), so a mailbox
-lives in one Redis Cluster slot and the multi-key scripts below stay atomic there.  Two round trips per mail:
-one read (:meth:`RedisStore.lookup`) and one write script (open or touch).
+lives in one Redis Cluster slot and the multi-key scripts below stay atomic there.  At most two round trips per
+mail: one read (:meth:`RedisStore.lookup`, none for a mail with neither references nor a ticket token) and one
+write script (open or touch).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import redis
 import redis.exceptions
@@ -87,6 +88,8 @@ class TicketStore(Protocol):
 
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket: ...
 
+    def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]: ...
+
     def touch(
         self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
     ) -> Ticket: ...
@@ -107,24 +110,42 @@ class TicketStore(Protocol):
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
 # counter's hash tag and so its cluster slot, which is what Redis Cluster needs for the script to run there.
+# ARGV[3], when not empty, is the mail's own Message-ID: if it already names a ticket that one of this mail's
+# senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
+# twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
+# second ticket; checked inside the script, so two copies arriving at once still open one ticket.
 _OPEN = """
-local n = redis.call('INCR', KEYS[1])
 local base = ARGV[1]
-local tkey = base .. 't:' .. n
-local pkey = base .. 'p:' .. n
 local ttl = tonumber(ARGV[2])
-local nfields = tonumber(ARGV[3])
-local i = 4
+local seen_id = ARGV[3]
+local nfields = tonumber(ARGV[4])
+local i = 5
 local fields = {}
 for _ = 1, nfields do
   table.insert(fields, ARGV[i]); table.insert(fields, ARGV[i + 1]); i = i + 2
 end
-redis.call('HSET', tkey, unpack(fields))
 local nparts = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nparts do redis.call('SADD', pkey, ARGV[i]); i = i + 1 end
+local parts = {}
+for _ = 1, nparts do table.insert(parts, ARGV[i]); i = i + 1 end
+if seen_id ~= '' then
+  local seen = redis.call('GET', base .. 'm:' .. seen_id)
+  if seen then
+    local t = redis.call('HGETALL', base .. 't:' .. seen)
+    if #t > 0 then
+      for _, p in ipairs(parts) do
+        if redis.call('SISMEMBER', base .. 'p:' .. seen, p) == 1 then return {tonumber(seen), t} end
+      end
+    end
+  end
+end
+local n = redis.call('INCR', KEYS[1])
+local tkey = base .. 't:' .. n
+local pkey = base .. 'p:' .. n
+redis.call('HSET', tkey, unpack(fields))
+for _, p in ipairs(parts) do redis.call('SADD', pkey, p) end
 local nids = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nids do redis.call('SET', base .. 'm:' .. ARGV[i], n, 'EX', ttl); i = i + 1 end
-return n
+return {n}
 """
 
 # Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
@@ -302,6 +323,16 @@ class RedisStore:
         return found
 
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
+        return self._open_ticket(mailbox, new, "", now)[0]
+
+    def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]:
+        """Open a ticket, unless ``message_id`` already opened or joined one a sender of this mail takes part in.
+
+        Returns (ticket, True) for a new ticket, (the existing ticket, False) for the same mail again.
+        """
+        return self._open_ticket(mailbox, new, message_id, now)
+
+    def _open_ticket(self, mailbox: str, new: NewTicket, seen_id: str, now: float) -> tuple[Ticket, bool]:
         fields = {
             "owner": new.owner,
             "state": new.state,
@@ -314,7 +345,7 @@ class RedisStore:
             "linked": str(new.linked),
             "owned_since": repr(now) if new.owner else "",
         }
-        args: list[str | int] = [self.base(mailbox), self._ttl, len(fields)]
+        args: list[str | int] = [self.base(mailbox), self._ttl, seen_id, len(fields)]
         for k, v in fields.items():
             args += [k, v]
         args.append(len(new.participants))
@@ -322,10 +353,14 @@ class RedisStore:
         args.append(len(new.message_ids))
         args += list(new.message_ids)
         try:
-            number = int(self._open(keys=[self.counter_key(mailbox)], args=args))
+            reply = cast(list[Any], self._open(keys=[self.counter_key(mailbox)], args=args))
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return Ticket.from_hash(mailbox, number, fields)
+        number = int(reply[0])
+        if len(reply) > 1:
+            flat = reply[1]
+            return Ticket.from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True))), False
+        return Ticket.from_hash(mailbox, number, fields), True
 
     def touch(
         self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
