@@ -1,19 +1,23 @@
 """Inbound throughput: Postfix alone, Postfix + an empty pymilter milter, Postfix + postroom.
 
-Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--sizes 2048,204800] [--rounds R]``
+Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--sizes 2048,204800] [--rounds R]
+[--configs none,empty,edits,postroom]``
 
-For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn on a
-fresh private stack (postroom.testbed.Stack: Postfix, Dovecot,
-Redis in one temp dir) is started, Postfix's ``smtp-source`` sends a short warm-up and then the measured batch to
-support@example.test over SMTP, and the run counts as finished when Postfix's queues are empty and Dovecot has
-stored every message (files in the mailbox's Maildir ``new/``). Throughput is measured messages divided by the
-time from starting smtp-source to that moment. For the two milters the milter process's CPU time (utime + stime
-of all its threads, /proc/PID/stat) is read before and after the measured batch; after the last delivery the
-benchmark waits until the milter's CPU time stops growing, so postroom's background history writer is included.
-Peak RSS is VmHWM of the milter process (a fresh process per run). Machine CPU is the busy time of all CPUs
-(/proc/stat) from the start of the batch until the milter settled, per message: what the whole mail path costs,
-Postfix, Dovecot, Redis and the load generator included. The tables report medians over the rounds and the range;
-one run on a shared 2-CPU machine varies by about 10% in throughput.
+Configurations: ``none`` (Postfix alone), ``empty`` (bench/empty_milter.py), ``edits`` (the same empty milter
+making the five header edits postroom makes for a new ticket, to tell Postfix's cost of applying them apart from
+postroom's own) and ``postroom``; the default runs none, empty and postroom.
+
+For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn: a fresh
+private stack (postroom.testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
+``smtp-source`` sends a short warm-up and then the measured batch to support@example.test over SMTP, and the run
+counts as finished when Postfix's queues are empty and Dovecot has stored every message (files in the mailbox's Maildir
+``new/``). Throughput is measured messages divided by the time from starting smtp-source to that moment. For the
+milters the milter process's CPU time (utime + stime of all its threads, /proc/PID/stat) is read before and after
+the measured batch; after the last delivery the benchmark waits until the milter's CPU time stops growing, so
+postroom's background history writer is included. Peak RSS is VmHWM of the milter process (a fresh process per
+run). Machine CPU is the busy time of all CPUs (/proc/stat) from the start of the batch until the milter settled,
+per message: what the whole mail path costs, Postfix, Dovecot, Redis and the load generator included. The tables
+report medians over the rounds and the range; one run on a shared 2-CPU machine varies by 10-20% in throughput.
 
 Milter runs use ``milter_default_action = tempfail``: a milter that is not reachable makes the load fail
 loudly instead of silently measuring Postfix without it. Each run is checked: the empty milter reports how many
