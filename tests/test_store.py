@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import pytest
 import redis
 
 from postroom.store import NewTicket, RedisStore, StoreUnavailable
@@ -106,6 +108,41 @@ def test_mailboxes_count_separately(redis_url: str) -> None:
     assert store.open(BOX, new(), 1.0).number == 1
     assert store.open("sales@example.test", new(), 1.0).number == 1
     assert store.open(BOX, new(mid="m2@c"), 1.0).number == 2
+
+
+def test_scripts_survive_a_redis_that_forgot_them_and_a_dropped_connection(redis_url: str) -> None:
+    store = make(redis_url)
+    assert store.open(BOX, new(), 1.0).number == 1
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    admin.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    assert store.open(BOX, new(mid="m2@c"), 2.0).number == 2
+    assert store.touch(BOX, 2, ["m3@c"], [], 3.0).updated == 3.0
+    admin.client_kill_filter(_type="normal", skipme=True)
+    # The pool notices an idle connection that Redis dropped and connects again before sending.
+    assert store.open(BOX, new(mid="m4@c"), 4.0).number == 3
+
+
+def test_a_timed_out_script_is_not_sent_twice(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=0.3)
+    assert store.open(BOX, new(), 1.0).number == 1
+    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0))
+    busy.start()
+    time.sleep(0.2)
+    with pytest.raises(StoreUnavailable):
+        store.open(BOX, new(mid="m2@c"), 2.0)
+    busy.join()
+    # Redis ran the timed-out open once, when it was free again; a retry would have counted it twice.
+    assert store.open(BOX, new(mid="m3@c"), 3.0).number == 3
+
+
+def _block_redis(url: str, seconds: float) -> None:
+    """Keep Redis busy (a Lua loop) for ``seconds``, as a slow or stuck server would be."""
+    loop = """
+    local t0 = redis.call('TIME')
+    repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+    return 1
+    """
+    redis.Redis.from_url(url).eval(loop, 0, int(seconds * 1_000_000))
 
 
 def test_unreachable_redis_raises_store_unavailable() -> None:

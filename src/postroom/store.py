@@ -9,12 +9,13 @@ write script (open or touch).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import redis
 import redis.exceptions
+from redis.commands.core import Script
 
 from postroom.keyspace import away_key, key_base
 
@@ -244,6 +245,33 @@ class Claim:
     owned_since: float  # when the current owner took it
 
 
+class _ScriptRunner:
+    """EVALSHA on a pooled connection: the mail path's one Redis call, without redis-py's per-command client layer.
+
+    ``Script.__call__`` goes through the client's retry and observability wrappers, which cost more CPU than the
+    round trip itself (bench/inbound.py).  This keeps redis-py's pool and connections (URL, AUTH, TLS, RESP3)
+    and does not retry: these scripts are not idempotent (a retried open would open a second ticket), so a lost
+    connection is a StoreUnavailable for the failure policy, and the connection is reset for the next mail.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+
+    def __call__(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        conn = self._pool.get_connection()
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            try:
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or SCRIPT FLUSH: EVAL runs the script and caches it again for EVALSHA.
+                conn.send_command("EVAL", script.script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return conn.read_response()
+        finally:
+            # A connection that failed was disconnected by redis-py; the pool reconnects it on next use.
+            self._pool.release(conn)
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, key_prefix: str = "postroom", message_index_days: int = 400) -> None:
         self._r = client
@@ -254,6 +282,7 @@ class RedisStore:
         self._assign = client.register_script(_ASSIGN)
         self._claim = client.register_script(_CLAIM)
         self._update = client.register_script(_UPDATE)
+        self._run = _ScriptRunner(client)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
@@ -353,7 +382,7 @@ class RedisStore:
         args.append(len(new.message_ids))
         args += list(new.message_ids)
         try:
-            reply = cast(list[Any], self._open(keys=[self.counter_key(mailbox)], args=args))
+            reply = cast(list[Any], self._run(self._open, [self.counter_key(mailbox)], args))
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         number = int(reply[0])
@@ -371,7 +400,7 @@ class RedisStore:
         keys = [self.ticket_key(mailbox, number), self.participants_key(mailbox, number)]
         keys += [self.message_key(mailbox, m) for m in ids]
         try:
-            flat = self._touch(keys=keys, args=args)
+            flat = self._run(self._touch, keys, args)
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
@@ -383,7 +412,7 @@ class RedisStore:
         """Give the ticket to ``owner`` (a login, "" to release); raises KeyError for an unknown ticket."""
         state = "open" if owner else "new"
         try:
-            flat = self._assign(keys=[self.ticket_key(mailbox, number)], args=[owner, state, repr(now)])
+            flat = self._run(self._assign, [self.ticket_key(mailbox, number)], [owner, state, repr(now)])
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
@@ -393,7 +422,7 @@ class RedisStore:
     def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
         """Atomically make ``login`` the owner unless another agent owns the ticket (``force`` takes it over)."""
         try:
-            flat = self._claim(keys=[self.ticket_key(mailbox, number)], args=[login, "1" if force else "0", repr(now)])
+            flat = self._run(self._claim, [self.ticket_key(mailbox, number)], [login, "1" if force else "0", repr(now)])
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
@@ -411,7 +440,7 @@ class RedisStore:
         args: list[str | int] = [changes.owner, changes.state, changes.priority, repr(now), len(changes.add_tags)]
         args += [*changes.add_tags, *changes.remove_tags]
         try:
-            flat = self._update(keys=[self.ticket_key(mailbox, number)], args=args)
+            flat = self._run(self._update, [self.ticket_key(mailbox, number)], args)
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
