@@ -28,13 +28,18 @@ class Message:
     envelope: Envelope
     headers: list[tuple[str, str]]
     body: BodyAccess = field(default=lambda: b"")
+    _first: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        """The first header of that name (any case).  Headers must not change once this is called."""
+        if self._first is None:
+            # The pipeline asks for several headers of every mail; one pass over a mail's 20-40 headers
+            # answers them all.
+            first: dict[str, str] = {}
+            for key, value in self.headers:
+                first.setdefault(key.lower(), value)
+            self._first = first
+        return self._first.get(name.lower())
 
     def header_names(self) -> set[str]:
         return {k for k, _ in self.headers}
