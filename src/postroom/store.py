@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import hiredis
 import redis
 import redis.exceptions
 from redis.commands.core import Script
@@ -245,11 +246,17 @@ class Claim:
     owned_since: float  # when the current owner took it
 
 
+def _packed(*parts: str | bytes | memoryview | int) -> list[bytes]:
+    """One Redis command, encoded as redis-py's encoder would (UTF-8, strict) but in one C call."""
+    # hiredis's stub types the argument as a 1-tuple; it takes a command of any length.
+    return [hiredis.pack_command(cast(Any, parts))]
+
+
 class _ScriptRunner:
     """EVALSHA on a pooled connection: the mail path's one Redis call, without redis-py's per-command client layer.
 
-    ``Script.__call__`` goes through the client's retry and observability wrappers, which cost more CPU than the
-    round trip itself (bench/inbound.py).  This keeps redis-py's pool and connections (URL, AUTH, TLS, RESP3)
+    ``Script.__call__`` goes through the client's retry and observability wrappers, which cost about as much CPU
+    as the rest of the call.  This keeps redis-py's pool and connections (URL, AUTH, TLS, RESP3)
     and does not retry: these scripts are not idempotent (a retried open would open a second ticket), so a lost
     connection is a StoreUnavailable for the failure policy, and the connection is reset for the next mail.
     """
@@ -260,12 +267,12 @@ class _ScriptRunner:
     def __call__(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         conn = self._pool.get_connection()
         try:
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            conn.send_packed_command(_packed("EVALSHA", script.sha, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
             try:
                 return conn.read_response()
             except redis.exceptions.NoScriptError:
                 # Redis restarted or SCRIPT FLUSH: EVAL runs the script and caches it again for EVALSHA.
-                conn.send_command("EVAL", script.script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                conn.send_packed_command(_packed("EVAL", script.script, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
                 return conn.read_response()
         finally:
             # A connection that failed was disconnected by redis-py; the pool reconnects it on next use.
