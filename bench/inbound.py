@@ -78,7 +78,8 @@ DEFAULT_CONFIGS = ("none", "empty", "postroom")
 CONFIG_TITLES = {"none": "no milter", "empty": "empty milter", "edits": "empty+edits", "postroom": "postroom"}
 TARGET_RATIO = 0.9
 TARGET_CPU_MS = 1.0
-_POLL = 0.005
+_POLL = 0.005  # after smtp-source exited: how precisely the end of a run is seen
+_POLL_SENDING = 0.05
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -98,6 +99,7 @@ class Run:
     peak_rss_kib: int | None = None
     machine_cpu_seconds: float = 0.0  # every process on the machine, busy time summed over the CPUs
     redis_cpu_seconds: float = 0.0  # the stack's redis-server (idle unless postroom runs)
+    cpu_by_group: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group (cpu_by_group)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -172,6 +174,76 @@ def wait_quiet(limit: float = 30.0, busy_max: float = 15.0) -> float:
         busy = busy_percent(mark)
         if busy <= busy_max or time.monotonic() > deadline:
             return busy
+
+
+ProcessTimes = dict[int, tuple[str, float, float]]  # pid -> (group, own CPU s, CPU s of its reaped children)
+# Whose exited children a parent's children time is: Postfix's master reaps its daemons, this program smtp-source.
+_REAPED = {"postfix other": "postfix (exited processes)", "benchmark (this program)": "smtp-source (exited)"}
+
+
+def process_group(pid: int, comm: str) -> str:
+    """Which part of the mail path a process is: Postfix and Dovecot daemons by name, Python by what it runs."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return "kernel threads" if comm.startswith(("kworker", "ksoftirq", "jbd2", "rcu", "kswapd")) else "other"
+    if "/postfix/" in exe:
+        return f"postfix {comm}" if comm in ("smtpd", "cleanup", "qmgr", "lmtp") else "postfix other"
+    if "/dovecot/" in exe or comm.startswith("dovecot"):
+        return "dovecot"
+    if os.path.basename(exe).startswith("python"):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return "other"
+        text = b" ".join(argv).decode(errors="replace")
+        if "postroom milter" in text:
+            return "milter"
+        if "empty_milter.py" in text:
+            return "milter"
+        if "bench/" in text:
+            return "benchmark (this program)"
+        return "other"
+    name = os.path.basename(exe)
+    if name in ("redis-server", "smtp-source"):
+        return name
+    return "other"
+
+
+def process_times() -> ProcessTimes:
+    times: ProcessTimes = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        own = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        children = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+        times[pid] = (process_group(pid, comm), own, children)
+    return times
+
+
+def cpu_by_group(before: ProcessTimes, after: ProcessTimes) -> dict[str, float]:
+    """CPU seconds spent between the two snapshots, by process group.
+
+    A process that exited in between is counted once its parent reaped it (the parent's children time, under
+    the parent's group: Postfix's master reaps smtpd, cleanup and lmtp); one that started in between counts whole.
+    """
+    spent: dict[str, float] = {}
+    for pid, (group, own, children) in after.items():
+        old = before.get(pid)
+        base_own, base_children = (old[1], old[2]) if old is not None and old[0] == group else (0.0, 0.0)
+        spent[group] = spent.get(group, 0.0) + own - base_own
+        reaped = children - base_children
+        if reaped > 0:
+            key = _REAPED.get(group, f"{group} (exited children)")
+            spent[key] = spent.get(key, 0.0) + reaped
+    return spent
 
 
 # -- machine facts ----------------------------------------------------------------------------------------
@@ -270,18 +342,21 @@ def send_batch(stack: Stack, messages: int, sessions: int, size: int, *, expect_
                     f"{shlex.join(cmd)} exited with status {proc.returncode}:\n{log_tail(out_path)}\n"
                     f"--- postfix.log ---\n{stack.postfix.log_tail()}"
                 )
-            count = delivered_count(stack)
+            # While smtp-source sends, only its exit is watched: listing a Maildir of thousands of files every few
+            # milliseconds would take CPU from the mail path being measured.
+            count = delivered_count(stack) if exited else -1
             if exited and count >= expect_total and stack.postfix.queue_empty():
                 elapsed = time.monotonic() - start
                 break
             if time.monotonic() > deadline:
+                count = delivered_count(stack)
                 raise BenchError(
                     f"not finished after {timeout:.0f}s: smtp-source {'exited' if exited else 'running'}, "
                     f"{count}/{expect_total} delivered, deferred {stack.postfix.deferred_count()}, "
                     f"queue ids {len(stack.postfix.queue_ids())}\n--- postfix.log ---\n{stack.postfix.log_tail()}"
                     f"\n--- dovecot.log ---\n{log_tail(stack.dovecot.log_path)}"
                 )
-            time.sleep(_POLL)
+            time.sleep(_POLL if exited else _POLL_SENDING)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -419,6 +494,7 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                 redis_pid = stack.redis.pid
                 assert redis_pid is not None
                 redis_before = cpu_seconds(redis_pid)
+                processes_before = process_times()
                 mark = cpu_jiffies()
                 seconds = send_batch(stack, messages, sessions, size, expect_total=warmup + messages, timeout=timeout)
                 run = Run(config, size, messages, seconds, busy_before, busy_percent(mark), notes=notes)
@@ -429,6 +505,7 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                     run.peak_rss_kib = peak_rss_kib(pid)
                 # Read after the milter settled, so postroom's late history writes count as well.
                 run.machine_cpu_seconds = (cpu_jiffies()[0] - mark[0]) / _CLK_TCK
+                run.cpu_by_group = cpu_by_group(processes_before, process_times())
                 run.redis_cpu_seconds = cpu_seconds(redis_pid) - redis_before
                 if cfg is not None:
                     run.notes += check_postroom(stack, cfg, warmup + messages)
@@ -528,6 +605,32 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     rows += [(f"machine CPU ms/message, {CONFIG_TITLES[c]}", each(machine, c)) for c in configs]
     rows += [(f"milter peak RSS MiB, {CONFIG_TITLES[c]}", each(rss, c)) for c in milters]
     return rows
+
+
+def group_table(results: Results, size: int) -> str:
+    """Where the machine's CPU went, by process group and configuration: medians over the rounds, ms/message."""
+    configs = [c for c in CONFIGS if (c, size) in results]
+    groups = sorted({g for c in configs for r in results[(c, size)] for g in r.cpu_by_group})
+
+    def ms(config: str, group: str) -> float:
+        runs = results[(config, size)]
+        return median([r.cpu_by_group.get(group, 0.0) * 1000 / r.messages for r in runs])
+
+    shown = [g for g in groups if max(ms(c, g) for c in configs) >= 0.01]
+    head = f"CPU ms/message by process, {size_label(size)}"
+    first = max(len(head), *(len(g) for g in shown), len("machine (/proc/stat)"))
+    widths = [max(len(CONFIG_TITLES[c]), 6) for c in configs]
+
+    def line(name: str, cells: Sequence[str]) -> str:
+        return "  ".join([name.ljust(first), *(cell.rjust(w) for cell, w in zip(cells, widths, strict=True))])
+
+    lines = [line(head, [CONFIG_TITLES[c] for c in configs])]
+    for g in sorted(shown, key=lambda g: -ms(configs[-1], g)):
+        lines.append(line(g, [f"{ms(c, g):.2f}" for c in configs]))
+    lines.append(line("sum of these", [f"{sum(ms(c, g) for g in groups):.2f}" for c in configs]))
+    machine = [median([r.machine_ms_per_message for r in results[(c, size)]]) for c in configs]
+    lines.append(line("machine (/proc/stat)", [f"{v:.2f}" for v in machine]))
+    return "\n".join(lines)
 
 
 def text_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
@@ -738,6 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = table_rows(results, sizes)
     print()
     print(text_table(rows, sizes))
+    for size in sizes:
+        print()
+        print(group_table(results, size))
     print()
     print("Markdown (for README.md):")
     print()
