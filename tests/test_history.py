@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import delete, func, inspect, select
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import DateTime, delete, func, inspect, select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, HistoryWriter, MessageRow, Record, TicketRow, make_engine, migrate, write
+from postroom.history import (
+    EventRow,
+    HistoryWriter,
+    MessageRow,
+    Record,
+    TicketRow,
+    make_engine,
+    migrate,
+    sqlite_text_time,
+    write,
+)
 
 BOX = "support@example.test"
 
@@ -135,6 +149,33 @@ def test_one_batch_writes_what_the_records_one_by_one_write(db_url: str) -> None
     assert [m[3] for m in messages] == ["Q0", "Q1", "Q2", "Q3", "Q4", "Q5"]
     assert [e[1] for e in events] == ["opened", "opened", "followup", "followup", "linked", "assign", "reply"]
     engine.dispose()
+
+
+def test_times_read_back_as_written_and_comparable_in_sql(db_url: str) -> None:
+    """What team leads query: times come back as the mail's time, and SQL orders and filters by them."""
+    migrate(db_url)
+    engine = make_engine(db_url)
+    times = [1_700_000_000.0, 1_700_000_000.5, 1_700_003_600.123456, 1_800_000_000.0]
+    with Session(engine) as s, s.begin():
+        write(s, [rec(n + 1, "opened", at=at, message_id=f"m{n}@c", queue_id=f"Q{n}") for n, at in enumerate(times)])
+    cut = datetime.fromtimestamp(1_700_000_000.25, UTC)
+    with Session(engine) as s:
+        read = [m.at for m in s.scalars(select(MessageRow).order_by(MessageRow.at))]
+        later = s.scalars(select(EventRow.at).where(EventRow.at > cut).order_by(EventRow.at)).all()
+        created = s.scalars(select(TicketRow.created_at).order_by(TicketRow.number)).all()
+    as_utc = [t.replace(tzinfo=UTC) if t.tzinfo is None else t for t in read]
+    assert [t.timestamp() for t in as_utc] == pytest.approx(times, abs=1e-6)
+    assert len(later) == 3 and len(created) == 4
+    engine.dispose()
+
+
+@given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))
+def test_sqlite_times_are_stored_as_sqlalchemy_stores_them(at: float) -> None:
+    value = datetime.fromtimestamp(at, UTC)
+    dialect = sqlite.dialect()
+    process = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    assert process is not None
+    assert sqlite_text_time(value) == process(value)
 
 
 def test_flush_writes_at_once_without_waiting_out_the_linger(sqlite_url: str) -> None:

@@ -13,9 +13,10 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Insert,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    Update,
     bindparam,
     create_engine,
     event,
@@ -38,7 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -199,6 +202,8 @@ _EVENTS = Base.metadata.tables["events"]
 # Keys per SELECT of existing tickets: far below every back end's limit of bound parameters.
 _LOOKUP_CHUNK = 500
 
+_INSERT_TICKETS = insert(_TICKETS)
+_INSERT_TICKETS_RETURNING = insert(_TICKETS).returning(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id)
 _INSERT_MESSAGES = insert(_MESSAGES)
 _INSERT_EVENTS = insert(_EVENTS)
 _UPDATE_TICKETS = (
@@ -215,17 +220,101 @@ _UPDATE_TICKETS = (
 _Key = tuple[str, int]
 
 
+def sqlite_text_time(value: datetime) -> str:
+    """A UTC datetime as SQLAlchemy's SQLite DATETIME stores it ("2026-11-26 02:50:00.123456"), in one C call.
+
+    tests/test_history.py checks it against SQLAlchemy's own bind processor.
+    """
+    return value.isoformat(" ", "microseconds")[:26]
+
+
+@dataclass(frozen=True)
+class _DriverStatement:
+    """A statement compiled once for SQLite: its SQL, and how to turn a row dict into DBAPI parameters."""
+
+    sql: str
+    values: Callable[[dict[str, Any]], tuple[Any, ...]]  # the row's values in DBAPI order (one C call)
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor) where one is needed
+
+
+_driver_statements: dict[tuple[int, tuple[str, ...]], _DriverStatement] = {}
+
+
+def _driver_statement(stmt: Insert | Update, dialect: Dialect, names: tuple[str, ...]) -> _DriverStatement:
+    key = (id(stmt), names)
+    found = _driver_statements.get(key)
+    if found is None:
+        compiled = stmt.compile(dialect=dialect, column_keys=list(names))
+        order = tuple(compiled.positiontup or ())
+        processors: list[tuple[int, Callable[[Any], Any]]] = []
+        for position, name in enumerate(order):
+            kind = compiled.binds[name].type
+            process = (
+                sqlite_text_time if isinstance(kind, DateTime) else kind.dialect_impl(dialect).bind_processor(dialect)
+            )
+            if process is not None:
+                processors.append((position, process))
+        getter = itemgetter(*order)
+        values = getter if len(order) > 1 else lambda row: (getter(row),)
+        found = _driver_statements[key] = _DriverStatement(compiled.string, values, tuple(processors))
+    return found
+
+
+def _execute_many(conn: Connection, stmt: Insert | Update, rows: list[dict[str, Any]]) -> None:
+    """``conn.execute(stmt, rows)``, on SQLite straight through sqlite3's executemany.
+
+    SQLAlchemy's per-row parameter handling costs several times what SQLite's own insert does, and the history
+    thread holds Python's global lock while it runs, which the milter's mail threads then wait for: measured with
+    bench/milter_direct.py, history writes cost the milter far more than their own CPU.  The values still go
+    through each column type's bind processor, so SQLite stores exactly what SQLAlchemy would (datetimes as
+    text); PostgreSQL keeps SQLAlchemy's batched multi-row inserts.
+    """
+    if conn.dialect.name != "sqlite" or not conn.dialect.positional:
+        conn.execute(stmt, rows)
+        return
+    ds = _driver_statement(stmt, conn.dialect, tuple(rows[0]))
+    params: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = ds.values(row)
+        if ds.processors:
+            mutable = list(values)
+            for position, process in ds.processors:
+                mutable[position] = process(mutable[position])
+            values = tuple(mutable)
+        params.append(values)
+    conn.exec_driver_sql(ds.sql, params)
+
+
 def _ticket_ids(conn: Connection, keys: Iterable[_Key]) -> dict[_Key, int]:
     """The row ids of those of these tickets that already exist."""
     wanted = list(keys)
     found: dict[_Key, int] = {}
+    sqlite = conn.dialect.name == "sqlite"
     for start in range(0, len(wanted), _LOOKUP_CHUNK):
         chunk = wanted[start : start + _LOOKUP_CHUNK]
-        query = select(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id).where(
-            _TICKETS.c.mailbox.in_({box for box, _ in chunk}), _TICKETS.c.number.in_({n for _, n in chunk})
-        )
         keep = set(chunk)
-        for mailbox, number, row_id in conn.execute(query):
+        rows: Iterable[Any]
+        if sqlite:
+            # As in _execute_many: SQLAlchemy's expansion of the IN lists cost more than SQLite's query.  One
+            # query per mailbox, so SQLite uses the (mailbox, number) index.
+            by_box: dict[str, list[int]] = {}
+            for box, n in chunk:
+                by_box.setdefault(box, []).append(n)
+            rows = [
+                (box, number, row_id)
+                for box, numbers in by_box.items()
+                for number, row_id in conn.exec_driver_sql(
+                    f"SELECT number, id FROM tickets WHERE mailbox = ? AND number IN ({', '.join('?' * len(numbers))})",
+                    (box, *numbers),
+                )
+            ]
+        else:
+            rows = conn.execute(
+                select(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id).where(
+                    _TICKETS.c.mailbox.in_({box for box, _ in chunk}), _TICKETS.c.number.in_({n for _, n in chunk})
+                )
+            )
+        for mailbox, number, row_id in rows:
             if (mailbox, number) in keep:
                 found[(mailbox, number)] = row_id
     return found
@@ -268,17 +357,18 @@ def write(session: Session, records: list[Record]) -> None:
                     "updated_at": _ts(z.at),
                 }
             )
-        if conn.dialect.insert_executemany_returning:
-            # Rows come back in any order, matched by their key: asking for parameter order makes SQLAlchemy
-            # insert one row per statement on SQLite (it has no sentinel to sort by), a statement per mail.
-            stmt = insert(_TICKETS).returning(_TICKETS.c.mailbox, _TICKETS.c.number, _TICKETS.c.id)
-            ids.update(((mailbox, number), row_id) for mailbox, number, row_id in conn.execute(stmt, rows))
+        if conn.dialect.insert_executemany_returning and conn.dialect.name != "sqlite":
+            # Rows come back in any order, matched by their key (asking for parameter order would make
+            # SQLAlchemy insert one row per statement where the back end has no sentinel to sort by).
+            result = conn.execute(_INSERT_TICKETS_RETURNING, rows)
+            ids.update(((mailbox, number), row_id) for mailbox, number, row_id in result)
         else:
-            # SQLite before 3.35 has no RETURNING: read the new ids back.
-            conn.execute(insert(_TICKETS), rows)
+            # SQLite: executemany cannot return rows; one SELECT reads the new ids back.
+            _execute_many(conn, _INSERT_TICKETS, rows)
             ids.update(_ticket_ids(conn, fresh))
     if known:
-        conn.execute(
+        _execute_many(
+            conn,
             _UPDATE_TICKETS,
             [
                 {
@@ -305,7 +395,7 @@ def write(session: Session, records: list[Record]) -> None:
         if rec.message_id or rec.queue_id
     ]
     if messages:
-        conn.execute(_INSERT_MESSAGES, messages)
+        _execute_many(conn, _INSERT_MESSAGES, messages)
     events = [
         {
             "ticket_id": ids[(rec.mailbox, rec.number)],
@@ -316,7 +406,7 @@ def write(session: Session, records: list[Record]) -> None:
         }
         for rec in records
     ]
-    conn.execute(_INSERT_EVENTS, events)
+    _execute_many(conn, _INSERT_EVENTS, events)
 
 
 class _Signal(enum.Enum):
