@@ -5,7 +5,8 @@ Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--size
 
 Configurations: ``none`` (Postfix alone), ``empty`` (bench/empty_milter.py), ``edits`` (the same empty milter
 making the five header edits postroom makes for a new ticket, to tell Postfix's cost of applying them apart from
-postroom's own) and ``postroom``; the default runs none, empty and postroom.
+postroom's own), ``aempty`` (bench/asyncio_empty_milter.py: the milter protocol on one asyncio thread instead of
+libmilter's thread per connection) and ``postroom``; the default runs none, empty and postroom.
 
 For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn: a fresh
 private stack (postroom.testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
@@ -73,9 +74,17 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
 EMPTY_MILTER = Path(__file__).resolve().parent / "empty_milter.py"
-CONFIGS = ("none", "empty", "edits", "postroom")
+ASYNCIO_EMPTY_MILTER = Path(__file__).resolve().parent / "asyncio_empty_milter.py"
+CONFIGS = ("none", "empty", "edits", "aempty", "postroom")
 DEFAULT_CONFIGS = ("none", "empty", "postroom")
-CONFIG_TITLES = {"none": "no milter", "empty": "empty milter", "edits": "empty+edits", "postroom": "postroom"}
+CONFIG_TITLES = {
+    "none": "no milter",
+    "empty": "empty milter",
+    "edits": "empty+edits",
+    "aempty": "asyncio empty",
+    "postroom": "postroom",
+}
+_EMPTY_KINDS = ("empty", "edits", "aempty")
 TARGET_RATIO = 0.9
 TARGET_CPU_MS = 1.0
 _POLL = 0.005  # after smtp-source exited: how precisely the end of a run is seen
@@ -418,10 +427,11 @@ def config_toml(cfg: Config) -> tuple[str, list[str]]:
 
 
 def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None, list[str]]:
-    if config in ("empty", "edits"):
+    if config in _EMPTY_KINDS:
         workdir = stack.root / "empty-milter"
         flags = ["--edits"] if config == "edits" else []
-        command = [sys.executable, str(EMPTY_MILTER), *flags, str(stack.milter_socket_path)]
+        program = ASYNCIO_EMPTY_MILTER if config == "aempty" else EMPTY_MILTER
+        command = [sys.executable, str(program), *flags, str(stack.milter_socket_path)]
         return MilterDaemon(workdir, "", stack.milter_socket_path, command=command), None, []
     workdir = stack.root / "postroom"
     cfg = postroom_config(stack, workdir)
@@ -517,7 +527,7 @@ def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -
                 hold_interrupts()
                 if milter is not None:
                     milter.stop()
-            if config in ("empty", "edits") and milter is not None:
+            if config in _EMPTY_KINDS and milter is not None:
                 run.notes += check_empty(milter, warmup + messages)
     finally:
         release_interrupts()

@@ -1,7 +1,7 @@
 """Milter CPU per message without Postfix: a raw milter-protocol client drives the milter's unix socket directly.
 
 Usage: ``.venv/bin/python bench/milter_direct.py [--messages N] [--sessions S] [--size BYTES] [--runs R]
-[--milter postroom|empty]``
+[--milter postroom|empty|aempty]``
 
 For small changes to the mail path the end-to-end figures of bench/inbound.py drown in Postfix's and Dovecot's
 share of the two CPUs.  This starts a testbed stack only for its Redis, runs the milter as bench/inbound.py does,
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--milter", choices=("postroom", "empty"), default="postroom")
+    parser.add_argument("--milter", choices=("postroom", "empty", "aempty"), default="postroom")
     args = parser.parse_args(argv)
     for var in ENV_OVERRIDES:
         os.environ.pop(var, None)
