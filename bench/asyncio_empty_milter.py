@@ -19,6 +19,8 @@ import signal
 import struct
 import sys
 
+from empty_milter import new_ticket_headers
+
 # Milter protocol version 6 (libmilter's mfdef.h).
 VERSION = 6
 ACTIONS = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # add/change headers, add/delete recipients, body, sender
@@ -39,10 +41,9 @@ def packet(cmd: bytes, data: bytes = b"") -> bytes:
 
 
 def header_edits(number: int) -> bytes:
-    pairs = [("Subject", f"[Support #{number}]")]
-    pairs += [(f"X-Postroom-{k}", f"{v} (x)") for k, v in (("Ticket", number), ("Owner", "unassigned"))]
-    pairs += [("X-Postroom-State", "new (x)"), ("X-Postroom-Priority", "normal (x)")]
-    return b"".join(packet(b"h", name.encode() + b"\0" + value.encode() + b"\0") for name, value in pairs)
+    return b"".join(
+        packet(b"h", name.encode() + b"\0" + value.encode() + b"\0") for name, value in new_ticket_headers(number)
+    )
 
 
 async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: Counter, edits: bool) -> None:

@@ -27,6 +27,12 @@ _count_lock = threading.Lock()
 _accepted = 0
 
 
+def new_ticket_headers(number: int) -> list[tuple[str, str]]:
+    """What postroom asks of Postfix for a new ticket of a mail without a Subject (smtp-source's mail)."""
+    fields = (("Ticket", number), ("Owner", "unassigned"), ("State", "new"), ("Priority", "normal"))
+    return [("Subject", f"[Support #{number}]"), *((f"X-Postroom-{name}", f"{value} (x)") for name, value in fields)]
+
+
 class EmptyMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -53,10 +59,8 @@ class EmptyMilter(Milter.Base):  # type: ignore[misc]
             _accepted += 1
             number = _accepted
         if _options.edits:
-            # What postroom asks of Postfix for a new ticket of a mail without a Subject (smtp-source's mail).
-            self.addheader("Subject", f"[Support #{number}]")
-            for name, value in (("Ticket", number), ("Owner", "unassigned"), ("State", "new"), ("Priority", "normal")):
-                self.addheader(f"X-Postroom-{name}", f"{value} (x)")
+            for name, value in new_ticket_headers(number):
+                self.addheader(name, value)
         return Milter.ACCEPT  # type: ignore[no-any-return]
 
     def abort(self) -> int:

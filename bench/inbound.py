@@ -206,9 +206,7 @@ def process_group(pid: int, comm: str) -> str:
         except OSError:
             return "other"
         text = b" ".join(argv).decode(errors="replace")
-        if "postroom milter" in text:
-            return "milter"
-        if "empty_milter.py" in text:
+        if "postroom milter" in text or "empty_milter.py" in text:  # asyncio_empty_milter.py too
             return "milter"
         if "bench/" in text:
             return "benchmark (this program)"
