@@ -38,7 +38,7 @@ class MemoryStore:
 
     def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]:
         self._check()
-        seen = self.index.get((mailbox, message_id))
+        seen = self.index.get((mailbox, message_id)) if message_id else None
         if seen and self.participants[(mailbox, seen)] & set(new.participants):
             return self.ticket_map[(mailbox, seen)], False
         return self.open(mailbox, new, now), True

@@ -260,6 +260,11 @@ def _driver_statement(stmt: Insert | Update, dialect: Dialect, names: tuple[str,
     return found
 
 
+def _on_sqlite(conn: Connection) -> bool:
+    """Whether the history's SQLite paths (sqlite3 directly, qmark parameters) apply to this connection."""
+    return conn.dialect.name == "sqlite" and conn.dialect.positional
+
+
 def _execute_many(conn: Connection, stmt: Insert | Update, rows: list[dict[str, Any]]) -> None:
     """``conn.execute(stmt, rows)``, on SQLite straight through sqlite3's executemany.
 
@@ -269,7 +274,7 @@ def _execute_many(conn: Connection, stmt: Insert | Update, rows: list[dict[str, 
     through each column type's bind processor, so SQLite stores exactly what SQLAlchemy would (datetimes as
     text); PostgreSQL keeps SQLAlchemy's batched multi-row inserts.
     """
-    if conn.dialect.name != "sqlite" or not conn.dialect.positional:
+    if not _on_sqlite(conn):
         conn.execute(stmt, rows)
         return
     ds = _driver_statement(stmt, conn.dialect, tuple(rows[0]))
@@ -289,7 +294,7 @@ def _ticket_ids(conn: Connection, keys: Iterable[_Key]) -> dict[_Key, int]:
     """The row ids of those of these tickets that already exist."""
     wanted = list(keys)
     found: dict[_Key, int] = {}
-    sqlite = conn.dialect.name == "sqlite"
+    sqlite = _on_sqlite(conn)
     for start in range(0, len(wanted), _LOOKUP_CHUNK):
         chunk = wanted[start : start + _LOOKUP_CHUNK]
         keep = set(chunk)
@@ -357,13 +362,14 @@ def write(session: Session, records: list[Record]) -> None:
                     "updated_at": _ts(z.at),
                 }
             )
-        if conn.dialect.insert_executemany_returning and conn.dialect.name != "sqlite":
+        if conn.dialect.insert_executemany_returning and not _on_sqlite(conn):
             # Rows come back in any order, matched by their key (asking for parameter order would make
             # SQLAlchemy insert one row per statement where the back end has no sentinel to sort by).
             result = conn.execute(_INSERT_TICKETS_RETURNING, rows)
             ids.update(((mailbox, number), row_id) for mailbox, number, row_id in result)
         else:
-            # SQLite: executemany cannot return rows; one SELECT reads the new ids back.
+            # sqlite3's executemany (and a back end without RETURNING) returns no rows: one SELECT reads the
+            # new ids back.
             _execute_many(conn, _INSERT_TICKETS, rows)
             ids.update(_ticket_ids(conn, fresh))
     if known:

@@ -201,10 +201,7 @@ def inbound(message: Message, config: Config, store: TicketStore, now: float, ex
                 priority=decision.priority or "normal",
                 tags=decision.tags,
             )
-            if own_id:
-                ticket, created = store.open_unless_seen(r.box.address, new, own_id, now)
-            else:
-                ticket, created = store.open(r.box.address, new, now), True
+            ticket, created = store.open_unless_seen(r.box.address, new, own_id, now)
             if created:
                 event = "linked" if linked else "opened"
                 outgoing += _auto_reply(

@@ -364,7 +364,8 @@ class RedisStore:
     def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]:
         """Open a ticket, unless ``message_id`` already opened or joined one a sender of this mail takes part in.
 
-        Returns (ticket, True) for a new ticket, (the existing ticket, False) for the same mail again.
+        An empty ``message_id`` (a mail without one) always opens a ticket.  Returns (ticket, True) for a new
+        ticket, (the existing ticket, False) for the same mail again.
         """
         return self._open_ticket(mailbox, new, message_id, now)
 
