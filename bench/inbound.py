@@ -131,19 +131,50 @@ class Run:
 # -- /proc ------------------------------------------------------------------------------------------------
 
 
+def family(pid: int) -> list[int]:
+    """The process and its descendants (postroom's milter and its worker processes)."""
+    pids = [pid]
+    for parent in pids:
+        try:
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                pids += [int(c) for c in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process and its descendants, reaped children included."""
+    user = system = 0.0
+    for member in family(pid):
+        try:
+            raw = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # Fields 14-17 of proc(5) (utime, stime, cutime, cstime); fields[0] here is field 3 (state).
+        user += (int(fields[11]) + int(fields[13])) / _CLK_TCK
+        system += (int(fields[12]) + int(fields[14])) / _CLK_TCK
+    return user, system
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    # Fields 14 and 15 of proc(5); fields[0] here is field 3 (state).
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    """utime + stime of a process, all its threads and its worker processes, in seconds."""
+    return sum(user_system(pid))
 
 
 def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+    """VmHWM of the process plus that of each of its worker processes."""
+    total = 0
+    for member in family(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
+    if not total:
+        raise BenchError(f"no VmHWM in /proc/{pid}/status")
+    return total
 
 
 def settled_cpu_seconds(pid: int, quiet: float = 0.3, timeout: float = 15.0) -> float:

@@ -24,7 +24,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from inbound import RECIPIENT, SENDER, make_milter, postroom_source, settled_cpu_seconds, wait_quiet
+from inbound import (
+    RECIPIENT,
+    SENDER,
+    family,
+    make_milter,
+    postroom_source,
+    settled_cpu_seconds,
+    user_system,
+    wait_quiet,
+)
 from postroom.config import ENV_OVERRIDES
 from postroom.testbed import MailUser, Stack
 
@@ -136,19 +145,13 @@ def drive(path: str, messages: int, sessions: int, size: int, tag: str) -> list[
     return answers
 
 
-def user_system(pid: int) -> tuple[float, float]:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def context_switches(pid: int) -> int:
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                total += int(line.split()[1])
+    for member in family(pid):
+        for tid in os.listdir(f"/proc/{member}/task"):
+            for line in Path(f"/proc/{member}/task/{tid}/status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
     return total
 
 

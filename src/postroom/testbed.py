@@ -1392,6 +1392,8 @@ class PostroomDaemon:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # The milter's worker processes share its process group (start_new_session made it the leader).
+        _end_group(proc.pid, timeout)
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

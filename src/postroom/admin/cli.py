@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from postroom import __version__
 from postroom import log as plog
 from postroom.admin import snippets, tickets
-from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_or_exit, reload_runtime
+from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_bundle_or_exit, load_or_exit, reload_runtime
 from postroom.admin.rules_cli import rules_group
 from postroom.dkim import generate, public_txt
 from postroom.history import migrate
+from postroom.rules import LoadError, reload
+
+if TYPE_CHECKING:
+    from postroom.milter.adapter import Pipeline
 
 log = logging.getLogger("postroom")
 
@@ -36,17 +42,65 @@ def main() -> None:
 @main.command("milter")
 @CONFIG_OPTION
 def milter_command(config_path: Path) -> None:
-    """Run the Postfix milter in the foreground until SIGTERM.
+    """Run the Postfix milter in the foreground until SIGTERM; SIGHUP reloads config and rules.
 
     Point Postfix at it with `smtpd_milters = unix:/run/postroom/milter.sock` and
-    `milter_default_action = accept` (see `postroom postfix-snippet`).
+    `milter_default_action = accept` (see `postroom postfix-snippet`).  The pipeline runs in [milter] workers
+    child processes (`postroom milter-worker`), which this process starts, restarts and stops.
     """
     from postroom.milter import run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
+    from postroom.milter.worker import (  # noqa: PLC0415
+        REPLY_SECONDS,
+        LocalPipeline,
+        RemotePipeline,
+        WorkerPool,
+        worker_command,
+    )
 
     config = _load(config_path)
     plog.setup(config.milter.log_level)
-    with daemon_runtime(config, config_path, "milter") as runtime:
-        run(runtime, reload=lambda current: reload_runtime(current, config_path))
+    if config.milter.workers == 0:
+        with daemon_runtime(config, config_path, "milter") as runtime:
+
+            def reload_local(current: Pipeline) -> Pipeline | None:
+                assert isinstance(current, LocalPipeline)
+                new = reload_runtime(current.runtime, config_path)
+                return None if new is None else LocalPipeline(new)
+
+            run(LocalPipeline(runtime), reload=reload_local)
+        return
+    loaded = load_bundle_or_exit(config_path)
+    if loaded.config.database.auto_migrate:
+        migrate(loaded.config.database.url)  # once, before the workers open the database
+    log.info(
+        "postroom %s milter starting with %s and %d worker processes", __version__, config_path, config.milter.workers
+    )
+    pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS)
+
+    def reload_remote(current: Pipeline) -> Pipeline | None:
+        pool.reload()  # each worker reloads its own runtime between two mails
+        new = reload(config_path)
+        return None if isinstance(new, LoadError) else RemotePipeline(new.config, new.rules, pool)
+
+    try:
+        run(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
+    finally:
+        pool.close()
+        log.info("postroom milter stopped")
+
+
+@main.command("milter-worker", hidden=True)
+@CONFIG_OPTION
+@click.option("--channel-fd", type=int, required=True, help="The inherited socket to the milter process.")
+def milter_worker_command(config_path: Path, channel_fd: int) -> None:
+    """A worker process of `postroom milter` (started by it, not by hand): runs the pipeline for its mails."""
+    from postroom.milter.worker import serve_worker  # noqa: PLC0415
+
+    channel = socket.socket(fileno=channel_fd)
+    config = _load(config_path)
+    plog.setup(config.milter.log_level)
+    with daemon_runtime(config, config_path, "milter worker", migrate_db=False) as runtime:
+        serve_worker(runtime, channel, reload=lambda current: reload_runtime(current, config_path))
 
 
 @main.command("smtpd")

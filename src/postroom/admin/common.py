@@ -13,7 +13,7 @@ from postroom import __version__
 from postroom.config import Config, ConfigError, load_config
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
-from postroom.rules import LoadError, RedisAssignmentState, load_all, reload
+from postroom.rules import Loaded, LoadError, RedisAssignmentState, load_all, reload
 from postroom.runtime import Runtime
 from postroom.store import RedisStore, StoreUnavailable
 
@@ -56,22 +56,33 @@ def redis_store(config: Config) -> RedisStore:
     )
 
 
+def load_bundle_or_exit(path: Path, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Config, rules, templates, keys and canned replies, or exit 2 naming every problem."""
+    try:
+        return load_all(path, environ)
+    except LoadError as exc:
+        raise fail(str(exc)) from None
+
+
 @contextlib.contextmanager
 def daemon_runtime(
-    config: Config, config_path: Path, daemon: str, environ: Mapping[str, str] | None = None
+    config: Config,
+    config_path: Path,
+    daemon: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    migrate_db: bool = True,
 ) -> Iterator[Runtime]:
     """Everything the milter and the after-queue filter run the pipeline with, built the same way for both.
 
     The history writer is flushed and the mailer drained when the daemon returns, so mail handled just before a
     stop is still recorded and its auto-replies still sent.  ``environ`` stands for the process environment's
-    POSTROOM_* overrides (the demo passes {} so its private Redis is the one used).
+    POSTROOM_* overrides (the demo passes {} so its private Redis is the one used).  ``migrate_db=False``: the
+    caller has run the migrations already (the milter does, once, before it starts its workers).
     """
-    try:
-        loaded = load_all(config_path, environ)
-    except LoadError as exc:
-        raise fail(str(exc)) from None
+    loaded = load_bundle_or_exit(config_path, environ)
     config = loaded.config
-    if config.database.auto_migrate:
+    if migrate_db and config.database.auto_migrate:
         migrate(config.database.url)
     history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
     history.start()

@@ -1,7 +1,8 @@
 """The pymilter adapter: collect the callbacks' facts, call the pipeline once at end of message, apply the verdict.
 
-Nothing here decides anything about tickets.  A connection object keeps the :class:`Runtime` config it was
-created with, so a reload never changes the rules under a mail in flight.
+Nothing here decides anything about tickets.  The pipeline runs in worker processes (postroom.milter.worker) or,
+with [milter] workers = 0, in this process.  Each mail keeps the pipeline (config, rules) that was
+current at its MAIL FROM, so a reload never changes the body policy under a mail in flight.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import Milter
 import milter
 
 from postroom import log as plog
 from postroom.config import Config
+from postroom.milter.worker import Handled, LocalPipeline, skipped_body
 from postroom.pipeline import STATUS_HEADER, Message
+from postroom.rules import Ruleset
 from postroom.runtime import Runtime  # shared with the after-queue filter
 from postroom.verdict import (
     Action,
@@ -36,7 +39,7 @@ from postroom.verdict import (
     effective_edits,
 )
 
-__all__ = ["ACTION_FLAGS", "PostroomMilter", "Runtime", "make_factory", "run"]
+__all__ = ["ACTION_FLAGS", "Pipeline", "PostroomMilter", "Runtime", "make_factory", "run"]
 
 log = logging.getLogger("postroom.milter")
 
@@ -44,29 +47,43 @@ log = logging.getLogger("postroom.milter")
 ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM | Milter.MODBODY
 
 
+class Pipeline(Protocol):
+    """What the adapter runs each mail through: worker.LocalPipeline or worker.RemotePipeline."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def rules(self) -> Ruleset: ...
+
+    def handle(self, message: Message, now: float) -> Handled:
+        """Run the pipeline and record its history; raises only when no worker answered."""
+        ...
+
+    def accepted(self, handled: Handled) -> None:
+        """Postfix took the mail: send what it caused (auto-replies)."""
+        ...
+
+
 class _Holder:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         self._lock = threading.Lock()
-        self._runtime = runtime
+        self._pipeline = pipeline
 
-    def get(self) -> Runtime:
+    def get(self) -> Pipeline:
         with self._lock:
-            return self._runtime
+            return self._pipeline
 
-    def set(self, runtime: Runtime) -> None:
+    def set(self, pipeline: Pipeline) -> None:
         with self._lock:
-            self._runtime = runtime
-
-
-def _skipped_body() -> bytes:
-    raise RuntimeError("the body of this mail was skipped: nothing was to read it (Ruleset.reads_body)")
+            self._pipeline = pipeline
 
 
 class PostroomMilter(Milter.Base):  # type: ignore[misc]
     holder: _Holder  # set on the subclass made by make_factory
 
     def __init__(self) -> None:
-        self.runtime = self.holder.get()
+        self.pipeline = self.holder.get()
         self.conn_id = f"conn{Milter.uniqueID()}"
         self.client_addr = ""
         self._reset()
@@ -87,6 +104,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
 
     def envfrom(self, mail_from: str, *params: str) -> int:
         self._reset()
+        # Each mail runs with the config and rules current at its MAIL FROM: a reload applies from the next mail
+        # on, also on an open connection, and never changes the body policy under a mail in flight.
+        self.pipeline = self.holder.get()
         self.mail_from = mail_from
         # The SMTP login is the only identity we trust; Postfix sends it with MAIL FROM.
         self.auth_login = self.getsymval("{auth_authen}") or ""
@@ -105,7 +125,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
     def body(self, chunk: bytes) -> int:
         # Customer mail needs its body only for rules that read it; agents' mail always (commands, DKIM).  Not
         # @noreply: the first chunk of a body nobody reads answers SKIP, and Postfix sends no more of it.
-        if not (self.auth_login or self.runtime.rules.reads_body):
+        if not (self.auth_login or self.pipeline.rules.reads_body):
             self.body_skipped = True
             return Milter.SKIP if self._protocol & Milter.P_SKIP else Milter.CONTINUE  # type: ignore[no-any-return]
         self.chunks.append(chunk)
@@ -120,7 +140,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             plog.queue_id.reset(token)
 
     def _eom(self, qid: str) -> int:
-        rt = self.runtime
+        pipeline = self.pipeline
         envelope = Envelope(
             mail_from=self.mail_from,
             rcpts=list(self.rcpts),
@@ -129,25 +149,35 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             client_addr=self.client_addr,
         )
         chunks = self.chunks
-        message = Message(envelope, self.headers, body=_skipped_body if self.body_skipped else lambda: b"".join(chunks))
-        outcome = rt.process(message, time.time())
-        rt.record(outcome)
+        message = Message(envelope, self.headers, body=skipped_body if self.body_skipped else lambda: b"".join(chunks))
         try:
-            rc = self._apply(outcome.verdict)
+            handled = pipeline.handle(message, time.time())
+        except Exception:
+            # No worker answered (it died or hung): the same policy as a crash inside the pipeline.
+            log.exception("the pipeline did not answer; policy %s", self._policy(pipeline.config))
+            return self._apply_failed(pipeline.config)
+        try:
+            rc = self._apply(handled.verdict)
         except Exception:
             # The verdict was half applied; the mail must still not be lost.
-            log.exception("could not apply the verdict (%s)", outcome.verdict.summary)
-            return self._apply_failed(rt.config)
+            log.exception("could not apply the verdict (%s)", handled.verdict.summary)
+            return self._apply_failed(pipeline.config)
         # One line per mail: the pipeline logs a line (queue id, mailbox, ticket, event, owner) for every ticket
         # it records, which the summary would only repeat.
-        if outcome.verdict.summary and not outcome.records:
-            log.info("%s: %s", outcome.verdict.action.value, outcome.verdict.summary)
+        if handled.verdict.summary and not handled.logged:
+            log.info("%s: %s", handled.verdict.action.value, handled.verdict.summary)
         if rc == Milter.ACCEPT:
-            rt.send(outcome)
+            try:
+                pipeline.accepted(handled)
+            except Exception:
+                log.exception("the mail was accepted but its auto-replies could not be sent")
         return rc
 
+    def _policy(self, config: Config) -> str:
+        return "tempfail" if config.milter.on_error == "tempfail" or self.auth_login else "degraded"
+
     def _apply_failed(self, config: Config) -> int:
-        if config.milter.on_error == "tempfail" or self.auth_login:
+        if self._policy(config) == "tempfail":
             self.setreply("451", "4.3.0", "postroom: temporary failure, please try again later")
             return Milter.TEMPFAIL  # type: ignore[no-any-return]
         try:
@@ -205,15 +235,15 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         return Milter.CONTINUE  # type: ignore[no-any-return]
 
 
-def make_factory(runtime: Runtime) -> tuple[type[PostroomMilter], _Holder]:
-    holder = _Holder(runtime)
+def make_factory(pipeline: Pipeline | Runtime) -> tuple[type[PostroomMilter], _Holder]:
+    holder = _Holder(LocalPipeline(pipeline) if isinstance(pipeline, Runtime) else pipeline)
     cls = type("BoundPostroomMilter", (PostroomMilter,), {"holder": holder})
     return cls, holder
 
 
 def run(
-    runtime: Runtime,
-    reload: Callable[[Runtime], Runtime | None] | None = None,
+    pipeline: Pipeline,
+    reload: Callable[[Pipeline], Pipeline | None] | None = None,
     name: str = "postroom",
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP calls ``reload`` and swaps in what it returns.  Blocks.
@@ -223,8 +253,8 @@ def run(
     and handles them in Python.  Linux delivers a signal sent to the process to the main thread when the main
     thread does not block it, so libmilter's signal thread never sees them.
     """
-    config = runtime.config
-    factory, holder = make_factory(runtime)
+    config = pipeline.config
+    factory, holder = make_factory(pipeline)
     Milter.factory = factory
     Milter.set_flags(ACTION_FLAGS)
     failure: list[Exception] = []

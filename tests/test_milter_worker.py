@@ -1,0 +1,141 @@
+"""The milter's worker processes: a worker that dies or hangs costs the mails in flight the failure policy, never
+the mail, and is started again; stopping the milter stops its workers.
+
+The pool tests run real processes that stand in for a broken worker (no Postfix needed); the end-to-end tests run
+the real `postroom milter` with its real worker between Postfix and Dovecot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from postroom.milter.worker import WorkerError, WorkerPool
+from postroom.testbed import Deployment, MilterDaemon, deploy, pid_alive
+from tests.conftest import CUSTOMERS, e2e_base_config
+from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
+from tests.test_reload_e2e import wait_log
+
+# Stand-ins started the way the milter starts a worker (the pool appends --channel-fd N): one that says it is
+# ready and then never answers, one that dies at once.
+SILENT_WORKER = [
+    sys.executable,
+    "-c",
+    "import socket, sys, time\nc = socket.socket(fileno=int(sys.argv[-1]))\nc.sendall(b'R')\nwhile True: time.sleep(60)",
+]
+DYING_WORKER = [sys.executable, "-c", "raise SystemExit(3)"]
+REQUEST: tuple[object, ...] = ("process", None, [], None, 0.0)
+
+
+def wait_until(check: object, timeout: float = 10.0) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_worker_that_does_not_answer_fails_the_mail_in_time_and_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    pool = WorkerPool(SILENT_WORKER, 1, reply_timeout=0.5)
+    try:
+        (first,) = pool.pids
+        started = time.monotonic()
+        with (
+            caplog.at_level(logging.ERROR, "postroom.milter"),
+            pytest.raises(WorkerError, match=r"no answer in 0\.5 s"),
+        ):
+            pool.call(REQUEST)
+        assert time.monotonic() - started < 5
+        # The stuck worker is killed and a new one started in its place.
+        wait_until(lambda: pool.pids[0] != first and not pid_alive(first))
+        assert "gave no answer in 0.5 s; killing it" in caplog.text
+        assert f"worker 0 (pid {first}) exited with status -9; starting a new one" in caplog.text
+    finally:
+        pool.close(timeout=2)
+
+
+def test_a_worker_that_dies_fails_the_mail_at_once_and_is_restarted(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, "postroom.milter"):
+        pool = WorkerPool(DYING_WORKER, 1, reply_timeout=30)
+        try:
+            wait_until(lambda: "exited with status 3" in caplog.text)
+            started = time.monotonic()
+            with pytest.raises(WorkerError):
+                pool.call(REQUEST)
+            # Not the reply timeout: a dead worker is noticed at once.
+            assert time.monotonic() - started < 5
+        finally:
+            pool.close(timeout=2)
+
+
+def test_close_stops_every_worker() -> None:
+    pool = WorkerPool(SILENT_WORKER, 2, reply_timeout=1)
+    pids = pool.pids
+    assert len(set(pids)) == 2 and all(pid_alive(p) for p in pids)
+    # The stand-in ignores its closed channel, so this also covers the kill after the grace time.
+    pool.close(timeout=1)
+    assert not any(pid_alive(p) for p in pids)
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def milter_deployment() -> Iterator[Deployment]:
+    with deploy(e2e_base_config(), CUSTOMERS, adapter="milter") as d:
+        yield d
+
+
+def worker_pids(d: Deployment) -> list[int]:
+    assert isinstance(d.daemon, MilterDaemon) and d.daemon.pid is not None
+    pid = d.daemon.pid
+    return [
+        int(child)
+        for tid in os.listdir(f"/proc/{pid}/task")
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    ]
+
+
+@pytest.mark.e2e
+def test_killed_worker_loses_no_mail_and_the_milter_recovers(milter_deployment: Deployment) -> None:
+    d = milter_deployment
+    first = deliver(d, customer_mail("alice@customer.test", "Before"))
+    assert ticket_number(first) == 1
+    (worker,) = worker_pids(d)
+    os.kill(worker, signal.SIGKILL)
+    wait_log(d, f"(pid {worker}) exited with status -9; starting a new one")
+    # Sent while no worker runs, or just after the new one started: delivered either way, never lost.
+    during = deliver(d, customer_mail("bob@customer.test", "During"))
+    assert during["X-Postroom-Status"] == "degraded" or ticket_number(during) == 2
+    wait_until(lambda: len(worker_pids(d)) == 1 and worker_pids(d) != [worker])
+    after = deliver(d, customer_mail("mallory@customer.test", "After"))
+    assert after["X-Postroom-Ticket"] is not None and after["X-Postroom-Status"] is None
+    assert str(after["Subject"]).startswith("[Support #")
+    assert d.daemon.is_running()
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_workers_after_their_history_is_written(milter_deployment: Deployment) -> None:
+    d = milter_deployment
+    deliver(d, customer_mail("bob@customer.test", "Last one"))
+    workers = worker_pids(d)
+    assert len(workers) == d.config.milter.workers == 1
+    d.daemon.stop()
+    assert not any(pid_alive(p) for p in workers)
+    log = d.daemon.log_text()
+    assert "postroom milter worker stopped" in log and "postroom milter stopped" in log
+    assert "Traceback" not in log
+    db = sqlite3.connect(d.config.database.url.removeprefix("sqlite:///"))
+    try:
+        subjects = [row[0] for row in db.execute("SELECT subject FROM messages")]
+    finally:
+        db.close()
+    assert subjects == ["Last one"]
