@@ -13,11 +13,12 @@ private stack (postroom.testbed.Stack: Postfix, Dovecot, Redis in one temp dir) 
 ``smtp-source`` sends a short warm-up and then the measured batch to support@example.test over SMTP, and the run
 counts as finished when Postfix's queues are empty and Dovecot has stored every message (files in the mailbox's Maildir
 ``new/``). Throughput is measured messages divided by the time from starting smtp-source to that moment. For the
-milters the milter process's CPU time (utime + stime of all its threads, /proc/PID/stat) is read before and after
-the measured batch; after the last delivery the benchmark waits until the milter's CPU time stops growing, so
-postroom's background history writer is included. Peak RSS is VmHWM of the milter process (a fresh process per
-run). Machine CPU is the busy time of all CPUs (/proc/stat) from the start of the batch until the milter settled,
-per message: what the whole mail path costs, Postfix, Dovecot, Redis and the load generator included. The tables
+milters the milter's CPU time (utime + stime of all its threads and of postroom's worker processes,
+/proc/PID/stat) is read before and after the measured batch; after the last delivery the benchmark waits until
+the milter's CPU time stops growing, so postroom's background history writer is included. Peak RSS is VmHWM of
+the milter process plus its workers' (fresh processes per run). Machine CPU is the busy time of all CPUs
+(/proc/stat) from the start of the batch until the milter settled, per message: what the whole mail path costs,
+Postfix, Dovecot, Redis and the load generator included. The tables
 report medians over the rounds and the range; one run on a shared 2-CPU machine varies by 10-20% in throughput.
 
 Milter runs use ``milter_default_action = tempfail``: a milter that is not reachable makes the load fail
@@ -733,8 +734,9 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
         "          unix socket, milter_default_action = tempfail; postroom runs `python -m postroom milter` with\n"
         "          docs/examples/postroom.toml pointed at the stack's Redis and a SQLite history (log level info).\n"
         "          Finished = Postfix queues empty and all messages in Maildir/new; time from starting smtp-source.\n"
-        "          Milter CPU = utime+stime of the milter process over the measured batch (including postroom's\n"
-        "          background history writes); peak RSS = VmHWM. Load generator and all services share the CPUs;\n"
+        "          Milter CPU = utime+stime of the milter process and its worker processes over the measured batch\n"
+        "          (including postroom's background history writes); peak RSS = VmHWM, summed over those\n"
+        "          processes. Load generator and all services share the CPUs;\n"
         "          each measured batch starts once the CPUs were <= 15% busy for a second (waiting at most 30 s)."
     )
     print(flush=True)

@@ -29,7 +29,10 @@ from tests.test_reload_e2e import wait_log
 SILENT_WORKER = [
     sys.executable,
     "-c",
-    "import socket, sys, time\nc = socket.socket(fileno=int(sys.argv[-1]))\nc.sendall(b'R')\nwhile True: time.sleep(60)",
+    "import socket, sys, time\n"
+    "c = socket.socket(fileno=int(sys.argv[-1]))\n"
+    "c.sendall(b'R')\n"
+    "while True: time.sleep(60)",
 ]
 DYING_WORKER = [sys.executable, "-c", "raise SystemExit(3)"]
 REQUEST: tuple[object, ...] = ("process", None, [], None, 0.0)

@@ -307,13 +307,12 @@ class _Process:
 
     def wait_ready(self) -> None:
         """Wait for the worker's ready byte: it handles SIGHUP only from then on (before, SIGHUP kills it)."""
-        self.channel.settimeout(START_SECONDS)
         try:
+            # The timeout stays: it also bounds handing a connection over to a worker that stopped reading.
+            self.channel.settimeout(START_SECONDS)
             ready = self.channel.recv(1) == _READY
-        except OSError:
+        except OSError:  # also: the pool closed the channel meanwhile (the milter is stopping)
             ready = False
-        finally:
-            self.channel.settimeout(None)
         if not ready:
             log.error("worker %d (pid %d) did not start", self.index, self.proc.pid)
             return
