@@ -173,7 +173,8 @@ class _Worker:
         self._pending: dict[int, tuple[float, list[OutgoingMail]]] = {}
 
     def on_hup(self, signum: int, frame: object) -> None:
-        # Runs between two mails: the loop below is this process's only thread that touches the runtime.
+        # Python runs this in the main thread, possibly in the middle of a mail: that mail keeps the runtime it
+        # took (process() reads self.runtime once), the next one gets the new runtime.
         if self._reload is not None:
             new = self._reload(self.runtime)
             if new is not None:
