@@ -12,6 +12,7 @@ import io
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import Milter
@@ -22,6 +23,7 @@ from postroom import log as plog
 from postroom import replies, runtime
 from postroom.config import Config, example_config_path, load_config, with_changes
 from postroom.milter.adapter import Runtime, make_factory
+from postroom.milter.worker import Handled, WorkerError
 from postroom.pipeline import Message, Outcome
 from postroom.rules import NO_RULES, MemoryAssignmentState, Ruleset, parse_rules
 from postroom.verdict import (
@@ -495,6 +497,37 @@ def test_refused_edit_with_policy_tempfail_asks_postfix_to_retry(connect: Connec
     assert ctx.send(mail(), ALICE, SUPPORT) == Milter.TEMPFAIL
     assert ctx.reply == ("451", "4.3.0", "postroom: temporary failure, please try again later")
     assert ctx.calls == []
+
+
+@dataclass(frozen=True)
+class DeadWorkers:
+    """The pipeline as the adapter sees it when no worker process answers."""
+
+    config: Config
+    rules: Ruleset = NO_RULES
+
+    def handle(self, message: Message, now: float) -> Handled:
+        raise WorkerError("worker 0 (pid 4242): no answer in 60 s")
+
+    def accepted(self, handled: Handled) -> None:
+        raise AssertionError("nothing was handled")
+
+
+@pytest.mark.parametrize(("on_error", "answer"), [("degraded", Milter.ACCEPT), ("tempfail", Milter.TEMPFAIL)])
+def test_no_answer_from_the_workers_applies_the_failure_policy(
+    connect: Connect, config: Config, caplog: pytest.LogCaptureFixture, on_error: str, answer: int
+) -> None:
+    policy = with_changes(config, {"milter": {"on_error": on_error}})
+    ctx = connect(with_config=policy)
+    Milter.factory.holder.set(DeadWorkers(policy))  # what a SIGHUP would swap in; the next mail takes it
+    assert ctx.send(mail(), ALICE, SUPPORT) == answer
+    if on_error == "degraded":
+        assert ctx.calls == [("addheader", "X-Postroom-Status", "degraded")]
+    else:
+        assert ctx.reply == ("451", "4.3.0", "postroom: temporary failure, please try again later")
+        assert ctx.calls == []
+    failed = [r for r in caplog.records if r.getMessage() == f"the pipeline did not answer; policy {on_error}"]
+    assert len(failed) == 1 and "no answer in 60 s" in str(failed[0].exc_info)
 
 
 def test_refused_recipient_change_leaves_the_mail_a_recipient(connect: Connect, store: MemoryStore) -> None:

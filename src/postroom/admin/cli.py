@@ -78,7 +78,7 @@ def milter_command(config_path: Path) -> None:
     pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS)
 
     def reload_remote(current: Pipeline) -> Pipeline | None:
-        pool.reload()  # each worker reloads its own runtime between two mails
+        pool.reload()  # each worker reloads its own runtime; a mail it is handling keeps the old one
         new = reload(config_path)
         return None if isinstance(new, LoadError) else RemotePipeline(new.config, new.rules, pool)
 
