@@ -6,14 +6,14 @@ the pipeline with the same parts and a mail in flight keeps the parts it started
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from postroom.autoreply import NO_TEMPLATES, Templates
 from postroom.config import Config
 from postroom.dkim import Keyring
 from postroom.history import HistoryWriter
-from postroom.mailer import Mailer
+from postroom.mailer import Mailer, OutgoingMail
 from postroom.mime import Message
 from postroom.pipeline import NO_KEYS, Outcome, process
 from postroom.rules import NO_RULES, AssignmentState, Loaded, Ruleset
@@ -53,10 +53,10 @@ class Runtime:
         if self.history is not None and outcome.records:
             self.history.submit(outcome.records)
 
-    def send(self, outcome: Outcome) -> None:
-        """Hand the mails this one caused (auto-replies) to the mailer, once the mail itself was taken."""
+    def send(self, outgoing: Iterable[OutgoingMail]) -> None:
+        """Hand the mails a mail caused (its outcome's auto-replies) to the mailer, once that mail was taken."""
         if self.mailer is not None:
-            for mail in outcome.outgoing:
+            for mail in outgoing:
                 self.mailer.submit(mail)
 
     def reloaded(self, loaded: Loaded) -> Runtime:

@@ -102,9 +102,7 @@ class LocalPipeline:
         return Handled(outcome.verdict, bool(outcome.records), outgoing=outcome.outgoing)
 
     def accepted(self, handled: Handled) -> None:
-        if self.runtime.mailer is not None:
-            for mail in handled.outgoing:
-                self.runtime.mailer.submit(mail)
+        self.runtime.send(handled.outgoing)
 
 
 # -- frames ------------------------------------------------------------------------------------------------------
@@ -182,26 +180,24 @@ class _Worker:
                 log.info("worker: reloaded; the next mail uses the new config and rules")
 
     def process(self, envelope: Envelope, headers: list[tuple[str, str]], body: bytes | None, now: float) -> Handled:
-        rt = self.runtime
         token = plog.queue_id.set(envelope.queue_id)
         try:
             message = Message(envelope, headers, body=skipped_body if body is None else (lambda: body))
-            outcome = rt.process(message, now)
-            rt.record(outcome)
+            handled = LocalPipeline(self.runtime).handle(message, now)
         finally:
             plog.queue_id.reset(token)
-        pending = 0
-        if outcome.outgoing:
-            self._expire(time.monotonic())
-            pending = next(self._ids)
-            self._pending[pending] = (time.monotonic(), outcome.outgoing)
-        return Handled(outcome.verdict, bool(outcome.records), pending=pending)
+        if not handled.outgoing:
+            return handled
+        # The auto-replies stay here; the milter process only learns under which id.
+        self._expire(time.monotonic())
+        pending = next(self._ids)
+        self._pending[pending] = (time.monotonic(), handled.outgoing)
+        return Handled(handled.verdict, handled.logged, pending=pending)
 
     def accepted(self, pending: int) -> None:
         entry = self._pending.pop(pending, None)
-        if entry is not None and self.runtime.mailer is not None:
-            for mail in entry[1]:
-                self.runtime.mailer.submit(mail)
+        if entry is not None:
+            self.runtime.send(entry[1])
 
     def _expire(self, now: float) -> None:
         # Dicts keep insertion order: the oldest entries come first.

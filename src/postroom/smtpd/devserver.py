@@ -175,7 +175,7 @@ class DevHandler:
         self.delivered.append(Delivered(qid, folders))
         log.info("%s: %s; filed into %s", verdict.action.value, verdict.summary, folders)
         if applied:
-            rt.send(outcome)
+            rt.send(outcome.outgoing)
         return smtp_reply(replies.S250_FILED.format(queue_id=qid))
 
     def folder_for(self, rcpt: str) -> tuple[str, str]:

@@ -253,7 +253,7 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
         log.info("%s: %s; handed back to Postfix as %s", verdict.action.value, verdict.summary, new_qid or "?")
         if applied:
             # As the milter: what this mail caused (auto-replies) goes out only for a mail handled as decided.
-            rt.send(outcome)
+            rt.send(outcome.outgoing)
         return smtp_reply(replies.S250_HANDED_BACK.format(queue_id=new_qid or "?"))
     finally:
         _close(smtp)
