@@ -382,17 +382,25 @@ class WorkerPool:
             )
             # A worker that dies at once (a database it cannot reach, say) is not restarted in a tight loop.
             delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
-            if self._stopping.wait(delay):
+            new = self._replace(process.index, delay)
+            if new is None:
                 return
+            process = new
+
+    def _replace(self, index: int, delay: float) -> _Process | None:
+        """A new worker in the place of a dead one, after ``delay``; None once the pool is stopping."""
+        while not self._stopping.wait(delay):
             try:
-                new = _Process(self._command, process.index)
+                new = _Process(self._command, index)
             except OSError:
-                log.exception("could not start worker %d", process.index)
+                delay = min(delay * 2, 30.0)
+                log.exception("could not start worker %d; trying again in %g s", index, delay)
                 continue
             with self._lock:
-                self._processes[process.index] = new
-            process = new
-            process.wait_ready()
+                self._processes[index] = new
+            new.wait_ready()
+            return new
+        return None
 
     def call(self, request: tuple[Any, ...], *, reply: bool = True) -> Any:
         process, conn = self._checkout()
