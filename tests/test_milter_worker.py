@@ -7,6 +7,7 @@ the real `postroom milter` with its real worker between Postfix and Dovecot.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,9 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from postroom.milter.worker import WorkerError, WorkerPool
+from postroom.config import example_config_path, to_toml, with_changes
+from postroom.milter.worker import WorkerError, WorkerPool, _Worker
+from postroom.mime import Message
+from postroom.rules import load_all
+from postroom.runtime import Runtime
 from postroom.testbed import Deployment, MilterDaemon, deploy, pid_alive
+from postroom.verdict import Envelope, SetHeader
 from tests.conftest import CUSTOMERS, e2e_base_config
+from tests.fakes import MemoryStore
 from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
 from tests.test_reload_e2e import wait_log
 
@@ -35,7 +42,9 @@ SILENT_WORKER = [
     "while True: time.sleep(60)",
 ]
 DYING_WORKER = [sys.executable, "-c", "raise SystemExit(3)"]
-REQUEST: tuple[object, ...] = ("process", None, [], None, 0.0)
+REQUEST: tuple[object, ...] = ("process", 0, None, [], None, 0.0)
+# What the milter process would send its workers (the stand-ins above never read it).
+LOADED = load_all(example_config_path(), environ={})
 
 
 def wait_until(check: object, timeout: float = 10.0) -> None:
@@ -47,7 +56,7 @@ def wait_until(check: object, timeout: float = 10.0) -> None:
 
 
 def test_a_worker_that_does_not_answer_fails_the_mail_in_time_and_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
-    pool = WorkerPool(SILENT_WORKER, 1, reply_timeout=0.5)
+    pool = WorkerPool(SILENT_WORKER, 1, reply_timeout=0.5, loaded=LOADED)
     try:
         (first,) = pool.pids
         started = time.monotonic()
@@ -67,7 +76,7 @@ def test_a_worker_that_does_not_answer_fails_the_mail_in_time_and_is_replaced(ca
 
 def test_a_worker_that_dies_fails_the_mail_at_once_and_is_restarted(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, "postroom.milter"):
-        pool = WorkerPool(DYING_WORKER, 1, reply_timeout=30)
+        pool = WorkerPool(DYING_WORKER, 1, reply_timeout=30, loaded=LOADED)
         try:
             wait_until(lambda: "exited with status 3" in caplog.text)
             started = time.monotonic()
@@ -80,12 +89,34 @@ def test_a_worker_that_dies_fails_the_mail_at_once_and_is_restarted(caplog: pyte
 
 
 def test_close_stops_every_worker() -> None:
-    pool = WorkerPool(SILENT_WORKER, 2, reply_timeout=1)
+    pool = WorkerPool(SILENT_WORKER, 2, reply_timeout=1, loaded=LOADED)
     pids = pool.pids
     assert len(set(pids)) == 2 and all(pid_alive(p) for p in pids)
     # The stand-in ignores its closed channel, so this also covers the kill after the grace time.
     pool.close(timeout=1)
     assert not any(pid_alive(p) for p in pids)
+
+
+def subject_of(worker: _Worker, generation: int) -> str:
+    envelope = Envelope("<alice@customer.test>", ["<support@example.test>"], queue_id="Q1")
+    message = Message(envelope, [("From", "alice@customer.test"), ("Subject", "Hello")], body=lambda: b"")
+    handled = worker.process(generation, envelope, message.headers, None, 0.0)
+    return next(e.value for e in handled.verdict.edits if isinstance(e, SetHeader) and e.name == "Subject")
+
+
+def test_a_mail_keeps_the_config_generation_it_started_with_across_a_reload() -> None:
+    runtime = Runtime(LOADED.config, MemoryStore(), None)
+    worker = _Worker(runtime, 0)
+    box = LOADED.config.mailboxes["support"].model_dump()
+    renamed = with_changes(LOADED.config, {"mailboxes": {"support": {**box, "tag": "Help"}}})
+    worker.load(1, dataclasses.replace(LOADED, config=renamed))
+    # A mail whose MAIL FROM came before the reload runs with the config it started with (its body was kept or
+    # skipped by those rules); the next one with the new config; an unknown generation with the newest.
+    assert subject_of(worker, 0) == "[Support #1] Hello"
+    assert subject_of(worker, 1) == "[Help #2] Hello"
+    assert subject_of(worker, 7) == "[Help #3] Hello"
+    worker.load(2, LOADED)
+    assert subject_of(worker, 0) == "[Support #4] Hello"  # generation 0 is gone: the newest is used
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
@@ -142,3 +173,24 @@ def test_sigterm_stops_the_workers_after_their_history_is_written(milter_deploym
     finally:
         db.close()
     assert subjects == ["Last one"]
+
+
+@pytest.mark.e2e
+def test_a_restarted_worker_runs_the_last_good_config_not_the_broken_file(milter_deployment: Deployment) -> None:
+    d = milter_deployment
+    assert isinstance(d.daemon, MilterDaemon) and d.daemon.pid is not None
+    box = d.config.mailboxes["support"].model_dump()
+    d.daemon.config_path.write_text(to_toml(with_changes(d.config, {"mailboxes": {"support": {**box, "tag": "Help"}}})))
+    os.kill(d.daemon.pid, signal.SIGHUP)
+    wait_log(d, "worker: reloaded")
+    # The admin breaks the file after the reload, and then the worker dies: the new worker must not need the file.
+    d.daemon.config_path.write_text("[milter]\nsokcet = 'oops'\n")
+    (worker,) = worker_pids(d)
+    os.kill(worker, signal.SIGKILL)
+    wait_log(d, f"(pid {worker}) exited with status -9; starting a new one")
+    wait_until(lambda: len(worker_pids(d)) == 1 and worker_pids(d) != [worker])
+    mail = deliver(d, customer_mail("alice@customer.test", "After the crash"))
+    assert mail["X-Postroom-Status"] is None
+    assert str(mail["Subject"]) == "[Help #1] After the crash"
+    assert "sokcet" not in d.daemon.log_text()
+    assert d.daemon.is_running()

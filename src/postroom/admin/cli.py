@@ -14,11 +14,17 @@ import click
 from postroom import __version__
 from postroom import log as plog
 from postroom.admin import snippets, tickets
-from postroom.admin.common import CONFIG_OPTION, daemon_runtime, load_bundle_or_exit, load_or_exit, reload_runtime
+from postroom.admin.common import (
+    CONFIG_OPTION,
+    daemon_runtime,
+    load_bundle_or_exit,
+    load_or_exit,
+    reload_bundle,
+    reload_runtime,
+)
 from postroom.admin.rules_cli import rules_group
 from postroom.dkim import generate, public_txt
 from postroom.history import migrate
-from postroom.rules import LoadError, reload
 
 if TYPE_CHECKING:
     from postroom.milter.adapter import Pipeline
@@ -75,12 +81,14 @@ def milter_command(config_path: Path) -> None:
     log.info(
         "postroom %s milter starting with %s and %d worker processes", __version__, config_path, config.milter.workers
     )
-    pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS)
+    pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS, loaded)
 
     def reload_remote(current: Pipeline) -> Pipeline | None:
-        pool.reload()  # each worker reloads its own runtime; a mail it is handling keeps the old one
-        new = reload(config_path)
-        return None if isinstance(new, LoadError) else RemotePipeline(new.config, new.rules, pool)
+        new = reload_bundle(current.config, config_path)
+        if new is None:
+            return None
+        # Every worker has the new config before the next mail takes it; a mail in flight keeps its own.
+        return RemotePipeline(new.config, new.rules, pool, pool.reload(new))
 
     try:
         run(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
@@ -94,13 +102,18 @@ def milter_command(config_path: Path) -> None:
 @click.option("--channel-fd", type=int, required=True, help="The inherited socket to the milter process.")
 def milter_worker_command(config_path: Path, channel_fd: int) -> None:
     """A worker process of `postroom milter` (started by it, not by hand): runs the pipeline for its mails."""
-    from postroom.milter.worker import serve_worker  # noqa: PLC0415
+    from postroom.milter.worker import ignore_stop_signals, receive_bundle, serve_worker  # noqa: PLC0415
 
+    ignore_stop_signals()  # first: until now SIGHUP would have killed this process
     channel = socket.socket(fileno=channel_fd)
-    config = _load(config_path)
-    plog.setup(config.milter.log_level)
-    with daemon_runtime(config, config_path, "milter worker", migrate_db=False) as runtime:
-        serve_worker(runtime, channel, reload=lambda current: reload_runtime(current, config_path))
+    try:
+        bundle = receive_bundle(channel)
+    except (EOFError, OSError) as exc:
+        raise click.ClickException(f"no config from the milter process: {exc}") from None
+    plog.setup(bundle.current.config.milter.log_level)
+    started = bundle.started
+    with daemon_runtime(started.config, config_path, "milter worker", loaded=started, migrate_db=False) as runtime:
+        serve_worker(runtime.reloaded(bundle.current), channel, bundle.generation)
 
 
 @main.command("smtpd")

@@ -72,15 +72,18 @@ def daemon_runtime(
     environ: Mapping[str, str] | None = None,
     *,
     migrate_db: bool = True,
+    loaded: Loaded | None = None,
 ) -> Iterator[Runtime]:
     """Everything the milter and the after-queue filter run the pipeline with, built the same way for both.
 
     The history writer is flushed and the mailer drained when the daemon returns, so mail handled just before a
     stop is still recorded and its auto-replies still sent.  ``environ`` stands for the process environment's
     POSTROOM_* overrides (the demo passes {} so its private Redis is the one used).  ``migrate_db=False``: the
-    caller has run the migrations already (the milter does, once, before it starts its workers).
+    caller has run the migrations already (the milter does, once, before it starts its workers).  ``loaded``: what
+    to run with instead of reading ``config_path`` (a milter worker gets it from the milter process).
     """
-    loaded = load_bundle_or_exit(config_path, environ)
+    if loaded is None:
+        loaded = load_bundle_or_exit(config_path, environ)
     config = loaded.config
     if migrate_db and config.database.auto_migrate:
         migrate(config.database.url)
@@ -124,14 +127,20 @@ def daemon_runtime(
 
 
 def reload_runtime(current: Runtime, config_path: Path) -> Runtime | None:
-    """SIGHUP: the running parts with the config, rules and templates read again; None keeps the old ones.
+    """SIGHUP: the running parts with the config, rules and templates read again; None keeps the old ones."""
+    loaded = reload_bundle(current.config, config_path)
+    return None if loaded is None else current.reloaded(loaded)
+
+
+def reload_bundle(current: Config, config_path: Path) -> Loaded | None:
+    """SIGHUP: config, rules, templates, keys and canned replies read again; None keeps the running ones.
 
     A broken file is logged with every problem and changes nothing, so a typo never stops mail.
     """
     loaded = reload(config_path)
     if isinstance(loaded, LoadError):
         return None
-    new, old = loaded.config, current.config
+    new, old = loaded.config, current
     for what, before, after in (
         ("redis.url", old.redis.url, new.redis.url),
         ("database.url", old.database.url, new.database.url),
@@ -141,4 +150,4 @@ def reload_runtime(current: Runtime, config_path: Path) -> Runtime | None:
     ):
         if before != after:
             log.warning("%s changed in %s: it takes effect at the next restart, not on reload", what, config_path)
-    return current.reloaded(loaded)
+    return loaded

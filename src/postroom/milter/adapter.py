@@ -271,9 +271,9 @@ def run(
             return
         new = reload(holder.get())
         if new is not None:
-            # Connections keep the runtime they started with; new ones get this one.
+            # A mail in flight keeps the pipeline it took at its MAIL FROM; the next MAIL FROM takes this one.
             holder.set(new)
-            log.info("SIGHUP: reloaded; new connections use the new config and rules")
+            log.info("SIGHUP: reloaded; the next mail uses the new config and rules")
 
     def on_stop(signum: int, frame: object) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)

@@ -12,10 +12,16 @@ other process can reach it).  A milter thread that needs a connection makes a ne
 to a worker over that channel (SCM_RIGHTS); connections are pooled and carry one mail at a time.  Frames are a
 4-byte length and a pickle: both ends are this program.
 
+Config: a worker never reads the config files.  The milter process sends it what the milter loaded and checked:
+at start the config it started with (Redis, database and mailer addresses, which only a restart changes) and
+the one in force, on SIGHUP the newly loaded one (a "load" request, answered once the worker has it).  So a worker
+started again after a crash runs what the others run, even if the files have been broken since; and a mail keeps
+the config generation it started with in the milter process, in whichever worker runs it.
+
 Failures: a worker that dies, or does not answer within the reply timeout, fails the mails in flight on it (the
 adapter applies [milter] on_error: degraded delivery or tempfail, never a loss) and is started again.  A worker
-ignores SIGTERM and SIGINT (systemd and a terminal send them to every process of the service) and stops when its
-control channel closes: after the milter process has finished the mails in flight.
+ignores SIGHUP, SIGTERM and SIGINT (systemd and a terminal send them to every process of the service) and stops
+when its control channel closes: after the milter process has finished the mails in flight.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +47,21 @@ from postroom import log as plog
 from postroom.config import Config
 from postroom.mailer import OutgoingMail
 from postroom.mime import Message
-from postroom.rules import Ruleset
+from postroom.rules import Loaded, Ruleset
 from postroom.runtime import Runtime
 from postroom.verdict import Envelope, Verdict
 
-__all__ = ["REPLY_SECONDS", "Handled", "LocalPipeline", "RemotePipeline", "WorkerError", "WorkerPool", "serve_worker"]
+__all__ = [
+    "REPLY_SECONDS",
+    "Bundle",
+    "Handled",
+    "LocalPipeline",
+    "RemotePipeline",
+    "WorkerError",
+    "WorkerPool",
+    "receive_bundle",
+    "serve_worker",
+]
 
 log = logging.getLogger("postroom.milter")
 
@@ -70,6 +86,15 @@ class WorkerError(RuntimeError):
 
 def skipped_body() -> bytes:
     raise RuntimeError("the body of this mail was skipped: nothing was to read it (Ruleset.reads_body)")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What a worker runs with, as the milter process loaded and checked it."""
+
+    started: Loaded  # the config the milter started with: Redis, database and mailer are opened from it
+    current: Loaded  # the config, rules, templates, keys and canned replies in force (the last good reload)
+    generation: int = 0  # counts reloads; a mail names the generation it started with
 
 
 @dataclass(frozen=True)
@@ -162,28 +187,34 @@ def _set_timeouts(conn: socket.socket, seconds: float) -> None:
 
 
 class _Worker:
-    """One worker's state: the runtime (swapped on SIGHUP) and the auto-replies waiting for their mail."""
+    """One worker's state: the runtimes of the current and the previous config, and the auto-replies waiting."""
 
-    def __init__(self, runtime: Runtime, reload: Callable[[Runtime], Runtime | None] | None) -> None:
-        self.runtime = runtime
-        self._reload = reload
+    def __init__(self, runtime: Runtime, generation: int) -> None:
+        self._runtimes = {generation: runtime}
+        self._newest = generation
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[float, list[OutgoingMail]]] = {}
 
-    def on_hup(self, signum: int, frame: object) -> None:
-        # Python runs this in the main thread, possibly in the middle of a mail: that mail keeps the runtime it
-        # took (process() reads self.runtime once), the next one gets the new runtime.
-        if self._reload is not None:
-            new = self._reload(self.runtime)
-            if new is not None:
-                self.runtime = new
-                log.info("worker: reloaded; the next mail uses the new config and rules")
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtimes[self._newest]
 
-    def process(self, envelope: Envelope, headers: list[tuple[str, str]], body: bytes | None, now: float) -> Handled:
+    def load(self, generation: int, loaded: Loaded) -> None:
+        # The previous runtime stays for a mail that started under it in the milter process (its body was kept
+        # or skipped by the old rules); a mail that outlived two reloads runs with the newest.
+        runtime = self.runtime.reloaded(loaded)
+        self._runtimes = {self._newest: self.runtime, generation: runtime}
+        self._newest = generation
+        log.info("worker: reloaded; the next mail uses the new config and rules")
+
+    def process(
+        self, generation: int, envelope: Envelope, headers: list[tuple[str, str]], body: bytes | None, now: float
+    ) -> Handled:
         token = plog.queue_id.set(envelope.queue_id)
         try:
             message = Message(envelope, headers, body=skipped_body if body is None else (lambda: body))
-            handled = LocalPipeline(self.runtime).handle(message, now)
+            runtime = self._runtimes.get(generation, self.runtime)
+            handled = LocalPipeline(runtime).handle(message, now)
         finally:
             plog.queue_id.reset(token)
         if not handled.outgoing:
@@ -220,20 +251,31 @@ class _Worker:
         if kind == "accepted":
             self.accepted(request[1])
             return None
+        if kind == "load":
+            self.load(request[1], request[2])
+            return "loaded"
         log.error("worker: unknown request %r", kind)
         return None
 
 
-def serve_worker(
-    runtime: Runtime, channel: socket.socket, reload: Callable[[Runtime], Runtime | None] | None = None
-) -> None:
+def ignore_stop_signals() -> None:
+    """The milter process decides when a worker stops (it closes the channel once its mails in flight are done)
+    and when it reloads (it sends the new config): signals sent to the whole service change nothing here."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def receive_bundle(channel: socket.socket) -> Bundle:
+    """The first frame on a worker's channel: what to run with.  Raises EOFError if the milter process is gone."""
+    bundle = _recv(channel)
+    if not isinstance(bundle, Bundle):
+        raise TypeError(f"expected the config bundle from the milter process, got {type(bundle).__name__}")
+    return bundle
+
+
+def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) -> None:
     """Answer the milter process's requests on one thread until ``channel`` closes.  Blocks."""
-    worker = _Worker(runtime, reload)
-    signal.signal(signal.SIGHUP, worker.on_hup)
-    # The milter process decides when mail stops: it closes the channel once its mails in flight are done.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Ready: from now on SIGHUP reloads (until now it would have killed this process).
+    worker = _Worker(runtime, generation)
     channel.sendall(_READY)
     selector = selectors.DefaultSelector()
     selector.register(channel, selectors.EVENT_READ, None)
@@ -302,31 +344,33 @@ class _Process:
         self.ready = False
         self.reload_pending = False
 
-    def wait_ready(self) -> None:
-        """Wait for the worker's ready byte: it handles SIGHUP only from then on (before, SIGHUP kills it)."""
+    def __str__(self) -> str:
+        return f"worker {self.index} (pid {self.proc.pid})"
+
+    def start(self, bundle: Bundle) -> bool:
+        """Send the worker what to run with and wait for its ready byte.  True if a reload came meanwhile."""
         try:
             # The timeout stays: it also bounds handing a connection over to a worker that stopped reading.
             self.channel.settimeout(START_SECONDS)
+            _send(self.channel, bundle)
             ready = self.channel.recv(1) == _READY
         except OSError:  # also: the pool closed the channel meanwhile (the milter is stopping)
             ready = False
         if not ready:
-            log.error("worker %d (pid %d) did not start", self.index, self.proc.pid)
-            return
+            log.error("%s did not start", self)
+            return False
         with self.lock:
             self.ready = True
             pending, self.reload_pending = self.reload_pending, False
-        if pending:
-            self.proc.send_signal(signal.SIGHUP)
+        return pending
 
-    def reload(self) -> None:
+    def reloadable(self) -> bool:
+        """Whether a load request can go to this worker now; if it is still starting, it gets one once ready."""
         with self.lock:
             if not self.ready:
-                # It is still reading the files; make sure it reads them again once it can.
                 self.reload_pending = True
-                return
-        if self.alive:
-            self.proc.send_signal(signal.SIGHUP)
+                return False
+        return self.alive
 
     def connect(self, timeout: float) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -345,23 +389,32 @@ class _Process:
 class WorkerPool:
     """The worker processes of one milter, their supervision and the pooled connections to them."""
 
-    def __init__(self, command: Sequence[str], count: int, reply_timeout: float) -> None:
+    def __init__(self, command: Sequence[str], count: int, reply_timeout: float, loaded: Loaded) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self._command = list(command)
         self._timeout = reply_timeout
         self._lock = threading.Lock()
+        self._bundle = Bundle(loaded, loaded)
         self._idle: list[tuple[_Process, socket.socket]] = []
         self._turn = itertools.count()
         self._stopping = threading.Event()
         self._processes = [_Process(self._command, i) for i in range(count)]
         for process in self._processes:
-            process.wait_ready()
+            self._start(process)
         self._watchers = [self._watch(p) for p in self._processes]
 
     @property
     def pids(self) -> list[int]:
         return [p.proc.pid for p in self._processes]
+
+    def _latest(self) -> Bundle:
+        with self._lock:
+            return self._bundle
+
+    def _start(self, process: _Process) -> None:
+        if process.start(self._latest()):
+            self._load(process, self._latest())
 
     def _watch(self, process: _Process) -> threading.Thread:
         thread = threading.Thread(target=self._supervise, args=(process,), name=f"worker-{process.index}", daemon=True)
@@ -377,9 +430,7 @@ class WorkerPool:
             process.channel.close()
             if self._stopping.is_set():
                 return
-            log.error(
-                "worker %d (pid %d) exited with status %d; starting a new one", process.index, process.proc.pid, status
-            )
+            log.error("%s exited with status %d; starting a new one", process, status)
             # A worker that dies at once (a database it cannot reach, say) is not restarted in a tight loop.
             delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
             new = self._replace(process.index, delay)
@@ -398,32 +449,32 @@ class WorkerPool:
                 continue
             with self._lock:
                 self._processes[index] = new
-            new.wait_ready()
+            self._start(new)
             return new
         return None
 
     def call(self, request: tuple[Any, ...], *, reply: bool = True) -> Any:
         process, conn = self._checkout()
-        try:
-            _send(conn, request)
-            answer = _recv_reply(conn) if reply else None
-        except BlockingIOError as exc:
-            conn.close()
-            log.error(
-                "worker %d (pid %d) gave no answer in %g s; killing it", process.index, process.proc.pid, self._timeout
-            )
-            process.proc.kill()
-            raise WorkerError(
-                f"worker {process.index} (pid {process.proc.pid}): no answer in {self._timeout:g} s"
-            ) from exc
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            conn.close()
-            raise WorkerError(f"worker {process.index} (pid {process.proc.pid}): {exc}") from exc
+        answer = self._exchange(process, conn, request, reply=reply)
         with self._lock:
             self._idle.append((process, conn))
         if isinstance(answer, WorkerError):
             raise answer
         return answer
+
+    def _exchange(self, process: _Process, conn: socket.socket, request: tuple[Any, ...], *, reply: bool) -> Any:
+        """Send one request and read its answer; a worker that breaks the exchange is a WorkerError."""
+        try:
+            _send(conn, request)
+            return _recv_reply(conn) if reply else None
+        except BlockingIOError as exc:
+            conn.close()
+            log.error("%s gave no answer in %g s; killing it", process, self._timeout)
+            process.proc.kill()
+            raise WorkerError(f"{process}: no answer in {self._timeout:g} s") from exc
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            conn.close()
+            raise WorkerError(f"{process}: {exc}") from exc
 
     def _checkout(self) -> tuple[_Process, socket.socket]:
         with self._lock:
@@ -439,12 +490,37 @@ class WorkerPool:
         try:
             return process, process.connect(self._timeout)
         except OSError as exc:
-            raise WorkerError(f"worker {process.index} (pid {process.proc.pid}): {exc}") from exc
+            raise WorkerError(f"{process}: {exc}") from exc
 
-    def reload(self) -> None:
-        """Pass SIGHUP on: each worker loads config, rules and templates again between two mails."""
-        for process in list(self._processes):
-            process.reload()
+    def reload(self, loaded: Loaded) -> int:
+        """Send every worker the new config and wait until each has it; returns its generation for the mails.
+
+        A worker that cannot take it in time is killed: the one started in its place gets the new config.
+        """
+        with self._lock:
+            bundle = self._bundle = Bundle(self._bundle.started, loaded, self._bundle.generation + 1)
+            processes = list(self._processes)
+        for process in processes:
+            self._load(process, bundle)
+        return bundle.generation
+
+    def _load(self, process: _Process, bundle: Bundle) -> None:
+        if not process.reloadable():
+            return
+        try:
+            conn = process.connect(self._timeout)
+        except OSError as exc:
+            # It has just died: the supervisor starts a new one, with the newest config.
+            log.error("%s could not take the new config: %s", process, exc)
+            return
+        try:
+            answer = self._exchange(process, conn, ("load", bundle.generation, bundle.current), reply=True)
+        except WorkerError as exc:
+            log.error("%s could not take the new config: %s", process, exc)
+            return
+        conn.close()
+        if isinstance(answer, WorkerError):
+            log.error("%s could not take the new config: %s", process, answer)
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop the workers: closing their channels lets each finish, flush its history and exit."""
@@ -461,7 +537,7 @@ class WorkerPool:
             try:
                 process.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker %d (pid %d) did not stop in time; killing it", process.index, process.proc.pid)
+                log.error("%s did not stop in time; killing it", process)
                 process.proc.kill()
                 process.proc.wait()
 
@@ -473,10 +549,12 @@ class RemotePipeline:
     config: Config
     rules: Ruleset
     pool: WorkerPool
+    generation: int = 0  # the pool's config generation these config and rules are
 
     def handle(self, message: Message, now: float) -> Handled:
         body = None if message.body is skipped_body else message.body()
-        handled: Handled = self.pool.call(("process", message.envelope, message.headers, body, now))
+        request = ("process", self.generation, message.envelope, message.headers, body, now)
+        handled: Handled = self.pool.call(request)
         return handled
 
     def accepted(self, handled: Handled) -> None:
@@ -485,5 +563,6 @@ class RemotePipeline:
 
 
 def worker_command(config_path: Path) -> list[str]:
-    """How the milter process starts a worker: this interpreter, this postroom, the same config file."""
+    """How the milter process starts a worker: this interpreter, this postroom.  The config file is named for the
+    worker's log lines and `ps`; the worker reads nothing from it (the milter process sends what it loaded)."""
     return [sys.executable, "-m", "postroom", "milter-worker", "--config", os.fspath(config_path)]
