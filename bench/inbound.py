@@ -6,7 +6,9 @@ Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--size
 Configurations: ``none`` (Postfix alone), ``empty`` (bench/empty_milter.py), ``edits`` (the same empty milter
 making the five header edits postroom makes for a new ticket, to tell Postfix's cost of applying them apart from
 postroom's own), ``aempty`` (bench/asyncio_empty_milter.py: the milter protocol on one asyncio thread instead of
-libmilter's thread per connection) and ``postroom``; the default runs none, empty and postroom.
+libmilter's thread per connection), ``postroom`` (the example config as shipped) and ``postroom-w0`` /
+``postroom-w1`` (the same with ``[milter] workers = 0`` or ``1``: the pipeline inside the milter process or in one
+worker process); the default runs none, empty and postroom.
 
 For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn: a fresh
 private stack (postroom.testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
@@ -76,7 +78,7 @@ SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
 EMPTY_MILTER = Path(__file__).resolve().parent / "empty_milter.py"
 ASYNCIO_EMPTY_MILTER = Path(__file__).resolve().parent / "asyncio_empty_milter.py"
-CONFIGS = ("none", "empty", "edits", "aempty", "postroom")
+CONFIGS = ("none", "empty", "edits", "aempty", "postroom", "postroom-w0", "postroom-w1")
 DEFAULT_CONFIGS = ("none", "empty", "postroom")
 CONFIG_TITLES = {
     "none": "no milter",
@@ -84,7 +86,11 @@ CONFIG_TITLES = {
     "edits": "empty+edits",
     "aempty": "asyncio empty",
     "postroom": "postroom",
+    "postroom-w0": "postroom w=0",
+    "postroom-w1": "postroom w=1",
 }
+# postroom with [milter] workers set, whatever the example config says: both modes in one run.
+_POSTROOM_WORKERS = {"postroom-w0": 0, "postroom-w1": 1}
 _EMPTY_KINDS = ("empty", "edits", "aempty")
 TARGET_RATIO = 0.9
 TARGET_CPU_MS = 1.0
@@ -465,6 +471,8 @@ def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None,
         return MilterDaemon(workdir, "", stack.milter_socket_path, command=command), None, []
     workdir = stack.root / "postroom"
     cfg = postroom_config(stack, workdir)
+    if config in _POSTROOM_WORKERS:
+        cfg = with_changes(cfg, {"milter": {"workers": _POSTROOM_WORKERS[config]}})
     text, notes = config_toml(cfg)
     return MilterDaemon(workdir, text, stack.milter_socket_path), cfg, notes
 
@@ -622,6 +630,7 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
 
     configs = [c for c in CONFIGS if (c, sizes[0]) in results]
     milters = [c for c in configs if c != "none"]
+    postrooms = [c for c in configs if c.startswith("postroom")]
 
     def each(get: Callable[[str, int], str], config: str) -> list[str]:
         return [get(config, size) for size in sizes]
@@ -632,16 +641,17 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     rows: list[tuple[str, list[str]]] = []
     rows += [(f"msgs/s, {CONFIG_TITLES[c]}", each(rate_text, c)) for c in configs]
     rows += [(f"msgs/s range over rounds, {CONFIG_TITLES[c]}", each(spread, c)) for c in configs]
-    if "postroom" in configs and "empty" in configs:
-        rows.append(("ratio postroom / empty milter (msgs/s)", per_size(lambda s: ratio("postroom", "empty", s))))
-        rows.append(("ratio postroom / empty, per round (range)", per_size(lambda s: ratios("postroom", "empty", s))))
+    if "empty" in configs:
+        for c in postrooms:
+            title = CONFIG_TITLES[c]
+            rows.append((f"ratio {title} / empty milter (msgs/s)", [ratio(c, "empty", s) for s in sizes]))
+            rows.append((f"ratio {title} / empty, per round (range)", [ratios(c, "empty", s) for s in sizes]))
     if "edits" in configs and "empty" in configs:
         rows.append(("ratio empty+edits / empty milter (msgs/s)", per_size(lambda s: ratio("edits", "empty", s))))
     if "empty" in configs and "none" in configs:
         rows.append(("ratio empty milter / no milter (msgs/s)", per_size(lambda s: ratio("empty", "none", s))))
     rows += [(f"milter CPU ms/message, {CONFIG_TITLES[c]}", each(cpu, c)) for c in milters]
-    if "postroom" in configs:
-        rows.append(("Redis CPU ms/message, postroom", each(redis_cpu, "postroom")))
+    rows += [(f"Redis CPU ms/message, {CONFIG_TITLES[c]}", each(redis_cpu, c)) for c in postrooms]
     rows += [(f"machine CPU ms/message, {CONFIG_TITLES[c]}", each(machine, c)) for c in configs]
     rows += [(f"milter peak RSS MiB, {CONFIG_TITLES[c]}", each(rss, c)) for c in milters]
     return rows
@@ -692,20 +702,19 @@ def markdown_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> s
     return "\n".join(lines)
 
 
-def target_line(results: Results, sizes: Sequence[int]) -> str:
+def target_line(results: Results, sizes: Sequence[int], config: str = "postroom") -> str:
     met = True
     parts = []
     for size in sizes:
-        ratio = median([r.rate for r in results[("postroom", size)]]) / median(
-            [r.rate for r in results[("empty", size)]]
-        )
-        cpu = median([r.cpu_ms_per_message or 0.0 for r in results[("postroom", size)]])
+        ratio = median([r.rate for r in results[(config, size)]]) / median([r.rate for r in results[("empty", size)]])
+        cpu = median([r.cpu_ms_per_message or 0.0 for r in results[(config, size)]])
         ok = ratio >= TARGET_RATIO and cpu <= TARGET_CPU_MS
         met = met and ok
         parts.append(f"{size_label(size)}: ratio {ratio:.2f}, CPU {cpu:.2f} ms/message {'ok' if ok else 'missed'}")
     verdict = "MET" if met else "NOT MET"
+    title = CONFIG_TITLES[config]
     return (
-        f"target (medians: postroom/empty msgs/s >= {TARGET_RATIO} and postroom CPU <= {TARGET_CPU_MS:g} "
+        f"target (medians: {title}/empty msgs/s >= {TARGET_RATIO} and {title} CPU <= {TARGET_CPU_MS:g} "
         f"ms/message, every size): {verdict} ({'; '.join(parts)})"
     )
 
@@ -819,7 +828,7 @@ def run_line(run: Run, round_no: int) -> str:
     cpu = run.cpu_ms_per_message
     if cpu is not None:
         line += f", milter CPU {cpu:.2f} ms/message, peak RSS {fmt(run.peak_rss_kib, 0)} KiB"
-    if run.config == "postroom":
+    if run.config.startswith("postroom"):
         line += f", Redis CPU {run.redis_ms_per_message:.3f} ms/message"
     return line + f"; machine {run.busy_before:.0f}% busy before, {run.busy_during:.0f}% during"
 
@@ -890,8 +899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(markdown_table(rows, sizes))
     print()
-    if ("postroom", sizes[0]) in results and ("empty", sizes[0]) in results:
-        print(target_line(results, sizes))
+    for config in CONFIGS:
+        if config.startswith("postroom") and (config, sizes[0]) in results and ("empty", sizes[0]) in results:
+            print(target_line(results, sizes, config))
     return 0
 
 

@@ -2,10 +2,11 @@
 
 Usage: ``.venv/bin/python bench/profile_postroom.py [--messages N] [--sessions S] [--size BYTES] [--top K]``
 (needs ``pip install py-spy`` into the venv). Starts a fresh testbed stack with postroom in front of Dovecot, sends a
-warm-up, then records the milter process with py-spy while smtp-source sends the measured batch, and prints the
-functions with the most samples: "self" (the function itself was running) and "total" (it was on the stack).
-Only threads holding the GIL are sampled (``--gil``), so the figures are Python CPU time; ``--native`` adds C frames.
-The raw collapsed stacks stay in the file named by ``--raw`` for a flame graph (e.g. speedscope, inferno).
+warm-up, then records the milter process and its worker processes with py-spy while smtp-source sends the measured
+batch, and prints the functions with the most samples: "self" (the function itself was running) and "total" (it was
+on the stack).  Only threads holding the GIL are sampled (``--gil``), so the figures are Python CPU time;
+``--native`` adds C frames.  The raw collapsed stacks stay in the file named by ``--raw`` for a flame graph
+(e.g. speedscope, inferno).
 """
 
 from __future__ import annotations
@@ -97,7 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert pid is not None
             send_batch(stack, args.warmup, args.sessions, args.size, expect_total=args.warmup, timeout=600)
             before = settled_cpu_seconds(pid)
-            cmd = [py_spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--gil", "--threads"]
+            cmd = [
+                py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(args.rate),
+                "--gil",
+                "--threads",
+                "--subprocesses",
+            ]
             cmd += ["--format", "raw", "--output", str(args.raw)]
             if args.native:
                 cmd.append("--native")
