@@ -48,6 +48,12 @@ class Runtime:
             assign=self.assign,
         )
 
+    def handle(self, message: Message, now: float) -> Outcome:
+        """Run the pipeline and record its history: what every adapter does with each mail."""
+        outcome = self.process(message, now)
+        self.record(outcome)
+        return outcome
+
     def record(self, outcome: Outcome) -> None:
         """History first: Redis has changed whether or not Postfix takes every edit."""
         if self.history is not None and outcome.records:

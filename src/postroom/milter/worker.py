@@ -122,8 +122,7 @@ class LocalPipeline:
         return self.runtime.rules
 
     def handle(self, message: Message, now: float) -> Handled:
-        outcome = self.runtime.process(message, now)
-        self.runtime.record(outcome)
+        outcome = self.runtime.handle(message, now)
         return Handled(outcome.verdict, bool(outcome.records), outgoing=outcome.outgoing)
 
     def accepted(self, handled: Handled) -> None:

@@ -37,8 +37,7 @@ from postroom.pipeline import Message
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse, without_login_claims
 from postroom.smtpd.rewrite import degraded, rewrite
-from postroom.smtpd.server import smtp_reply
-from postroom.verdict import Action
+from postroom.smtpd.server import refusal, smtp_reply
 from postroom.verdict import Envelope as MailEnvelope
 
 __all__ = ["DEMO_PASSWORD", "DevHandler", "DevServer", "Maildirs"]
@@ -147,16 +146,11 @@ class DevHandler:
         # Identity is the AUTH login of this session only: a Received header claiming one is removed, as by the
         # after-queue filter.
         raw = RawMail(without_login_claims(parsed.headers), parsed.body)
-        outcome = rt.process(Message(envelope, raw.headers, body=lambda: raw.body), time.time())
+        outcome = rt.handle(Message(envelope, raw.headers, body=lambda: raw.body), time.time())
         verdict = outcome.verdict
-        rt.record(outcome)
-        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            log.info("%s: %s", verdict.action.value, verdict.summary)
-            fallback = replies.S550_BAD_MESSAGE if verdict.action is Action.REJECT else replies.S451_TEMPORARY_FAILURE
-            return smtp_reply(verdict.reply or fallback)
-        if verdict.action is Action.DISCARD:
-            log.info("discard: %s", verdict.summary)
-            return smtp_reply(replies.S250_DISCARDED)
+        refused = refusal(verdict)
+        if refused is not None:
+            return refused
         applied = True
         try:
             out = rewrite(raw, mail_from, rcpts, verdict.edits)

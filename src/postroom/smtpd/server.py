@@ -35,7 +35,7 @@ from postroom.replies import Reply
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, Submitter, parse, submitter, without_login_claims
 from postroom.smtpd.rewrite import Outgoing, degraded, rewrite
-from postroom.verdict import Action
+from postroom.verdict import Action, Verdict
 from postroom.verdict import Envelope as MailEnvelope
 
 __all__ = ["FilterHandler", "FilterSMTP", "ReinjectionError", "reinject", "run", "serve"]
@@ -61,6 +61,18 @@ def smtp_reply(reply: Reply) -> str:
     return "\r\n".join(
         f"{reply.code}{'-' if i < len(lines) - 1 else ' '}{reply.status} {line}" for i, line in enumerate(lines)
     )
+
+
+def refusal(verdict: Verdict) -> str | None:
+    """The SMTP reply (logged) for a verdict that refuses or discards the mail; None for one to pass on."""
+    if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+        log.info("%s: %s", verdict.action.value, verdict.summary)
+        fallback = replies.S550_BAD_MESSAGE if verdict.action is Action.REJECT else replies.S451_TEMPORARY_FAILURE
+        return smtp_reply(verdict.reply or fallback)
+    if verdict.action is Action.DISCARD:
+        log.info("discard: %s", verdict.summary)
+        return smtp_reply(replies.S250_DISCARDED)
+    return None
 
 
 def connect(config: SmtpdConfig) -> smtplib.SMTP:
@@ -226,16 +238,11 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
         )
         message = Message(envelope, raw.headers, body=lambda: raw.body)
         # The same calls as the milter's (milter/adapter.py): both adapters run the pipeline with the same parts.
-        outcome = rt.process(message, time.time())
+        outcome = rt.handle(message, time.time())
         verdict = outcome.verdict
-        rt.record(outcome)
-        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            log.info("%s: %s", verdict.action.value, verdict.summary)
-            fallback = replies.S550_BAD_MESSAGE if verdict.action is Action.REJECT else replies.S451_TEMPORARY_FAILURE
-            return smtp_reply(verdict.reply or fallback)
-        if verdict.action is Action.DISCARD:
-            log.info("discard: %s", verdict.summary)
-            return smtp_reply(replies.S250_DISCARDED)
+        refused = refusal(verdict)
+        if refused is not None:
+            return refused
         applied = True
         try:
             out = rewrite(raw, mail.mail_from, mail.rcpts, verdict.edits)
