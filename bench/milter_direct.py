@@ -1,7 +1,7 @@
 """Milter CPU per message without Postfix: a raw milter-protocol client drives the milter's unix socket directly.
 
 Usage: ``.venv/bin/python bench/milter_direct.py [--messages N] [--sessions S] [--size BYTES] [--runs R]
-[--milter postroom|empty|aempty]``
+[--milter postroom|postroom-w0|postroom-w1|empty|aempty]``
 
 For small changes to the mail path the end-to-end figures of bench/inbound.py drown in Postfix's and Dovecot's
 share of the two CPUs.  This starts a testbed stack only for its Redis, runs the milter as bench/inbound.py does,
@@ -161,11 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--milter", choices=("postroom", "empty", "aempty"), default="postroom")
+    milters = ("postroom", "postroom-w0", "postroom-w1", "empty", "aempty")
+    parser.add_argument("--milter", choices=milters, default="postroom", help="as bench/inbound.py's --configs")
     args = parser.parse_args(argv)
     for var in ENV_OVERRIDES:
         os.environ.pop(var, None)
-    print(f"milter: {postroom_source() if args.milter == 'postroom' else 'bench/empty_milter.py'}", flush=True)
+    empty = "bench/asyncio_empty_milter.py" if args.milter == "aempty" else "bench/empty_milter.py"
+    print(f"milter: {args.milter}, {postroom_source() if args.milter.startswith('postroom') else empty}", flush=True)
     with Stack(users=[MailUser(RECIPIENT), MailUser(SENDER)], milter="auto") as stack:
         milter, _cfg, _notes = make_milter(args.milter, stack)
         milter.start()
