@@ -124,7 +124,7 @@ def test_a_mail_keeps_the_config_generation_it_started_with_across_a_reload() ->
 
 @pytest.fixture
 def milter_deployment() -> Iterator[Deployment]:
-    with deploy(e2e_base_config(), CUSTOMERS, adapter="milter") as d:
+    with deploy(with_changes(e2e_base_config(), {"milter": {"workers": 1}}), CUSTOMERS, adapter="milter") as d:
         yield d
 
 

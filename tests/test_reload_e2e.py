@@ -1,7 +1,7 @@
 """SIGHUP reloads the config and rules without dropping a connection; a broken file keeps the running ones.
 
-The milter runs its pipeline in a worker process (the example config's [milter] workers = 1), so a reload has to
-reach the worker: the mail after it must show the new config, on a new connection and on one that stayed open.
+With [milter] workers = 1 the pipeline runs in a worker process, so a reload has to reach the worker: the mail after
+it must show the new config, on a new connection and on one that stayed open (tested in both modes).
 """
 
 from __future__ import annotations

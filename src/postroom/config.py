@@ -52,7 +52,7 @@ class MilterConfig(_Section):
     timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 600
     on_error: Literal["degraded", "tempfail"] = "degraded"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    workers: Annotated[int, Field(ge=0, le=64)] = 1
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
 
     @field_validator("socket")
     @classmethod

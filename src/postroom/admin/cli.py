@@ -51,8 +51,8 @@ def milter_command(config_path: Path) -> None:
     """Run the Postfix milter in the foreground until SIGTERM; SIGHUP reloads config and rules.
 
     Point Postfix at it with `smtpd_milters = unix:/run/postroom/milter.sock` and
-    `milter_default_action = accept` (see `postroom postfix-snippet`).  The pipeline runs in [milter] workers
-    child processes (`postroom milter-worker`), which this process starts, restarts and stops.
+    `milter_default_action = accept` (see `postroom postfix-snippet`).  With [milter] workers >= 1 the pipeline runs
+    in that many child processes (`postroom milter-worker`), which this process starts, restarts and stops.
     """
     from postroom.milter import run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
     from postroom.milter.worker import (  # noqa: PLC0415

@@ -1,7 +1,7 @@
 """The pymilter adapter: collect the callbacks' facts, call the pipeline once at end of message, apply the verdict.
 
-Nothing here decides anything about tickets.  The pipeline runs in worker processes (postroom.milter.worker) or,
-with [milter] workers = 0, in this process.  Each mail keeps the pipeline (config, rules) that was
+Nothing here decides anything about tickets.  The pipeline runs in this process (the default, [milter] workers = 0)
+or in worker processes (postroom.milter.worker).  Each mail keeps the pipeline (config, rules) that was
 current at its MAIL FROM, so a reload never changes the body policy under a mail in flight.
 """
 
