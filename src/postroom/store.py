@@ -330,6 +330,8 @@ class RedisStore:
             raise StoreUnavailable(str(exc)) from exc
 
     def _lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
+        if not (message_ids or numbers):
+            return Lookup()  # a new conversation (most customer mail): nothing to read
         pipe = self._r.pipeline(transaction=False)
         if message_ids:
             pipe.mget([self.message_key(mailbox, m) for m in message_ids])
