@@ -1,9 +1,9 @@
 """The Redis store: ticket counters, ticket hashes, participants and the Message-ID index.
 
 Every key of one mailbox carries the same hash tag (``postroom:{support@example.test}:...``), so a mailbox
-lives in one Redis Cluster slot and the multi-key scripts below stay atomic there.  At most two round trips per
-mail: one read (:meth:`RedisStore.lookup`, none for a mail with neither references nor a ticket token) and one
-write script (open or touch).
+lives in one Redis Cluster slot and the multi-key scripts below stay atomic there.  Round trips per mail: the reads
+of :meth:`RedisStore.lookup` (none for a mail with neither references nor a ticket token, one pipeline otherwise,
+one more for the ticket a reference names) and one write script (open or touch).
 """
 
 from __future__ import annotations
