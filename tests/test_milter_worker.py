@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from postroom.config import example_config_path, to_toml, with_changes
-from postroom.milter.worker import WorkerError, WorkerPool, _Worker
-from postroom.mime import Message
-from postroom.rules import load_all
+from postroom.milter.worker import Handled, WorkerError, WorkerPool, _Worker
+from postroom.rules import Loaded, load_all
 from postroom.runtime import Runtime
 from postroom.testbed import Deployment, MilterDaemon, deploy, pid_alive
 from postroom.verdict import Envelope, SetHeader
@@ -42,6 +41,22 @@ SILENT_WORKER = [
     "while True: time.sleep(60)",
 ]
 DYING_WORKER = [sys.executable, "-c", "raise SystemExit(3)"]
+# The real worker loop over an in-memory store (no Redis, no database); it takes its time to start while the file
+# named by its first argument exists.
+REPO = str(Path(__file__).resolve().parents[1])
+MEMORY_WORKER = [
+    sys.executable,
+    "-c",
+    "import os, socket, sys, time\n"
+    f"sys.path.insert(0, {REPO!r})\n"
+    "from postroom.milter.worker import receive_bundle, serve_worker\n"
+    "from postroom.runtime import Runtime\n"
+    "from tests.fakes import MemoryStore\n"
+    "channel = socket.socket(fileno=int(sys.argv[-1]))\n"
+    "bundle = receive_bundle(channel)\n"
+    "if os.path.exists(sys.argv[1]): time.sleep(1.5)\n"
+    "serve_worker(Runtime(bundle.current.config, MemoryStore(), None), channel, bundle.generation)\n",
+]
 REQUEST: tuple[object, ...] = ("process", 0, None, [], None, 0.0)
 # What the milter process would send its workers (the stand-ins above never read it).
 LOADED = load_all(example_config_path(), environ={})
@@ -97,19 +112,29 @@ def test_close_stops_every_worker() -> None:
     assert not any(pid_alive(p) for p in pids)
 
 
-def subject_of(worker: _Worker, generation: int) -> str:
-    envelope = Envelope("<alice@customer.test>", ["<support@example.test>"], queue_id="Q1")
-    message = Message(envelope, [("From", "alice@customer.test"), ("Subject", "Hello")], body=lambda: b"")
-    handled = worker.process(generation, envelope, message.headers, None, 0.0)
+ENVELOPE = Envelope("<alice@customer.test>", ["<support@example.test>"], queue_id="Q1")
+HEADERS = [("From", "alice@customer.test"), ("Subject", "Hello")]
+
+
+def new_subject(handled: Handled) -> str:
     return next(e.value for e in handled.verdict.edits if isinstance(e, SetHeader) and e.name == "Subject")
+
+
+def subject_of(worker: _Worker, generation: int) -> str:
+    return new_subject(worker.process(generation, ENVELOPE, HEADERS, None, 0.0))
+
+
+def renamed(tag: str) -> Loaded:
+    box = LOADED.config.mailboxes["support"].model_dump()
+    return dataclasses.replace(
+        LOADED, config=with_changes(LOADED.config, {"mailboxes": {"support": {**box, "tag": tag}}})
+    )
 
 
 def test_a_mail_keeps_the_config_generation_it_started_with_across_a_reload() -> None:
     runtime = Runtime(LOADED.config, MemoryStore(), None)
     worker = _Worker(runtime, 0)
-    box = LOADED.config.mailboxes["support"].model_dump()
-    renamed = with_changes(LOADED.config, {"mailboxes": {"support": {**box, "tag": "Help"}}})
-    worker.load(1, dataclasses.replace(LOADED, config=renamed))
+    worker.load(1, renamed("Help"))
     # A mail whose MAIL FROM came before the reload runs with the config it started with (its body was kept or
     # skipped by those rules); the next one with the new config; an unknown generation with the newest.
     assert subject_of(worker, 0) == "[Support #1] Hello"
@@ -117,6 +142,33 @@ def test_a_mail_keeps_the_config_generation_it_started_with_across_a_reload() ->
     assert subject_of(worker, 7) == "[Help #3] Hello"
     worker.load(2, LOADED)
     assert subject_of(worker, 0) == "[Support #4] Hello"  # generation 0 is gone: the newest is used
+
+
+def test_every_mail_runs_with_the_config_it_names_across_reloads_and_a_restart(tmp_path: Path) -> None:
+    slow = tmp_path / "slow-start"
+    pool = WorkerPool([*MEMORY_WORKER, str(slow)], 1, reply_timeout=10, loaded=LOADED)
+    try:
+
+        def mail(generation: int) -> str:
+            handled = pool.call(("process", generation, ENVELOPE, HEADERS, None, 0.0))
+            assert isinstance(handled, Handled)
+            return new_subject(handled)
+
+        assert mail(0) == "[Support #1] Hello"
+        # The next mail reuses the pooled connection: its request and the new config can arrive at the same time.
+        generation = pool.reload(renamed("Help"))
+        assert mail(generation) == "[Help #2] Hello"
+        # A reload while a new worker starts (it has its config, but does not read its channel yet).
+        (first,) = pool.pids
+        slow.touch()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: pool.pids[0] != first)
+        time.sleep(0.3)  # the new worker has received generation 1 and sleeps before it serves
+        generation = pool.reload(renamed("Team"))
+        assert mail(generation) == "[Team #1] Hello"  # a new worker, a new in-memory store
+        assert mail(generation - 1) == "[Help #2] Hello"  # a mail that started before that reload
+    finally:
+        pool.close(timeout=2)
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def milter_command(config_path: Path) -> None:
         new = reload_bundle(current.config, config_path)
         if new is None:
             return None
-        # Every worker has the new config before the next mail takes it; a mail in flight keeps its own.
+        # Each worker reads the new config before any mail that names its generation; a mail in flight keeps its own.
         return RemotePipeline(new.config, new.rules, pool, pool.reload(new))
 
     try:

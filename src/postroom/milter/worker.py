@@ -14,9 +14,10 @@ to a worker over that channel (SCM_RIGHTS); connections are pooled and carry one
 
 Config: a worker never reads the config files.  The milter process sends it what the milter loaded and checked:
 at start the config it started with (Redis, database and mailer addresses, which only a restart changes) and
-the one in force, on SIGHUP the newly loaded one (a "load" request, answered once the worker has it).  So a worker
-started again after a crash runs what the others run, even if the files have been broken since; and a mail keeps
-the config generation it started with in the milter process, in whichever worker runs it.
+the one in force, on SIGHUP the newly loaded one, written into the control channel.  The channel is one ordered
+stream for loads and connection hand-overs, and each mail names the config generation it started with, so a worker
+always has that generation before it runs the mail.  A worker started again after a crash runs what the others
+run, even if the files have been broken since.
 
 Failures: a worker that dies, or does not answer within the reply timeout, fails the mails in flight on it (the
 adapter applies [milter] on_error: degraded delivery or tempfail, never a loss) and is started again.  A worker
@@ -26,6 +27,7 @@ when its control channel closes: after the milter process has finished the mails
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -66,6 +68,10 @@ __all__ = [
 log = logging.getLogger("postroom.milter")
 
 _LENGTH = struct.Struct("!I")
+# The control channel's messages after the first frame (the Bundle): a connection handed over (its descriptor rides
+# on this byte, SCM_RIGHTS) and a new config (this byte, a length and the pickle of (generation, Loaded)).
+_HANDOVER = b"c"
+_LOAD = b"L"
 # Auto-replies of a mail wait in the worker until the milter process says Postfix took the mail; a mail that was
 # rejected or whose connection broke never says so, and its replies are dropped after this long.
 PENDING_SECONDS = 3600.0
@@ -190,20 +196,20 @@ class _Worker:
 
     def __init__(self, runtime: Runtime, generation: int) -> None:
         self._runtimes = {generation: runtime}
-        self._newest = generation
+        self.newest = generation
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[float, list[OutgoingMail]]] = {}
 
     @property
     def runtime(self) -> Runtime:
-        return self._runtimes[self._newest]
+        return self._runtimes[self.newest]
 
     def load(self, generation: int, loaded: Loaded) -> None:
         # The previous runtime stays for a mail that started under it in the milter process (its body was kept
         # or skipped by the old rules); a mail that outlived two reloads runs with the newest.
         runtime = self.runtime.reloaded(loaded)
-        self._runtimes = {self._newest: self.runtime, generation: runtime}
-        self._newest = generation
+        self._runtimes = {self.newest: self.runtime, generation: runtime}
+        self.newest = generation
         log.info("worker: reloaded; the next mail uses the new config and rules")
 
     def process(
@@ -250,9 +256,6 @@ class _Worker:
         if kind == "accepted":
             self.accepted(request[1])
             return None
-        if kind == "load":
-            self.load(request[1], request[2])
-            return "loaded"
         log.error("worker: unknown request %r", kind)
         return None
 
@@ -275,14 +278,16 @@ def receive_bundle(channel: socket.socket) -> Bundle:
 def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) -> None:
     """Answer the milter process's requests on one thread until ``channel`` closes.  Blocks."""
     worker = _Worker(runtime, generation)
-    channel.sendall(_READY)
     selector = selectors.DefaultSelector()
+    control = _Control(channel, worker, selector)
+    _set_timeouts(channel, _FRAME_SECONDS)
+    channel.sendall(_READY)
     selector.register(channel, selectors.EVENT_READ, None)
     while True:
         for key, _ in selector.select():
             conn: socket.socket | None = key.data
             if conn is None:
-                if not _accept_connections(channel, selector):
+                if not control.read():
                     log.info("worker: the milter process closed the channel; stopping")
                     selector.close()
                     return
@@ -295,6 +300,8 @@ def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) 
                 selector.unregister(conn)
                 conn.close()
                 continue
+            if request[0] == "process":
+                control.catch_up(request[1])
             reply = worker.answer(request)
             if reply is not None:
                 try:
@@ -306,19 +313,62 @@ def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) 
                     conn.close()
 
 
-def _accept_connections(channel: socket.socket, selector: selectors.BaseSelector) -> bool:
-    """Take the connections the milter process passed; False once the channel is closed."""
-    try:
-        data, fds, _flags, _addr = socket.recv_fds(channel, 64, 64)
-    except InterruptedError:
+class _Control:
+    """The worker's end of its control channel: connections handed over and new configs, in the order written."""
+
+    def __init__(self, channel: socket.socket, worker: _Worker, selector: selectors.BaseSelector) -> None:
+        self._channel = channel
+        self._worker = worker
+        self._selector = selector
+        self._buffer = b""
+        self._fds: collections.deque[int] = collections.deque()
+
+    def read(self) -> bool:
+        """Read what arrived and act on each complete message; False once the milter process closed the channel."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._channel, 65536, 64)
+        except InterruptedError:
+            return True
+        if not data and not fds:
+            return False
+        self._buffer += data
+        self._fds.extend(fds)
+        self._dispatch()
         return True
-    if not data and not fds:
-        return False
-    for fd in fds:
-        conn = socket.socket(fileno=fd)
-        _set_timeouts(conn, _FRAME_SECONDS)
-        selector.register(conn, selectors.EVENT_READ, conn)
-    return True
+
+    def catch_up(self, generation: int) -> None:
+        """Before a mail of a config generation this worker does not have yet: the milter process wrote that load
+        into this channel before it sent any such mail, so it is here to be read (a pooled connection's request
+        and the channel can turn ready in the same select, in either order)."""
+        while self._worker.newest < generation:
+            try:
+                if not self.read():
+                    return  # the milter process is stopping; the main loop sees the end of the channel
+            except BlockingIOError:
+                log.error("worker: config generation %d never arrived; using %d", generation, self._worker.newest)
+                return
+
+    def _dispatch(self) -> None:
+        while self._buffer:
+            kind = self._buffer[:1]
+            if kind == _HANDOVER:
+                # A descriptor arrives with its byte, so it is in _fds by the time its byte is read.
+                self._buffer = self._buffer[1:]
+                conn = socket.socket(fileno=self._fds.popleft())
+                _set_timeouts(conn, _FRAME_SECONDS)
+                self._selector.register(conn, selectors.EVENT_READ, conn)
+            elif kind == _LOAD:
+                head = 1 + _LENGTH.size
+                if len(self._buffer) < head:
+                    return
+                (size,) = _LENGTH.unpack_from(self._buffer, 1)
+                if len(self._buffer) < head + size:
+                    return  # the rest of the frame comes with the next read
+                generation, loaded = pickle.loads(self._buffer[head : head + size])
+                self._buffer = self._buffer[head + size :]
+                self._worker.load(generation, loaded)
+            else:
+                raise WorkerError(f"unknown control message {kind!r} from the milter process")
 
 
 # -- the milter process's side ---------------------------------------------------------------------------------
@@ -338,45 +388,44 @@ class _Process:
             theirs.close()
         self.index = index
         self.channel = ours
-        self.lock = threading.Lock()  # one hand-over at a time on the channel; guards the two flags below
+        self.lock = threading.Lock()  # one message at a time on the channel; guards the flag below
         self.alive = True
-        self.ready = False
-        self.reload_pending = False
+        self.configured = False  # its Bundle is written: loads may follow it on the channel
 
     def __str__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid})"
 
-    def start(self, bundle: Bundle) -> bool:
-        """Send the worker what to run with and wait for its ready byte.  True if a reload came meanwhile."""
+    def configure(self, bundle: Bundle) -> None:
+        """Write the bundle, the first frame on the channel.  The caller holds ``lock`` (WorkerPool._launch)."""
+        # The timeout stays: it also bounds handing a connection over to a worker that stopped reading.
+        self.channel.settimeout(START_SECONDS)
+        _send(self.channel, bundle)
+        self.configured = True
+
+    def wait_ready(self) -> None:
         try:
-            # The timeout stays: it also bounds handing a connection over to a worker that stopped reading.
-            self.channel.settimeout(START_SECONDS)
-            _send(self.channel, bundle)
             ready = self.channel.recv(1) == _READY
         except OSError:  # also: the pool closed the channel meanwhile (the milter is stopping)
             ready = False
         if not ready:
             log.error("%s did not start", self)
-            return False
-        with self.lock:
-            self.ready = True
-            pending, self.reload_pending = self.reload_pending, False
-        return pending
 
-    def reloadable(self) -> bool:
-        """Whether a load request can go to this worker now; if it is still starting, it gets one once ready."""
+    def load(self, bundle: Bundle) -> None:
+        """Write a new config into the channel, ahead of every connection handed over after it."""
+        frame = pickle.dumps((bundle.generation, bundle.current), pickle.HIGHEST_PROTOCOL)
         with self.lock:
-            if not self.ready:
-                self.reload_pending = True
-                return False
-        return self.alive
+            # Not configured: it could not take its bundle and is dying (see WorkerPool._launch).
+            if self.configured and self.alive:
+                self.channel.sendall(_LOAD + _LENGTH.pack(len(frame)) + frame)
 
     def connect(self, timeout: float) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _set_timeouts(ours, timeout)
             with self.lock:
-                socket.send_fds(self.channel, [b"c"], [theirs.fileno()])
+                if not self.configured:
+                    raise OSError("it did not take its config")  # its channel must start with the bundle
+                socket.send_fds(self.channel, [_HANDOVER], [theirs.fileno()])
         except OSError:
             ours.close()
             raise
@@ -398,22 +447,37 @@ class WorkerPool:
         self._idle: list[tuple[_Process, socket.socket]] = []
         self._turn = itertools.count()
         self._stopping = threading.Event()
-        self._processes = [_Process(self._command, i) for i in range(count)]
-        for process in self._processes:
-            self._start(process)
+        self._processes: list[_Process] = []
+        for index in range(count):
+            self._launch(index)
+        for process in list(self._processes):
+            process.wait_ready()
         self._watchers = [self._watch(p) for p in self._processes]
 
     @property
     def pids(self) -> list[int]:
         return [p.proc.pid for p in self._processes]
 
-    def _latest(self) -> Bundle:
-        with self._lock:
-            return self._bundle
+    def _launch(self, index: int) -> _Process:
+        """Start a worker in slot ``index``; raises OSError if it cannot be started.
 
-    def _start(self, process: _Process) -> None:
-        if process.start(self._latest()):
-            self._load(process, self._latest())
+        It becomes the pool's and gets the newest bundle in one step under its lock: a reload either comes before
+        (and the bundle is the new one) or finds it and writes the load after the bundle; a mail's connection is
+        handed over only after the bundle.
+        """
+        process = _Process(self._command, index)
+        with process.lock:
+            with self._lock:
+                if index == len(self._processes):
+                    self._processes.append(process)
+                else:
+                    self._processes[index] = process
+                bundle = self._bundle
+            try:
+                process.configure(bundle)
+            except OSError as exc:  # it died at once: its supervisor starts the next one
+                log.error("%s did not take its config: %s", process, exc)
+        return process
 
     def _watch(self, process: _Process) -> threading.Thread:
         thread = threading.Thread(target=self._supervise, args=(process,), name=f"worker-{process.index}", daemon=True)
@@ -441,31 +505,20 @@ class WorkerPool:
         """A new worker in the place of a dead one, after ``delay``; None once the pool is stopping."""
         while not self._stopping.wait(delay):
             try:
-                new = _Process(self._command, index)
+                new = self._launch(index)
             except OSError:
                 delay = min(delay * 2, 30.0)
                 log.exception("could not start worker %d; trying again in %g s", index, delay)
                 continue
-            with self._lock:
-                self._processes[index] = new
-            self._start(new)
+            new.wait_ready()
             return new
         return None
 
     def call(self, request: tuple[Any, ...], *, reply: bool = True) -> Any:
         process, conn = self._checkout()
-        answer = self._exchange(process, conn, request, reply=reply)
-        with self._lock:
-            self._idle.append((process, conn))
-        if isinstance(answer, WorkerError):
-            raise answer
-        return answer
-
-    def _exchange(self, process: _Process, conn: socket.socket, request: tuple[Any, ...], *, reply: bool) -> Any:
-        """Send one request and read its answer; a worker that breaks the exchange is a WorkerError."""
         try:
             _send(conn, request)
-            return _recv_reply(conn) if reply else None
+            answer = _recv_reply(conn) if reply else None
         except BlockingIOError as exc:
             conn.close()
             log.error("%s gave no answer in %g s; killing it", process, self._timeout)
@@ -474,6 +527,11 @@ class WorkerPool:
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             conn.close()
             raise WorkerError(f"{process}: {exc}") from exc
+        with self._lock:
+            self._idle.append((process, conn))
+        if isinstance(answer, WorkerError):
+            raise answer
+        return answer
 
     def _checkout(self) -> tuple[_Process, socket.socket]:
         with self._lock:
@@ -492,34 +550,20 @@ class WorkerPool:
             raise WorkerError(f"{process}: {exc}") from exc
 
     def reload(self, loaded: Loaded) -> int:
-        """Send every worker the new config and wait until each has it; returns its generation for the mails.
+        """Send every worker the new config; returns its generation, which the mails that use it name.
 
-        A worker that cannot take it in time is killed: the one started in its place gets the new config.
+        It does not wait for the workers: each reads the config before any mail that names it (see _Control).
         """
         with self._lock:
             bundle = self._bundle = Bundle(self._bundle.started, loaded, self._bundle.generation + 1)
             processes = list(self._processes)
         for process in processes:
-            self._load(process, bundle)
+            try:
+                process.load(bundle)
+            except OSError as exc:
+                # It is dying: the supervisor starts a new one, with this config.
+                log.error("%s could not take the new config: %s", process, exc)
         return bundle.generation
-
-    def _load(self, process: _Process, bundle: Bundle) -> None:
-        if not process.reloadable():
-            return
-        try:
-            conn = process.connect(self._timeout)
-        except OSError as exc:
-            # It has just died: the supervisor starts a new one, with the newest config.
-            log.error("%s could not take the new config: %s", process, exc)
-            return
-        try:
-            answer = self._exchange(process, conn, ("load", bundle.generation, bundle.current), reply=True)
-        except WorkerError as exc:
-            log.error("%s could not take the new config: %s", process, exc)
-            return
-        conn.close()
-        if isinstance(answer, WorkerError):
-            log.error("%s could not take the new config: %s", process, answer)
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop the workers: closing their channels lets each finish, flush its history and exit."""
