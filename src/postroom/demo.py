@@ -225,7 +225,7 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
         port = free_port()
         config_path = write_config(root, redis.url, port)
         with (
-            daemon_runtime(load_config(config_path, environ={}), config_path, "demo", environ={}) as runtime,
+            daemon_runtime(config_path, "demo", environ={}) as runtime,
             DevServer(runtime, root / "maildir", port) as server,
         ):
             console.print(f"work folder {root}; Redis {redis.url}; SMTP {server.host}:{server.port}")

@@ -66,7 +66,7 @@ def milter_command(config_path: Path) -> None:
     config = _load(config_path)
     plog.setup(config.milter.log_level)
     if config.milter.workers == 0:
-        with daemon_runtime(config, config_path, "milter") as runtime:
+        with daemon_runtime(config_path, "milter") as runtime:
 
             def reload_local(current: Pipeline) -> Pipeline | None:
                 assert isinstance(current, LocalPipeline)
@@ -111,8 +111,7 @@ def milter_worker_command(config_path: Path, channel_fd: int) -> None:
     except (EOFError, OSError) as exc:
         raise click.ClickException(f"no config from the milter process: {exc}") from None
     plog.setup(bundle.current.config.milter.log_level)
-    started = bundle.started
-    with daemon_runtime(started.config, config_path, "milter worker", loaded=started, migrate_db=False) as runtime:
+    with daemon_runtime(config_path, "milter worker", loaded=bundle.started, migrate_db=False) as runtime:
         serve_worker(runtime.reloaded(bundle.current), channel, bundle.generation)
 
 
@@ -130,7 +129,7 @@ def smtpd_command(config_path: Path) -> None:
 
     config = _load(config_path)
     plog.setup(config.milter.log_level)
-    with daemon_runtime(config, config_path, "smtpd") as runtime:
+    with daemon_runtime(config_path, "smtpd") as runtime:
         run(runtime, reload=lambda current: reload_runtime(current, config_path))
 
 

@@ -66,7 +66,6 @@ def load_bundle_or_exit(path: Path, environ: Mapping[str, str] | None = None) ->
 
 @contextlib.contextmanager
 def daemon_runtime(
-    config: Config,
     config_path: Path,
     daemon: str,
     environ: Mapping[str, str] | None = None,
