@@ -11,7 +11,7 @@ libmilter's thread per connection), ``postroom`` (the example config as shipped)
 worker process); the default runs none, empty and postroom.
 
 For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn: a fresh
-private stack (postroom.testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
+private stack (postroom_testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
 ``smtp-source`` sends a short warm-up and then the measured batch to support@example.test over SMTP, and the run
 counts as finished when Postfix's queues are empty and Dovecot has stored every message (files in the mailbox's Maildir
 ``new/``). Throughput is measured messages divided by the time from starting smtp-source to that moment. For the
@@ -71,7 +71,7 @@ from postroom.config import (
     to_toml,
     with_changes,
 )
-from postroom.testbed import MailUser, MilterDaemon, Stack, StackError, log_tail
+from postroom_testbed import MailUser, MilterDaemon, Stack, StackError, log_tail
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"

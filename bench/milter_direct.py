@@ -35,7 +35,7 @@ from inbound import (
     wait_quiet,
 )
 from postroom.config import ENV_OVERRIDES
-from postroom.testbed import MailUser, Stack
+from postroom_testbed import MailUser, Stack
 
 # Milter protocol version 6 (libmilter's mfdef.h).
 _ALL_ACTIONS = 0x1FF

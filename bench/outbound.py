@@ -3,7 +3,7 @@
 Usage: ``.venv/bin/python bench/outbound.py [--replies N] [--sessions S] [--sizes 2048,204800]``
 
 For every reply size and both milters (the empty one of bench/empty_milter.py and postroom) a fresh private stack
-(postroom.testbed.Stack: Postfix with an MX and a SASL submission listener, Dovecot, Redis in one temp dir) is
+(postroom_testbed.Stack: Postfix with an MX and a SASL submission listener, Dovecot, Redis in one temp dir) is
 started.  Customers first write N + warm-up mails to support@example.test through the MX listener, one per
 ticket; with postroom each becomes a ticket, which is then claimed for the agent "meier" with the same Redis
 script an agent's first reply runs (RedisStore.claim).  Then meier answers every one of them through the
@@ -61,8 +61,8 @@ from inbound import (
 )
 from postroom.config import ENV_OVERRIDES, Config
 from postroom.mime import message_id
-from postroom.store import RedisStore
-from postroom.testbed import Login, MailUser, MilterDaemon, Stack, StackError, log_tail
+from postroom.store.redis import RedisStore
+from postroom_testbed import Login, MailUser, MilterDaemon, Stack, StackError, log_tail
 
 CONFIGS = ("empty", "postroom")
 CONFIG_TITLES = {"empty": "empty milter", "postroom": "postroom"}

@@ -30,7 +30,7 @@ from inbound import (
     send_batch,
     settled_cpu_seconds,
 )
-from postroom.testbed import MailUser, MilterDaemon, Stack
+from postroom_testbed import MailUser, MilterDaemon, Stack
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.config import Config, example_config_path, load_config, parse_config
-from postroom.testbed import ADAPTERS, Deployment, RedisServer, deploy
+from postroom_testbed import ADAPTERS, Deployment, RedisServer, deploy
 
 # The local PostgreSQL server (Debian's postgresql package, started by .ci/run); each test run makes its own
 # database there and drops it afterwards, so nothing depends on what the server held before.

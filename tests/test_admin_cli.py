@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from postroom.admin import snippets
 from postroom.admin.cli import main
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml, with_changes
-from postroom.history import Record, make_engine, migrate, write
-from postroom.store import NewTicket, RedisStore
+from postroom.history import make_engine, migrate, write
+from postroom.store.redis import RedisStore
+from postroom.tickets import NewTicket, Record
 
 SUPPORT = "support@example.test"
 SALES = "sales@example.test"

@@ -18,8 +18,8 @@ from postroom.autoreply import AutoReplyPlan, load_templates, plan_auto_reply
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.dkim import Keyring, dns_answer, public_txt
 from postroom.mailer import Mailer
-from postroom.rules import RedisAssignmentState
-from postroom.testbed import MailUser, Stack
+from postroom.store.assignment import RedisAssignmentState
+from postroom_testbed import MailUser, Stack
 
 pytestmark = [
     pytest.mark.e2e,

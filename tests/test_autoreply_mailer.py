@@ -12,7 +12,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from postroom.mailer import Mailer, OutgoingMail
-from postroom.testbed import free_port
+from postroom_testbed import free_port
 
 MAIL = OutgoingMail(
     mail_from="",

@@ -8,7 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from postroom.testbed import Deployment
+from postroom_testbed import Deployment
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, queue_id, ticket_number
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from postroom.history import EventRow, TicketRow
-from postroom.testbed import Deployment
+from postroom_testbed import Deployment
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, ticket_number
 from tests.test_outbound_e2e import ALICE, BOB, _text, agent_mail, bounce_text, received, submit
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from postroom.bundle import load_all
 from postroom.demo import demo_rules_path, write_config
-from postroom.rules import load_all
 
 
 def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,13 +18,13 @@ from postroom.history import (
     EventRow,
     HistoryWriter,
     MessageRow,
-    Record,
     TicketRow,
     make_engine,
     migrate,
     sqlite_text_time,
     write,
 )
+from postroom.tickets import Record
 
 BOX = "support@example.test"
 

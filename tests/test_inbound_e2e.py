@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from postroom.history import EventRow, MessageRow, TicketRow
-from postroom.testbed import Deployment
+from postroom_testbed import Deployment
 
 pytestmark = pytest.mark.e2e
 

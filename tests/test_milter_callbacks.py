@@ -26,6 +26,7 @@ from postroom.milter.adapter import Runtime, make_factory
 from postroom.milter.worker import Handled, WorkerError
 from postroom.pipeline import Message, Outcome
 from postroom.rules import NO_RULES, MemoryAssignmentState, Ruleset, parse_rules
+from postroom.store.memory import MemoryStore
 from postroom.verdict import (
     Action,
     AddRecipient,
@@ -35,7 +36,6 @@ from postroom.verdict import (
     SetHeader,
     Verdict,
 )
-from tests.fakes import MemoryStore
 
 SUPPORT = "support@example.test"
 ALICE = "alice@customer.test"
@@ -299,7 +299,7 @@ def test_follow_up_to_an_owned_ticket_moves_the_recipient_to_the_owners_folder(
     connect: Connect, store: MemoryStore
 ) -> None:
     assert connect().send(mail("Invoice wrong", msgid="<inv-1@customer.test>"), ALICE, SUPPORT) == Milter.ACCEPT
-    store.assign(SUPPORT, 1, "meier")
+    store.assign(SUPPORT, 1, "meier", 0.5)
     ctx = connect()
     reply = mail("AW: Invoice wrong", msgid="<inv-2@customer.test>", extra=[("In-Reply-To", "<inv-1@customer.test>")])
     assert ctx.send(reply, ALICE, SUPPORT) == Milter.ACCEPT
@@ -532,7 +532,7 @@ def test_no_answer_from_the_workers_applies_the_failure_policy(
 
 def test_refused_recipient_change_leaves_the_mail_a_recipient(connect: Connect, store: MemoryStore) -> None:
     connect().send(mail("Invoice wrong", msgid="<inv-1@customer.test>"), ALICE, SUPPORT)
-    store.assign(SUPPORT, 1, "meier")
+    store.assign(SUPPORT, 1, "meier", 0.5)
     ctx = connect(RefusingRecipientCtx)
     reply = mail("AW: Invoice wrong", msgid="<inv-2@customer.test>", extra=[("In-Reply-To", "<inv-1@customer.test>")])
     assert ctx.send(reply, ALICE, SUPPORT) == Milter.ACCEPT

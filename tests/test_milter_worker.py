@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from postroom.bundle import Loaded, load_all
 from postroom.config import example_config_path, to_toml, with_changes
 from postroom.milter.worker import Handled, WorkerError, WorkerPool, _Worker
-from postroom.rules import Loaded, load_all
 from postroom.runtime import Runtime
-from postroom.testbed import Deployment, MilterDaemon, deploy, pid_alive
+from postroom.store.memory import MemoryStore
 from postroom.verdict import Envelope, SetHeader
+from postroom_testbed import Deployment, MilterDaemon, deploy, pid_alive
 from tests.conftest import CUSTOMERS, e2e_base_config
-from tests.fakes import MemoryStore
 from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
 from tests.test_reload_e2e import wait_log
 
@@ -51,7 +51,7 @@ MEMORY_WORKER = [
     f"sys.path.insert(0, {REPO!r})\n"
     "from postroom.milter.worker import receive_bundle, serve_worker\n"
     "from postroom.runtime import Runtime\n"
-    "from tests.fakes import MemoryStore\n"
+    "from postroom.store.memory import MemoryStore\n"
     "channel = socket.socket(fileno=int(sys.argv[-1]))\n"
     "bundle = receive_bundle(channel)\n"
     "if os.path.exists(sys.argv[1]): time.sleep(1.5)\n"

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from postroom.config import Config, example_config_path, load_config, to_toml, with_changes
-from postroom.testbed import MilterDaemon, RedisServer
+from postroom_testbed import MilterDaemon, RedisServer
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from postroom.testbed import RedisServer
+from postroom_testbed import RedisServer
 from tests.test_miltertest import (
     ALICE,
     SUPPORT,

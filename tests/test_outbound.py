@@ -7,9 +7,9 @@ import pytest
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.pipeline import Message, Outcome, process
 from postroom.rules import MemoryAssignmentState
-from postroom.store import NewTicket
+from postroom.store.memory import MemoryStore
+from postroom.tickets import NewTicket
 from postroom.verdict import Action, AddRecipient, ChangeSender, Envelope, SetHeader
-from tests.fakes import MemoryStore
 
 SUPPORT = "support@example.test"
 ALICE = "alice@customer.test"

@@ -14,7 +14,7 @@ import dkim
 import pytest
 
 from postroom.dkim import dns_answer, public_txt
-from postroom.testbed import Deployment, Login
+from postroom_testbed import Deployment, Login
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, queue_id, ticket_number
 
 pytestmark = pytest.mark.e2e

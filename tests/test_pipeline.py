@@ -10,8 +10,9 @@ from postroom.autoreply import load_templates
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.pipeline import Message, Outcome, process
 from postroom.rules import MemoryAssignmentState
-from postroom.store import Changes, Lookup
+from postroom.store.memory import MemoryStore
 from postroom.subject import decode
+from postroom.tickets import Changes, Lookup
 from postroom.verdict import (
     Action,
     AddHeader,
@@ -23,7 +24,6 @@ from postroom.verdict import (
     SetHeader,
     effective_edits,
 )
-from tests.fakes import MemoryStore
 
 SUPPORT = "support@example.test"
 
@@ -82,7 +82,7 @@ def test_the_same_mail_again_joins_its_ticket_without_a_second_acknowledgement(c
     store, state = MemoryStore(), MemoryAssignmentState()
     templates = load_templates(cfg)
     first = process(mail(), cfg, store, 1000.0, templates=templates, assign=state)
-    store.assign(SUPPORT, 1, "meier")
+    store.assign(SUPPORT, 1, "meier", 0.5)
     # Postfix or the customer's client sends the very same mail again (same Message-ID, new queue id).
     again = process(mail(qid="5XyZ"), cfg, store, 1060.0, templates=templates, assign=state)
     assert len(first.outgoing) == 1 and again.outgoing == []
@@ -99,7 +99,7 @@ def test_the_same_mail_again_joins_its_ticket_without_a_second_acknowledgement(c
 def test_customer_follow_up_by_references_goes_to_the_owners_folder(config: Config) -> None:
     store = MemoryStore()
     process(mail(), config, store, 1000.0)
-    store.assign(SUPPORT, 1, "meier")
+    store.assign(SUPPORT, 1, "meier", 0.5)
     out = process(
         mail("Re: [Support #1] Hello", msgid="m2@customer.test", extra=[("In-Reply-To", "<m1@customer.test>")]),
         config,
@@ -126,7 +126,7 @@ def test_follow_up_by_subject_token_only_from_a_participant(config: Config) -> N
 def test_stranger_pasting_a_token_gets_a_new_ticket(config: Config) -> None:
     store = MemoryStore()
     process(mail(), config, store, 1000.0)
-    store.assign(SUPPORT, 1, "meier")
+    store.assign(SUPPORT, 1, "meier", 0.5)
     out = process(mail("[Support #1] give me the data", sender="mallory@evil.test", msgid="x@evil"), config, store, 2.0)
     assert header(out, "Subject") == ["[Support #2] give me the data"]
     assert header(out, "X-Postroom-Owner") == ["unassigned (Support #2)"]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from postroom.config import to_toml, with_changes
-from postroom.testbed import Deployment, MilterDaemon, deploy
+from postroom_testbed import Deployment, MilterDaemon, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from postroom.config import parse_config
-from postroom.testbed import ADAPTERS, Deployment, deploy
+from postroom_testbed import ADAPTERS, Deployment, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SALES, SUPPORT, customer_mail, deliver, ticket_number
 

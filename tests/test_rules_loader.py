@@ -11,17 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postroom.autoreply import load_templates
+from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import example_config_path, load_config, parse_config, to_toml
 from postroom.rules import (
-    Loaded,
-    LoadError,
     RulesError,
     Ruleset,
     context_for,
-    load_all,
     load_rules,
     parse_rules,
-    reload,
 )
 from postroom.rules.actions import ACTIONS
 from postroom.rules.predicates import CONDITIONS

@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 import redis
 
-from postroom.rules import RedisAssignmentState, away_key, open_counts_key, reply_cap_key
-from postroom.rules.state import CAP_WINDOW_SECONDS
-from postroom.store import RedisStore, StoreUnavailable
+from postroom.store.assignment import CAP_WINDOW_SECONDS, RedisAssignmentState
+from postroom.store.keyspace import away_key, open_counts_key, reply_cap_key
+from postroom.store.redis import RedisStore
+from postroom.tickets import StoreUnavailable
 
 BOX = "support@example.test"
 TEAM = ["meier", "mueller", "schulze"]

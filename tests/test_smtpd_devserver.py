@@ -14,8 +14,8 @@ from postroom.config import example_config_path, load_config
 from postroom.dkim import Keyring
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
-from postroom.testbed import free_port
-from tests.fakes import MemoryStore
+from postroom.store.memory import MemoryStore
+from postroom_testbed import free_port
 
 SUPPORT = "support@example.test"
 ALICE = "alice@customer.test"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from postroom.config import to_toml, with_changes
-from postroom.testbed import LOOPBACK, Deployment, deploy, free_port
+from postroom_testbed import LOOPBACK, Deployment, deploy, free_port
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail, queue_id, ticket_number
 from tests.test_outbound_e2e import ALICE, agent_mail, mid, open_ticket, received, submit

@@ -21,9 +21,9 @@ from postroom.dkim import Keyring
 from postroom.runtime import Runtime
 from postroom.smtpd import FilterHandler, serve
 from postroom.smtpd.server import ReinjectionError, connect
-from postroom.store import NewTicket
-from postroom.testbed import free_port
-from tests.fakes import MemoryStore
+from postroom.store.memory import MemoryStore
+from postroom.tickets import NewTicket
+from postroom_testbed import free_port
 
 SUPPORT = "support@example.test"
 ALICE = "alice@customer.test"

@@ -8,7 +8,8 @@ import time
 import pytest
 import redis
 
-from postroom.store import NewTicket, RedisStore, StoreUnavailable
+from postroom.store.redis import RedisStore
+from postroom.tickets import NewTicket, StoreUnavailable
 
 BOX = "support@example.test"
 

@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope
 
-from postroom.testbed import Login, MailUser, RedisServer, Stack, StackError, imap_quote, pid_alive
+from postroom_testbed import Login, MailUser, RedisServer, Stack, StackError, imap_quote, pid_alive
 
 pytestmark = [
     pytest.mark.e2e,

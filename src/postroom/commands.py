@@ -19,6 +19,7 @@ from email.message import Message
 from pathlib import Path
 
 from postroom.config import Config
+from postroom.tickets import PRIORITIES, TAG_RE
 
 COMMAND_RE = re.compile(r"^#([a-z][a-z-]{1,20})(?:[ \t]+(.*))?$", re.IGNORECASE)
 _HTML_BREAK = re.compile(r"<br\s*/?>|</p\s*>|</div\s*>", re.IGNORECASE)
@@ -159,13 +160,11 @@ def strip(headers: list[tuple[str, str]], body: bytes, replacements: list[str]) 
 
 # -- what the commands mean ------------------------------------------------------------------------------------
 
-PRIORITIES = ("low", "normal", "high", "urgent")
 _STATES = {"close": "closed", "reopen": "open", "pending": "pending"}
 TICKET_COMMANDS = frozenset(
     {"take", "takeover", "assign", "release", "close", "reopen", "pending", "priority", "tag", "untag", "canned"}
 )
 KNOWN = TICKET_COMMANDS | {"note", "away", "back"}
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2}))?$")
 
 
@@ -264,8 +263,8 @@ def plan(
                 if not cmd.args:
                     raise CommandError(cmd.line, f"write #{cmd.name} TAG [TAG ...]")
                 for tag in cmd.args:
-                    if not _TAG_RE.match(tag):
-                        raise CommandError(cmd.line, f"tag {tag!r} must match {_TAG_RE.pattern}")
+                    if not TAG_RE.match(tag):
+                        raise CommandError(cmd.line, f"tag {tag!r} must match {TAG_RE.pattern}")
                 (p.add_tags if cmd.name == "tag" else p.remove_tags).extend(t.lower() for t in cmd.args)
             case "note":
                 p.note = True

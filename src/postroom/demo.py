@@ -33,7 +33,7 @@ from postroom.config import Config, example_config_path, load_config, parse_conf
 from postroom.dkim import dns_answer, public_txt
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
-from postroom.testbed import RedisServer, StackError, free_port
+from postroom_testbed import RedisServer, StackError, free_port
 
 SUPPORT = "support@example.test"
 ALICE = "alice@bigcorp.example"  # a key account: the demo's rule routes her mail to Meier

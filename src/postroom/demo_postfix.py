@@ -17,8 +17,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from postroom.config import example_config_path, load_config
-from postroom.store import RedisStore
-from postroom.testbed import Deployment, StackError, deploy
+from postroom.store.redis import RedisStore
+from postroom_testbed import Deployment, StackError, deploy
 
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
 

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from postroom.store import Ticket
+from postroom.tickets import Record
 
 log = logging.getLogger("postroom.history")
 
@@ -94,63 +94,6 @@ class EventRow(Base):
     actor: Mapped[str] = mapped_column(String(320), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-@dataclass(frozen=True)
-class Record:
-    """One mail's effect on one ticket, as the pipeline reports it."""
-
-    mailbox: str
-    number: int
-    event: str
-    at: float
-    customer: str = ""
-    ticket_subject: str = ""
-    owner: str = ""
-    state: str = "new"
-    priority: str = "normal"
-    linked: int = 0
-    message_id: str = ""
-    direction: str = "inbound"
-    queue_id: str = ""
-    from_addr: str = ""
-    subject: str = ""
-    actor: str = ""
-    detail: str = ""
-
-    @staticmethod
-    def of(
-        ticket: Ticket,
-        event: str,
-        at: float,
-        *,
-        direction: str,
-        queue_id: str,
-        message_id: str,
-        actor: str,
-        subject: str,
-        detail: str = "",
-    ) -> Record:
-        """A record of ``event`` on the ticket as it is now, by ``actor`` (a customer's address or a login)."""
-        return Record(
-            mailbox=ticket.mailbox,
-            number=ticket.number,
-            event=event,
-            at=at,
-            customer=ticket.customer,
-            ticket_subject=ticket.subject,
-            owner=ticket.owner,
-            state=ticket.state,
-            priority=ticket.priority,
-            linked=ticket.linked,
-            message_id=message_id,
-            direction=direction,
-            queue_id=queue_id,
-            from_addr=actor,
-            subject=subject[:1000],
-            actor=actor,
-            detail=detail,
-        )
 
 
 def _ts(at: float) -> datetime:

@@ -12,7 +12,7 @@ from email.header import Header
 from email.utils import getaddresses
 
 from postroom import subject
-from postroom.store import Ticket
+from postroom.tickets import Ticket
 from postroom.verdict import AddHeader, Edit, Envelope, RemoveHeader, SetHeader
 
 INTERNAL_PREFIX = "x-postroom-"

@@ -17,7 +17,6 @@ from email.utils import formataddr, getaddresses
 from postroom import commands, replies, subject
 from postroom.config import Config, MailboxConfig
 from postroom.dkim import Keyring, sign
-from postroom.history import Record
 from postroom.log import message_logger
 from postroom.mime import (
     Message,
@@ -29,8 +28,7 @@ from postroom.mime import (
     strip_internal,
     ticket_headers,
 )
-from postroom.rules.state import AssignmentState, recount
-from postroom.store import KEEP, Changes, Claim, NewTicket, Ticket, TicketStore
+from postroom.tickets import KEEP, AssignmentState, Changes, Claim, NewTicket, Record, Ticket, TicketStore, recount
 from postroom.verdict import (
     AddHeader,
     AddRecipient,

@@ -10,14 +10,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from postroom.autoreply import NO_TEMPLATES, Templates
+from postroom.bundle import Loaded
 from postroom.config import Config
 from postroom.dkim import Keyring
 from postroom.history import HistoryWriter
 from postroom.mailer import Mailer, OutgoingMail
 from postroom.mime import Message
 from postroom.pipeline import NO_KEYS, Outcome, process
-from postroom.rules import NO_RULES, AssignmentState, Loaded, Ruleset
-from postroom.store import TicketStore
+from postroom.rules import NO_RULES, Ruleset
+from postroom.tickets import AssignmentState, TicketStore
 
 
 @dataclass

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from postroom.replies import Reply
+
+if TYPE_CHECKING:
+    from postroom.mailer import OutgoingMail
+    from postroom.tickets import Record
 
 
 class Action(enum.Enum):
@@ -150,3 +155,14 @@ def effective_edits(rcpts: list[str], edits: tuple[Edit, ...] | list[Edit]) -> l
     if not remaining:
         out = [e for e in out if not isinstance(e, RemoveRecipient)]
     return out
+
+
+@dataclass
+class Outcome:
+    """What the pipeline returns for one mail: the verdict, and what the adapter does once it is applied."""
+
+    verdict: Verdict
+    records: list[Record] = field(default_factory=list)
+    # Mails we write because of this one (auto-replies); the adapter hands them to the mailer once the
+    # verdict is applied, so nothing is sent for a mail Postfix did not take.
+    outgoing: list[OutgoingMail] = field(default_factory=list)

@@ -10,12 +10,14 @@ from pathlib import Path
 import click
 
 from postroom import __version__
+from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import Config, ConfigError, load_config
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
-from postroom.rules import Loaded, LoadError, RedisAssignmentState, load_all, reload
 from postroom.runtime import Runtime
-from postroom.store import RedisStore, StoreUnavailable
+from postroom.store.assignment import RedisAssignmentState
+from postroom.store.redis import RedisStore
+from postroom.tickets import StoreUnavailable
 
 log = logging.getLogger("postroom")
 
@@ -99,9 +101,8 @@ def daemon_runtime(
             exc,
             config.milter.on_error,
         )
-    assign = RedisAssignmentState.from_url(
-        config.redis.url, key_prefix=config.redis.key_prefix, timeout=config.redis.timeout_seconds
-    )
+    # The assignment state shares the ticket store's client: one connection pool per process.
+    assign = RedisAssignmentState(store.client, config.redis.key_prefix)
     mailer = Mailer.from_config(config)
     mailer.start()
     log.info("postroom %s %s starting with %s", __version__, daemon, config_path)

@@ -14,20 +14,19 @@ from pathlib import Path
 import click
 
 from postroom.autoreply import BusinessHours, TemplateError, Templates, load_templates, plan_auto_reply
+from postroom.bundle import LoadError, load_all
 from postroom.config import Config, ConfigError, load_config
 from postroom.mime import addresses, readable, ticket_headers
 from postroom.rules import (
-    LoadError,
     MemoryAssignmentState,
     MessageFacts,
     RulesError,
     Ruleset,
     evaluate,
-    load_all,
     load_rules,
 )
-from postroom.store import Ticket
 from postroom.subject import with_token
+from postroom.tickets import Ticket
 from postroom.verdict import AddHeader, SetHeader
 
 

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 
 from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit, redis_store
 from postroom.config import Config, MailboxConfig
-from postroom.history import EventRow, MessageRow, Record, TicketRow, make_engine, migrate, write
-from postroom.store import KEEP, Changes, StoreUnavailable, Ticket
+from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
+from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
 
 ACTOR = "admin"
 STATES = ("new", "open", "pending", "closed")

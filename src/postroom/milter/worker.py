@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from postroom import log as plog
+from postroom.bundle import Loaded
 from postroom.config import Config
 from postroom.mailer import OutgoingMail
 from postroom.mime import Message
-from postroom.rules import Loaded, Ruleset
+from postroom.rules import Ruleset
 from postroom.runtime import Runtime
 from postroom.verdict import Envelope, Verdict
 

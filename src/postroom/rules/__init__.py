@@ -7,10 +7,12 @@ The interface for the inbound pipeline (everything is importable from ``postroom
     facts = MessageFacts.from_message(message, routed.key, routed.box.address)   # per shared mailbox
     decision = evaluate(ruleset, facts, datetime.fromtimestamp(now, UTC), state, new_ticket=ticket is None)
 
-- ``ruleset`` (:class:`Ruleset`) comes from :func:`load_all` / :func:`reload` (``Loaded.rules``), loaded with the
-  config so a connection keeps the rules it started with; :data:`NO_RULES` when there is no ``rules_file``.
-- ``state`` (:class:`AssignmentState`) is :class:`RedisAssignmentState` (the same Redis as the ticket store;
-  raises :class:`postroom.store.StoreUnavailable` like it) or :class:`MemoryAssignmentState` in tests.
+- ``ruleset`` (:class:`Ruleset`) comes from :func:`postroom.bundle.load_all` / :func:`postroom.bundle.reload`
+  (``Loaded.rules``), loaded with the config so a connection keeps the rules it started with; :data:`NO_RULES`
+  when there is no ``rules_file``.
+- ``state`` (:class:`AssignmentState`) is :class:`postroom.store.assignment.RedisAssignmentState` (the same Redis
+  as the ticket store; raises :class:`postroom.tickets.StoreUnavailable` like it) or
+  :class:`MemoryAssignmentState` in tests and the dry run.
 - ``evaluate`` reads the table top to bottom and returns a :class:`Decision`: ``tags``, ``priority`` ("" = no
   rule set one), ``owner`` (an agent login, "" = unassigned), ``folder`` ("" = none), ``auto_reply_template``
   (for :func:`postroom.autoreply.plan_auto_reply`; "none" forbids an answer), ``matched_rule_names`` and
@@ -18,7 +20,7 @@ The interface for the inbound pipeline (everything is importable from ``postroom
   ``new_ticket=False`` assigns nobody and names no auto-reply.
 
 Redis key names of this feature (away flags, round-robin turns, open counts, auto-reply cap) are the functions of
-:mod:`postroom.rules.state`; ``away_key`` is the one the #away command must use.
+:mod:`postroom.store.keyspace`, like every other key.
 """
 
 from __future__ import annotations
@@ -26,39 +28,22 @@ from __future__ import annotations
 from postroom.rules.engine import NO_RULES, Decision, Rule, Ruleset, evaluate
 from postroom.rules.facts import Attachment, MessageFacts
 from postroom.rules.loader import Problem, RulesError, context_for, load_rules, parse_rules
-from postroom.rules.reload import Loaded, LoadError, load_all, reload
-from postroom.rules.state import (
-    AssignmentState,
-    MemoryAssignmentState,
-    RedisAssignmentState,
-    away_key,
-    open_counts_key,
-    reply_cap_key,
-    round_robin_key,
-)
+from postroom.store.memory import MemoryAssignmentState
+from postroom.tickets import AssignmentState
 
 __all__ = [
     "NO_RULES",
     "AssignmentState",
     "Attachment",
     "Decision",
-    "LoadError",
-    "Loaded",
     "MemoryAssignmentState",
     "MessageFacts",
     "Problem",
-    "RedisAssignmentState",
     "Rule",
     "RulesError",
     "Ruleset",
-    "away_key",
     "context_for",
     "evaluate",
-    "load_all",
     "load_rules",
-    "open_counts_key",
     "parse_rules",
-    "reload",
-    "reply_cap_key",
-    "round_robin_key",
 ]

@@ -8,16 +8,13 @@ the end, so a group's round-robin turn is used at most once per ticket.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from postroom.config import FOLDER_RE
 from postroom.rules.context import Context, boolean, shown, string, strings
+from postroom.tickets import PRIORITIES, TAG_RE
 
-PRIORITIES = ("low", "normal", "high", "urgent")
-# Tags travel comma-separated in Redis and space-separated in X-Postroom-Tags and Keywords: neither may be in one.
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 Strategy = Literal["round-robin", "least-open"]
 
 

@@ -1,6 +1,6 @@
 """The rule table and its evaluation: read top to bottom, every matching rule applies its actions, ``stop`` ends.
 
-:func:`evaluate` is pure but for the :class:`~postroom.rules.state.AssignmentState` it is handed, which it asks
+:func:`evaluate` is pure but for the :class:`~postroom.tickets.AssignmentState` it is handed, which it asks
 at most once per mail (for the owner of a new ticket).
 """
 
@@ -17,7 +17,7 @@ from postroom.config import HoursConfig
 from postroom.rules.actions import Action, AgentTarget, Draft, GroupTarget
 from postroom.rules.facts import MessageFacts
 from postroom.rules.predicates import HEADER_ONLY, Condition
-from postroom.rules.state import AssignmentState
+from postroom.tickets import AssignmentState
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,26 @@ def key_base(prefix: str, mailbox: str) -> str:
     return f"{prefix}:{{{mailbox}}}:"
 
 
+def ticket_key(prefix: str, mailbox: str, number: int) -> str:
+    """The ticket's hash: owner, state, priority, tags, customer, subject, times, linked ticket."""
+    return f"{key_base(prefix, mailbox)}t:{number}"
+
+
+def participants_key(prefix: str, mailbox: str, number: int) -> str:
+    """The set of addresses taking part in a ticket (who may use its subject token)."""
+    return f"{key_base(prefix, mailbox)}p:{number}"
+
+
+def message_key(prefix: str, mailbox: str, message_id: str) -> str:
+    """Message-ID -> ticket number, for threading by References/In-Reply-To (expires after the index days)."""
+    return f"{key_base(prefix, mailbox)}m:{message_id}"
+
+
+def counter_key(prefix: str, mailbox: str) -> str:
+    """The mailbox's ticket counter (INCR gives the next number)."""
+    return f"{key_base(prefix, mailbox)}seq"
+
+
 def away_key(prefix: str, mailbox: str, login: str) -> str:
     """Exists while ``login`` is absent from ``mailbox`` (set by #away, with an expiry or until #back)."""
     return f"{key_base(prefix, mailbox)}away:{login}"

@@ -1,14 +1,21 @@
-"""An in-memory TicketStore for pure pipeline unit tests (the real one is tested against a real Redis)."""
+"""The stores in dicts: :class:`MemoryStore` (a :class:`postroom.tickets.TicketStore`) and
+:class:`MemoryAssignmentState`, for unit tests and the ``postroom rules test`` dry run.
+
+They behave as the Redis adapters do (tests/test_store_contract.py runs the same checks on both), minus the
+atomicity that a single thread gets for free.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from postroom.store import KEEP, Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
+from postroom.tickets import KEEP, Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
 
 
 class MemoryStore:
+    """A ticket store in dicts; ``down = True`` makes every call raise StoreUnavailable, as a dead Redis does."""
+
     def __init__(self) -> None:
         self.ticket_map: dict[tuple[str, int], Ticket] = {}
         self.participants: dict[tuple[str, int], set[str]] = {}
@@ -65,8 +72,14 @@ class MemoryStore:
             self.index[(mailbox, mid)] = number
         return t
 
-    def assign(self, mailbox: str, number: int, owner: str) -> None:
-        self.ticket_map[(mailbox, number)] = replace(self.ticket_map[(mailbox, number)], owner=owner, state="open")
+    def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket:
+        """Give the ticket to ``owner`` (a login, "" to release); raises KeyError for an unknown ticket."""
+        self._check()
+        if (mailbox, number) not in self.ticket_map:
+            raise KeyError(f"{mailbox} #{number}")
+        t = replace(self.ticket_map[(mailbox, number)], owner=owner, state="open" if owner else "new", updated=now)
+        self.ticket_map[(mailbox, number)] = t
+        return t
 
     def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
         self._check()
@@ -107,3 +120,66 @@ class MemoryStore:
 
     def tickets(self, mailbox: str) -> list[Ticket]:
         return sorted((t for (m, _), t in self.ticket_map.items() if m == mailbox), key=lambda t: -t.number)
+
+
+class MemoryAssignmentState:
+    """The same behaviour in a dict, for unit tests and the dry run (``postroom rules test``)."""
+
+    def __init__(self, away: dict[str, set[str]] | None = None) -> None:
+        self.absent: dict[str, set[str]] = {k: set(v) for k, v in (away or {}).items()}
+        self.last_turn: dict[tuple[str, str], str] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        self.replies: dict[tuple[str, str], int] = {}
+
+    def set_away(self, mailbox: str, agent: str, away: bool = True) -> None:
+        group = self.absent.setdefault(mailbox, set())
+        if away:
+            group.add(agent)
+        else:
+            group.discard(agent)
+
+    def away(self, mailbox: str, agents: Sequence[str]) -> set[str]:
+        return set(agents) & self.absent.get(mailbox, set())
+
+    def pick_round_robin(self, mailbox: str, group: str, agents: Sequence[str]) -> str:
+        if not agents:
+            return ""
+        last = self.last_turn.get((mailbox, group), "")
+        start = max((i + 1 for i, a in enumerate(agents) if a == last), default=0)
+        absent = self.away(mailbox, agents)
+        for step in range(len(agents)):
+            agent = agents[(start + step) % len(agents)]
+            if agent not in absent:
+                self.last_turn[(mailbox, group)] = agent
+                self.count_assigned(mailbox, agent)
+                return agent
+        return ""
+
+    def pick_least_open(self, mailbox: str, agents: Sequence[str]) -> str:
+        absent = self.away(mailbox, agents)
+        counts = self.counts.get(mailbox, {})
+        present = [a for a in agents if a not in absent]
+        if not present:
+            return ""
+        best = min(present, key=lambda a: counts.get(a, 0))  # min keeps the first of equals, as the script does
+        self.count_assigned(mailbox, best)
+        return best
+
+    def count_assigned(self, mailbox: str, agent: str) -> None:
+        box = self.counts.setdefault(mailbox, {})
+        box[agent] = box.get(agent, 0) + 1
+
+    def count_released(self, mailbox: str, agent: str) -> None:
+        box = self.counts.setdefault(mailbox, {})
+        box[agent] = max(0, box.get(agent, 0) - 1)
+
+    def open_counts(self, mailbox: str, agents: Sequence[str]) -> dict[str, int]:
+        box = self.counts.get(mailbox, {})
+        return {a: box.get(a, 0) for a in agents}
+
+    def allow(self, mailbox: str, correspondent: str, limit: int) -> bool:
+        if limit <= 0:
+            return False
+        key = (mailbox, correspondent.lower())
+        self.replies[key] = self.replies.get(key, 0) + 1
+        return self.replies[key] <= limit

@@ -1,5 +1,5 @@
-"""Loading everything a mail is decided with (config, rules, templates, DKIM keys) as one immutable bundle, and
-the SIGHUP reload that swaps in a new bundle only when all of it is good.
+"""The bundle: everything a mail is decided with (config, rules, templates, DKIM keys, canned replies), loaded as
+one immutable :class:`Loaded`, and the SIGHUP reload that swaps in a new bundle only when all of it is good.
 
 For the milter's Runtime holder::
 

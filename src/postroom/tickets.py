@@ -1,0 +1,207 @@
+"""The domain: a ticket, what may change it, and what the pipeline asks of the stores that keep it.
+
+No driver here (neither Redis nor SQL): the pipeline, the history, the MIME edits and the CLI speak of these
+objects; the adapters in :mod:`postroom.store` (Redis, and an in-memory store for tests and ``rules test``) and
+:mod:`postroom.history` (SQL) turn them into keys and rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+PRIORITIES = ("low", "normal", "high", "urgent")
+# Tags travel comma-separated in Redis and space-separated in X-Postroom-Tags and Keywords: neither may be in one.
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis did not answer; the caller applies the failure policy."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    mailbox: str
+    number: int
+    owner: str = ""  # agent login, "" for unassigned
+    state: str = "new"
+    priority: str = "normal"
+    tags: tuple[str, ...] = ()
+    customer: str = ""
+    subject: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    linked: int = 0  # the ticket a forward was split from
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A ticket named by a subject token, and whether the sender may use that token."""
+
+    ticket: Ticket
+    sender_known: bool
+
+
+@dataclass
+class Lookup:
+    by_reference: Ticket | None = None  # the ticket the first indexed Message-ID points to
+    by_token: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewTicket:
+    customer: str
+    subject: str
+    participants: tuple[str, ...]
+    message_ids: tuple[str, ...]
+    owner: str = ""
+    state: str = "new"
+    priority: str = "normal"
+    linked: int = 0
+    tags: tuple[str, ...] = ()
+
+
+class TicketStore(Protocol):
+    """What the pipeline needs; :class:`RedisStore` in production, an in-memory fake in unit tests."""
+
+    def lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup: ...
+
+    def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket: ...
+
+    def open_unless_seen(self, mailbox: str, new: NewTicket, message_id: str, now: float) -> tuple[Ticket, bool]: ...
+
+    def touch(
+        self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
+    ) -> Ticket: ...
+
+    def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim: ...
+
+    def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket: ...
+
+    def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None: ...
+
+    def clear_away(self, mailbox: str, login: str) -> None: ...
+
+    def away(self, mailbox: str, logins: Iterable[str]) -> set[str]: ...
+
+    def tickets(self, mailbox: str) -> list[Ticket]: ...
+
+
+KEEP = "\0"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What an agent's commands do to one ticket; KEEP leaves a field unchanged."""
+
+    owner: str = KEEP
+    state: str = KEEP
+    priority: str = KEEP
+    add_tags: tuple[str, ...] = ()
+    remove_tags: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self != Changes()
+
+
+@dataclass(frozen=True)
+class Claim:
+    won: bool
+    ticket: Ticket  # after the claim: owned by the claimer when won, by the rival otherwise
+    previous_owner: str  # "" when the ticket was unowned
+    owned_since: float  # when the current owner took it
+
+
+@dataclass(frozen=True)
+class Record:
+    """One mail's effect on one ticket, as the pipeline reports it."""
+
+    mailbox: str
+    number: int
+    event: str
+    at: float
+    customer: str = ""
+    ticket_subject: str = ""
+    owner: str = ""
+    state: str = "new"
+    priority: str = "normal"
+    linked: int = 0
+    message_id: str = ""
+    direction: str = "inbound"
+    queue_id: str = ""
+    from_addr: str = ""
+    subject: str = ""
+    actor: str = ""
+    detail: str = ""
+
+    @staticmethod
+    def of(
+        ticket: Ticket,
+        event: str,
+        at: float,
+        *,
+        direction: str,
+        queue_id: str,
+        message_id: str,
+        actor: str,
+        subject: str,
+        detail: str = "",
+    ) -> Record:
+        """A record of ``event`` on the ticket as it is now, by ``actor`` (a customer's address or a login)."""
+        return Record(
+            mailbox=ticket.mailbox,
+            number=ticket.number,
+            event=event,
+            at=at,
+            customer=ticket.customer,
+            ticket_subject=ticket.subject,
+            owner=ticket.owner,
+            state=ticket.state,
+            priority=ticket.priority,
+            linked=ticket.linked,
+            message_id=message_id,
+            direction=direction,
+            queue_id=queue_id,
+            from_addr=actor,
+            subject=subject[:1000],
+            actor=actor,
+            detail=detail,
+        )
+
+
+class AssignmentState(Protocol):
+    """Presence, turns and loads of agents, per mailbox (its shared address).
+
+    The two ``pick_*`` methods choose among the agents who are not away and count the ticket for the chosen one in
+    the same atomic step, so two mails at once never get the same turn; they return "" when nobody is present.
+    """
+
+    def away(self, mailbox: str, agents: Sequence[str]) -> set[str]: ...
+
+    def pick_round_robin(self, mailbox: str, group: str, agents: Sequence[str]) -> str: ...
+
+    def pick_least_open(self, mailbox: str, agents: Sequence[str]) -> str: ...
+
+    def count_assigned(self, mailbox: str, agent: str) -> None: ...
+
+    def count_released(self, mailbox: str, agent: str) -> None: ...
+
+    def open_counts(self, mailbox: str, agents: Sequence[str]) -> dict[str, int]: ...
+
+    def allow(self, mailbox: str, correspondent: str, limit: int) -> bool: ...
+
+
+def recount(assign: AssignmentState | None, mailbox: str, before: Ticket, after: Ticket) -> None:
+    """Keep the open-ticket counts that least-open assignment reads in step with an ownership change."""
+    if assign is None:
+        return
+    was = before.owner if before.owner and before.state != "closed" else ""
+    now = after.owner if after.owner and after.state != "closed" else ""
+    if was == now:
+        return
+    if was:
+        assign.count_released(mailbox, was)
+    if now:
+        assign.count_assigned(mailbox, now)

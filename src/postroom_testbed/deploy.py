@@ -1,0 +1,84 @@
+"""A stack with postroom in front of Dovecot, configured from a postroom config: what the e2e tests use."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import redis
+
+from postroom.config import Config, to_toml, with_changes
+from postroom_testbed.daemons import MilterDaemon, SmtpdDaemon
+from postroom_testbed.dovecot import Login, MailUser
+from postroom_testbed.processes import LOOPBACK
+from postroom_testbed.stack import Stack
+
+Adapter = Literal["milter", "smtpd"]
+ADAPTERS: tuple[Adapter, ...] = ("milter", "smtpd")
+
+
+def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:
+    """``base`` pointed at the stack: its milter socket (umask 0 for Postfix) or its after-queue filter ports,
+    its Redis, SQLite in ``workdir``."""
+    changes: dict[str, dict[str, object]] = {
+        "milter": {"socket": f"unix:{stack.milter_socket_path}", "socket_umask": 0},
+        "redis": {"url": stack.redis.url},
+        "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
+        # Auto-replies go out through this stack's Postfix, as they go through the local one in production.
+        "mailer": {"host": LOOPBACK, "port": stack.postfix.smtp_port},
+    }
+    if stack.filter is not None:
+        changes["smtpd"] = {
+            "listen_host": LOOPBACK,
+            "listen_port": stack.filter_port,
+            "reinject_host": LOOPBACK,
+            "reinject_port": stack.reinject_port,
+        }
+    return with_changes(base, changes)
+
+
+@dataclass
+class Deployment:
+    """A stack with the real postroom in front of Dovecot, as a milter or as an after-queue filter."""
+
+    stack: Stack
+    daemon: MilterDaemon | SmtpdDaemon
+    config: Config
+    adapter: Adapter = "milter"
+
+    @property
+    def milter(self) -> MilterDaemon | SmtpdDaemon:
+        """The postroom daemon; the name is from the days when it was always the milter."""
+        return self.daemon
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.stack.redis.url, decode_responses=True)
+
+
+@contextlib.contextmanager
+def deploy(base: Config, customers: Sequence[str] = (), adapter: Adapter = "milter") -> Iterator[Deployment]:
+    """Start a stack whose mailboxes and logins are the config's, plus postroom as ``adapter``: the milter
+    (``postroom milter``) or the after-queue filter (``postroom smtpd``); stop everything on exit."""
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, not {adapter!r}")
+    addresses = [box.address for box in base.mailboxes.values()]
+    addresses += [agent.address for agent in base.agents.values()]
+    users = [MailUser(a) for a in dict.fromkeys([*addresses, *customers])]
+    logins = [Login(name) for name in base.agents]
+    milter, after_queue = ("auto", None) if adapter == "milter" else (None, "after-queue")
+    with Stack(users=users, logins=logins, milter=milter, filter=after_queue) as stack:
+        workdir = stack.root / "postroom"
+        config = config_for_stack(base, stack, workdir)
+        daemon: MilterDaemon | SmtpdDaemon
+        if adapter == "milter":
+            daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
+        else:
+            daemon = SmtpdDaemon(workdir, to_toml(config), stack.filter_port)
+        daemon.start()
+        try:
+            yield Deployment(stack, daemon, config, adapter)
+        finally:
+            daemon.stop()
