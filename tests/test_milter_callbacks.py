@@ -24,6 +24,7 @@ from postroom import replies, runtime
 from postroom.config import Config, example_config_path, load_config, with_changes
 from postroom.milter.adapter import Runtime, make_factory
 from postroom.milter.worker import Handled, WorkerError
+from postroom.parts import Parts
 from postroom.pipeline import Message, Outcome
 from postroom.rules import NO_RULES, MemoryAssignmentState, Ruleset, parse_rules
 from postroom.store.memory import MemoryStore
@@ -199,7 +200,7 @@ def connect(monkeypatch: pytest.MonkeyPatch, config: Config, store: MemoryStore)
     def open_connection(
         ctx_class: type[PostfixCtx] = PostfixCtx, with_config: Config | None = None, rules: Ruleset = NO_RULES
     ) -> PostfixCtx:
-        runtime_ = Runtime(with_config or config, store, None, rules=rules, assign=MemoryAssignmentState())
+        runtime_ = Runtime(Parts(with_config or config, store, rules=rules, assign=MemoryAssignmentState()))
         factory, _holder = make_factory(runtime_)
         monkeypatch.setattr(Milter, "factory", factory)
         ctx = ctx_class()

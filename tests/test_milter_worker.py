@@ -22,6 +22,7 @@ import pytest
 from postroom.bundle import Loaded, load_all
 from postroom.config import example_config_path, to_toml, with_changes
 from postroom.milter.worker import Handled, WorkerError, WorkerPool, _Worker
+from postroom.parts import Parts
 from postroom.runtime import Runtime
 from postroom.store.memory import MemoryStore
 from postroom.verdict import Envelope, SetHeader
@@ -50,12 +51,13 @@ MEMORY_WORKER = [
     "import os, socket, sys, time\n"
     f"sys.path.insert(0, {REPO!r})\n"
     "from postroom.milter.worker import receive_bundle, serve_worker\n"
+    "from postroom.parts import Parts\n"
     "from postroom.runtime import Runtime\n"
     "from postroom.store.memory import MemoryStore\n"
     "channel = socket.socket(fileno=int(sys.argv[-1]))\n"
     "bundle = receive_bundle(channel)\n"
     "if os.path.exists(sys.argv[1]): time.sleep(1.5)\n"
-    "serve_worker(Runtime(bundle.current.config, MemoryStore(), None), channel, bundle.generation)\n",
+    "serve_worker(Runtime(Parts(bundle.current.config, MemoryStore())), channel, bundle.generation)\n",
 ]
 REQUEST: tuple[object, ...] = ("process", 0, None, [], None, 0.0)
 # What the milter process would send its workers (the stand-ins above never read it).
@@ -132,7 +134,7 @@ def renamed(tag: str) -> Loaded:
 
 
 def test_a_mail_keeps_the_config_generation_it_started_with_across_a_reload() -> None:
-    runtime = Runtime(LOADED.config, MemoryStore(), None)
+    runtime = Runtime(Parts(LOADED.config, MemoryStore()))
     worker = _Worker(runtime, 0)
     worker.load(1, renamed("Help"))
     # A mail whose MAIL FROM came before the reload runs with the config it started with (its body was kept or

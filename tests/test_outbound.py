@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from postroom import pipeline
 from postroom.config import Config, example_config_path, load_config, parse_config
-from postroom.pipeline import Message, Outcome, process
+from postroom.parts import Parts
+from postroom.pipeline import Message, Outcome
 from postroom.rules import MemoryAssignmentState
 from postroom.store.memory import MemoryStore
-from postroom.tickets import NewTicket
+from postroom.tickets import NewTicket, TicketStore
 from postroom.verdict import Action, AddRecipient, ChangeSender, Envelope, SetHeader
 
 SUPPORT = "support@example.test"
 ALICE = "alice@customer.test"
+
+
+def process(message: Message, config: Config, store: TicketStore, now: float, **parts: Any) -> Outcome:
+    """The dispatcher with these parts; a test names only the parts it needs."""
+    return pipeline.process(message, Parts(config, store, **parts), now)
 
 
 def config(**mailbox: object) -> Config:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
+from postroom import pipeline
 from postroom.autoreply import load_templates
 from postroom.config import Config, example_config_path, load_config, parse_config
-from postroom.pipeline import Message, Outcome, process
+from postroom.parts import Parts
+from postroom.pipeline import Message, Outcome
 from postroom.rules import MemoryAssignmentState
 from postroom.store.memory import MemoryStore
 from postroom.subject import decode
-from postroom.tickets import Changes, Lookup
+from postroom.tickets import Changes, Lookup, TicketStore
 from postroom.verdict import (
     Action,
     AddHeader,
@@ -26,6 +29,11 @@ from postroom.verdict import (
 )
 
 SUPPORT = "support@example.test"
+
+
+def process(message: Message, config: Config, store: TicketStore, now: float, **parts: Any) -> Outcome:
+    """The dispatcher with these parts; a test names only the parts it needs."""
+    return pipeline.process(message, Parts(config, store, **parts), now)
 
 
 @pytest.fixture

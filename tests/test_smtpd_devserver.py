@@ -12,6 +12,7 @@ import pytest
 
 from postroom.config import example_config_path, load_config
 from postroom.dkim import Keyring
+from postroom.parts import Parts
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
 from postroom.store.memory import MemoryStore
@@ -24,7 +25,7 @@ ALICE = "alice@customer.test"
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[DevServer]:
     config = load_config(example_config_path(), environ={})
-    runtime = Runtime(config, MemoryStore(), history=None, keys=Keyring.from_config(config))
+    runtime = Runtime(Parts(config, MemoryStore(), keys=Keyring.from_config(config)))
     with DevServer(runtime, tmp_path / "maildir", free_port()) as dev:
         yield dev
 

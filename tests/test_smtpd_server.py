@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from postroom.config import Config, example_config_path, load_config, with_changes
 from postroom.dkim import Keyring
+from postroom.parts import Parts
 from postroom.runtime import Runtime
 from postroom.smtpd import FilterHandler, serve
 from postroom.smtpd.server import ReinjectionError, connect
@@ -139,7 +140,7 @@ def postroom_filter() -> Iterator[Filter]:
     base = load_config(example_config_path(), environ={})
     config = with_changes(base, {"smtpd": {"listen_port": free_port(), "reinject_port": controller.port}})
     store = MemoryStore()
-    runtime = Runtime(config, store, history=None, keys=Keyring.from_config(config))
+    runtime = Runtime(Parts(config, store, keys=Keyring.from_config(config)))
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ready = threading.Event()

@@ -6,7 +6,7 @@ For the milter's Runtime holder::
     def on_sighup() -> None:
         result = reload(config_path)              # logs why when it fails
         if isinstance(result, Loaded):
-            holder.set(Runtime(result.config, store, history, result.keys, rules=result.rules, ...))
+            holder.set(runtime.reloaded(result))
         # else: the old bundle stays; connections in flight keep the one they started with either way
 
 Nothing here touches a connection: a reload only changes what the *next* connection reads from the holder.

@@ -13,6 +13,7 @@ import email
 import email.policy
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import Message
@@ -194,6 +195,7 @@ class Plan:
     back: bool = False
     replacements: list[str] = field(default_factory=list)  # per command line: "" removes it, canned text replaces
     events: list[tuple[str, str]] = field(default_factory=list)  # (event, detail) for the history
+    ticket_lines: list[str] = field(default_factory=list)  # the lines of commands that change a ticket
 
     @property
     def touches_ticket(self) -> bool:
@@ -224,6 +226,15 @@ def _until(cmd: Command) -> float:
         raise CommandError(cmd.line, f"not a date: {exc}") from None
 
 
+@dataclass(frozen=True)
+class _Mailbox:
+    """What the commands are checked against: the mailbox's agents and canned replies."""
+
+    agents: list[str]
+    canned: dict[str, str]
+    placeholders: dict[str, str]
+
+
 def plan(
     cmds: list[Command],
     *,
@@ -236,59 +247,114 @@ def plan(
     Raises CommandError for the first line that cannot be carried out; the caller then changes nothing.
     """
     p = Plan()
+    box = _Mailbox(agents, canned, placeholders)
     for cmd in cmds:
-        replacement = ""
-        detail = " ".join(cmd.args)
-        match cmd.name:
-            case "take":
-                p.take = True
-            case "takeover":
-                p.takeover = True
-            case "assign":
-                if len(cmd.args) != 1:
-                    raise CommandError(cmd.line, "write #assign LOGIN")
-                who = cmd.args[0].lower()
-                if who not in agents:
-                    raise CommandError(cmd.line, f"unknown agent {who!r}; agents of this mailbox: {', '.join(agents)}")
-                p.owner = who
-            case "release":
-                p.owner = ""
-            case "close" | "reopen" | "pending":
-                p.state = _STATES[cmd.name]
-            case "priority":
-                if len(cmd.args) != 1 or cmd.args[0].lower() not in PRIORITIES:
-                    raise CommandError(cmd.line, f"write #priority {'|'.join(PRIORITIES)}")
-                p.priority = cmd.args[0].lower()
-            case "tag" | "untag":
-                if not cmd.args:
-                    raise CommandError(cmd.line, f"write #{cmd.name} TAG [TAG ...]")
-                for tag in cmd.args:
-                    if not TAG_RE.match(tag):
-                        raise CommandError(cmd.line, f"tag {tag!r} must match {TAG_RE.pattern}")
-                (p.add_tags if cmd.name == "tag" else p.remove_tags).extend(t.lower() for t in cmd.args)
-            case "note":
-                p.note = True
-            case "away":
-                p.away = True
-                p.away_until = _until(cmd) if cmd.args else None
-            case "back":
-                p.back = True
-            case "canned":
-                if len(cmd.args) != 1:
-                    raise CommandError(cmd.line, "write #canned NAME")
-                text = canned.get(cmd.args[0].lower())
-                if text is None:
-                    known = ", ".join(sorted(canned)) or "none configured"
-                    raise CommandError(cmd.line, f"no canned reply {cmd.args[0]!r} (known: {known})")
-                replacement = _fill(text, placeholders)
-            case _:
-                known = " ".join(f"#{k}" for k in sorted(KNOWN))
-                raise CommandError(cmd.line, f"unknown command; known: {known}")
-        p.replacements.append(replacement)
-        p.events.append((cmd.name, detail))
+        meaning = _MEANINGS.get(cmd.name)
+        if meaning is None:
+            known = " ".join(f"#{k}" for k in sorted(KNOWN))
+            raise CommandError(cmd.line, f"unknown command; known: {known}")
+        p.replacements.append(meaning(p, cmd, box))
+        p.events.append((cmd.name, " ".join(cmd.args)))
+        if cmd.name in TICKET_COMMANDS:
+            p.ticket_lines.append(cmd.line)
     if p.away and p.back:
         raise CommandError("#away/#back", "one mail cannot say both")
     return p
+
+
+# One function per command: it checks the command's arguments, writes what it means into the plan and returns
+# the text that replaces the command line in the customer's copy ("" removes the line).
+
+
+def _take(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.take = True
+    return ""
+
+
+def _takeover(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.takeover = True
+    return ""
+
+
+def _assign(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    if len(cmd.args) != 1:
+        raise CommandError(cmd.line, "write #assign LOGIN")
+    who = cmd.args[0].lower()
+    if who not in box.agents:
+        raise CommandError(cmd.line, f"unknown agent {who!r}; agents of this mailbox: {', '.join(box.agents)}")
+    p.owner = who
+    return ""
+
+
+def _release(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.owner = ""
+    return ""
+
+
+def _set_state(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.state = _STATES[cmd.name]
+    return ""
+
+
+def _priority(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    if len(cmd.args) != 1 or cmd.args[0].lower() not in PRIORITIES:
+        raise CommandError(cmd.line, f"write #priority {'|'.join(PRIORITIES)}")
+    p.priority = cmd.args[0].lower()
+    return ""
+
+
+def _tags(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    if not cmd.args:
+        raise CommandError(cmd.line, f"write #{cmd.name} TAG [TAG ...]")
+    for tag in cmd.args:
+        if not TAG_RE.match(tag):
+            raise CommandError(cmd.line, f"tag {tag!r} must match {TAG_RE.pattern}")
+    (p.add_tags if cmd.name == "tag" else p.remove_tags).extend(t.lower() for t in cmd.args)
+    return ""
+
+
+def _note(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.note = True
+    return ""
+
+
+def _away(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.away = True
+    p.away_until = _until(cmd) if cmd.args else None
+    return ""
+
+
+def _back(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.back = True
+    return ""
+
+
+def _canned(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    if len(cmd.args) != 1:
+        raise CommandError(cmd.line, "write #canned NAME")
+    text = box.canned.get(cmd.args[0].lower())
+    if text is None:
+        known = ", ".join(sorted(box.canned)) or "none configured"
+        raise CommandError(cmd.line, f"no canned reply {cmd.args[0]!r} (known: {known})")
+    return _fill(text, box.placeholders)
+
+
+_MEANINGS: dict[str, Callable[[Plan, Command, _Mailbox], str]] = {
+    "take": _take,
+    "takeover": _takeover,
+    "assign": _assign,
+    "release": _release,
+    "close": _set_state,
+    "reopen": _set_state,
+    "pending": _set_state,
+    "priority": _priority,
+    "tag": _tags,
+    "untag": _tags,
+    "note": _note,
+    "away": _away,
+    "back": _back,
+    "canned": _canned,
+}
 
 
 def _fill(text: str, values: dict[str, str]) -> str:

@@ -1,19 +1,27 @@
 """The inbound path: a customer's mail to a shared mailbox becomes (part of) a ticket.
 
-For each shared mailbox among the recipients: find the ticket the mail continues, let the rules decide, open or
-update the ticket in the store, build the header and recipient edits, and record what happened.
+:func:`inbound` reads the mail once (:class:`CustomerMail`), finds the shared mailboxes among the recipients
+(:func:`route`), and for each of them runs the steps of :func:`through_mailbox`, in this order:
+
+1. :func:`find_thread`: which ticket the mail continues (references, then a participant's subject token), if any;
+2. :func:`decide`: what the rules say (tags, priority, owner, folder, auto-reply);
+3. :func:`apply_to_store`: open the ticket (with its acknowledgement) or record the follow-up;
+4. :func:`mailbox_edits`: the ticket headers and the envelope recipient of the agent's (or the team's) folder;
+5. :func:`record`: the history record.
+
+:func:`assemble` then puts the edits of every mailbox into one verdict.  Each step is a short function with its
+own unit test (tests/test_inbound_steps.py); none does I/O but through the store and assignment state in ``parts``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postroom import subject
-from postroom.autoreply import NO_TEMPLATES, Templates, plan_auto_reply
+from postroom.autoreply import AutoReplyPlan, plan_auto_reply
 from postroom.config import Config, MailboxConfig
-from postroom.dkim import Keyring
 from postroom.log import message_logger
 from postroom.mailer import OutgoingMail
 from postroom.mime import (
@@ -26,21 +34,120 @@ from postroom.mime import (
     strip_internal,
     ticket_headers,
 )
-from postroom.rules import NO_RULES, Decision, MessageFacts, Ruleset, evaluate
-from postroom.tickets import KEEP, AssignmentState, Changes, NewTicket, Record, Ticket, TicketStore, recount
+from postroom.parts import Parts
+from postroom.rules import Decision, MessageFacts, evaluate
+from postroom.tickets import KEEP, Changes, NewTicket, Record, Ticket, recount
 from postroom.verdict import AddRecipient, Edit, Envelope, Outcome, RemoveRecipient, SetHeader, Verdict
-
-NO_KEYS = Keyring({})
 
 
 @dataclass(frozen=True)
-class _Routed:
-    key: str
+class Routed:
+    """A shared mailbox among the mail's recipients."""
+
+    key: str  # the mailbox's key in the config
     box: MailboxConfig
     rcpts: tuple[str, ...]  # the envelope recipients that named this mailbox
 
 
-def _route(envelope: Envelope, config: Config) -> list[_Routed]:
+@dataclass(frozen=True)
+class CustomerMail:
+    """What the steps read from the mail, parsed once."""
+
+    message: Message
+    text_subject: str  # decoded, for people and the subject token
+    info: subject.SubjectInfo
+    refs: list[str]  # References and In-Reply-To, oldest first
+    own_id: str  # the mail's own Message-ID, "" when it has none
+    senders: list[str]  # From addresses and the envelope sender, lower case, each once
+    customer: str  # the first From address, else the envelope sender
+
+    @staticmethod
+    def read(message: Message) -> CustomerMail:
+        text_subject = readable(message.header("Subject") or "")
+        from_addrs = addresses(message.header("From"))
+        envelope_sender = message.envelope.mail_from.strip("<>").lower()
+        return CustomerMail(
+            message=message,
+            text_subject=text_subject,
+            info=subject.parse(text_subject),
+            refs=subject.message_ids(message.header("References"), message.header("In-Reply-To")),
+            own_id=message_id(message.header("Message-ID")),
+            senders=list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])])),
+            customer=from_addrs[0] if from_addrs else envelope_sender,
+        )
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.envelope.queue_id
+
+
+@dataclass(frozen=True)
+class Thread:
+    """The ticket a mail continues (None: it opens one), the ticket a forward links to, and why."""
+
+    ticket: Ticket | None
+    linked: int = 0
+    why: str = "new"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The ticket after the store step, what happened to it, and the mails that causes (an acknowledgement)."""
+
+    ticket: Ticket
+    event: str  # opened, linked, duplicate, followup, reopened
+    why: str
+    outgoing: list[OutgoingMail] = field(default_factory=list)
+    auto_reply: AutoReplyPlan | None = None  # None: none was asked for
+
+
+@dataclass(frozen=True)
+class MailboxResult:
+    """Everything one shared mailbox contributes to the verdict."""
+
+    routed: Routed
+    decision: Decision
+    applied: Applied
+    headers: list[Edit]
+    recipient_edits: list[Edit]
+    record: Record
+
+
+def inbound(message: Message, parts: Parts, now: float) -> Outcome:
+    """The inbound path: every step for every shared mailbox among the recipients, then one verdict."""
+    routed = route(message.envelope, parts.config)
+    if not routed:
+        edits = strip_internal(message.headers)
+        return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
+    mail = CustomerMail.read(message)
+    return assemble(mail, [through_mailbox(Step(mail, r, parts, now)) for r in routed])
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every step reads: the mail, one of its shared mailboxes, the parts and the time."""
+
+    mail: CustomerMail
+    routed: Routed
+    parts: Parts
+    now: float
+
+    @property
+    def address(self) -> str:
+        return self.routed.box.address
+
+
+def through_mailbox(step: Step) -> MailboxResult:
+    """Steps 1 to 5 for one shared mailbox; ``postroom rules test`` runs the same on the in-memory store."""
+    thread = find_thread(step)
+    decision = decide(step, new_ticket=thread.ticket is None)
+    applied = apply_to_store(step, thread, decision)
+    headers, recipient_edits = mailbox_edits(step, applied.ticket, decision)
+    return MailboxResult(step.routed, decision, applied, headers, recipient_edits, record(step, applied))
+
+
+def route(envelope: Envelope, config: Config) -> list[Routed]:
+    """The shared mailboxes among the envelope recipients, each once, with the recipients that named it."""
     found: dict[str, tuple[MailboxConfig, list[str]]] = {}
     for rcpt in envelope.rcpts:
         hit = config.mailbox_for(rcpt)
@@ -48,198 +155,174 @@ def _route(envelope: Envelope, config: Config) -> list[_Routed]:
             continue
         key, box, _detail = hit
         found.setdefault(key, (box, []))[1].append(rcpt)
-    return [_Routed(key, box, tuple(rcpts)) for key, (box, rcpts) in found.items()]
+    return [Routed(key, box, tuple(rcpts)) for key, (box, rcpts) in found.items()]
 
 
-def _decide(
-    store: TicketStore,
-    routed: _Routed,
-    info: subject.SubjectInfo,
-    refs: list[str],
-    senders: list[str],
-) -> tuple[Ticket | None, int, str]:
-    """Which ticket this mail continues: (ticket or None for a new one, ticket to link, why)."""
-    box = routed.box
-    numbers = subject.numbers_for(info, box.tag)
-    found = store.lookup(box.address, refs, numbers, senders)
+def find_thread(step: Step) -> Thread:
+    """Step 1: which ticket this mail continues."""
+    mail, box = step.mail, step.routed.box
+    numbers = subject.numbers_for(mail.info, box.tag)
+    found = step.parts.store.lookup(box.address, mail.refs, numbers, mail.senders)
     known_token = next((c.ticket for c in found.by_token if c.sender_known), None)
     previous = found.by_reference or known_token
-    if info.is_forward and box.forward_prefixes_link:
+    if mail.info.is_forward and box.forward_prefixes_link:
         # A forward is a new conversation about an old one (often to a new person): link, don't merge.
-        return None, previous.number if previous else 0, "forward"
+        return Thread(None, previous.number if previous else 0, "forward")
     if found.by_reference:
-        return found.by_reference, 0, "references"
+        return Thread(found.by_reference, 0, "references")
     if known_token:
-        return known_token, 0, "subject token"
+        return Thread(known_token, 0, "subject token")
     if found.by_token:
         # A stranger quoting someone else's ticket number must not read or join that ticket (Zammad #5064).
         stray = ", ".join(f"#{c.ticket.number}" for c in found.by_token)
-        return None, 0, f"token {stray} from a sender who is not a participant"
-    return None, 0, "new"
+        return Thread(None, 0, f"token {stray} from a sender who is not a participant")
+    return Thread(None)
 
 
-@dataclass(frozen=True)
-class Extras:
-    """What inbound mail needs besides config and store when rules or auto-replies are configured."""
-
-    rules: Ruleset = NO_RULES
-    templates: Templates = NO_TEMPLATES
-    keys: Keyring = NO_KEYS
-    assign: AssignmentState | None = None
-
-    def state(self) -> AssignmentState:
-        if self.assign is None:
-            raise ValueError("rules and auto-replies need an assignment state (Redis); none was given")
-        return self.assign
-
-
-def inbound(message: Message, config: Config, store: TicketStore, now: float, extras: Extras = Extras()) -> Outcome:
-    log = message_logger(message.envelope.queue_id)
-    routed = _route(message.envelope, config)
-    edits: list[Edit] = strip_internal(message.headers)
-    if not routed:
-        return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
-
-    raw_subject = message.header("Subject")
-    text_subject = readable(raw_subject or "")
-    info = subject.parse(text_subject)
-    refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
-    own_id = message_id(message.header("Message-ID"))
-    from_addrs = addresses(message.header("From"))
-    envelope_sender = message.envelope.mail_from.strip("<>").lower()
-    senders = list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])]))
-    customer = from_addrs[0] if from_addrs else envelope_sender
-
-    new_subject = text_subject
-    records: list[Record] = []
-    headers: list[Edit] = []
-    recipient_edits: list[Edit] = []
-    summaries: list[str] = []
-    outgoing: list[OutgoingMail] = []
-    when = datetime.fromtimestamp(now, UTC)
-    for r in routed:
-        ticket, linked, why = _decide(store, r, info, refs, senders)
-        decision = Decision()
-        if extras.rules.rules:
-            facts = MessageFacts.from_message(message, r.key, r.box.address)
-            decision = evaluate(extras.rules, facts, when, extras.state(), new_ticket=ticket is None)
-            if decision.matched_rule_names:
-                log.info(
-                    "rules for %s: %s %s",
-                    r.box.address,
-                    ", ".join(decision.matched_rule_names),
-                    "; ".join(decision.notes),
-                )
-        if ticket is None:
-            # A stranger's or a forwarded ticket's token is not this ticket's name.
-            base_subject = subject.strip_token(text_subject, r.box.tag)
-            new = NewTicket(
-                customer=customer,
-                subject=base_subject[:300],
-                participants=tuple(senders),
-                message_ids=(own_id,) if own_id else (),
-                linked=linked,
-                owner=decision.owner,
-                priority=decision.priority or "normal",
-                tags=decision.tags,
-            )
-            ticket, created = store.open_unless_seen(r.box.address, new, own_id, now)
-            if created:
-                event = "linked" if linked else "opened"
-                outgoing += _auto_reply(
-                    message, config, store, extras, r=r, ticket=ticket, decision=decision, when=when
-                )
-            else:
-                # The same mail again: it gets the ticket it opened (same number, same folder), and no second
-                # acknowledgement goes to the customer.
-                event, why = "duplicate", "its Message-ID is already in this ticket"
-        else:
-            ticket = store.touch(r.box.address, ticket.number, [own_id] if own_id else [], senders, now)
-            event = "followup"
-            reopen = ticket.state in ("closed", "pending")
-            new_tags = tuple(t for t in decision.tags if t not in ticket.tags)
-            if reopen or new_tags:
-                # The customer answered: a closed ticket is live again, a pending one no longer waits for them.
-                event = "reopened" if ticket.state == "closed" else event
-                changes = Changes(state="open" if reopen else KEEP, add_tags=new_tags)
-                before = ticket
-                ticket = store.update(r.box.address, ticket.number, changes, now)
-                recount(extras.assign, r.box.address, before, ticket)
-        mark = f"{r.box.tag} #{ticket.number}"
-        log.info(
-            "mailbox %s ticket #%d %s (%s) owner=%s",
-            r.box.address,
-            ticket.number,
-            event,
-            why,
-            ticket.owner or "unassigned",
+def decide(step: Step, *, new_ticket: bool) -> Decision:
+    """Step 2: the rules' decision (an empty one without rules).  A new ticket's owner is counted here."""
+    parts = step.parts
+    if not parts.rules.rules:
+        return Decision()
+    facts = MessageFacts.from_message(step.mail.message, step.routed.key, step.address)
+    when = datetime.fromtimestamp(step.now, UTC)
+    decision = evaluate(parts.rules, facts, when, parts.state(), new_ticket=new_ticket)
+    if decision.matched_rule_names:
+        message_logger(step.mail.queue_id).info(
+            "rules for %s: %s %s", step.address, ", ".join(decision.matched_rule_names), "; ".join(decision.notes)
         )
-        summaries.append(f"{mark} {event}")
-        new_subject = subject.with_token(new_subject, r.box.tag, ticket.number)
-        headers += ticket_headers(ticket, mark)
-        # The owner's folder; while the owner is away, the rule's folder or the team's inbox.
-        folder = decision.folder or r.box.inbox_folder
-        if ticket.owner in config.agents and not store.away(r.box.address, [ticket.owner]):
-            folder = config.agent_folder(ticket.owner)
-        recipient_edits += _reroute(r.rcpts, config.recipient_delimiter, folder)
-        records.append(
-            Record.of(
-                ticket,
-                event,
-                now,
-                direction="inbound",
-                queue_id=message.envelope.queue_id,
-                message_id=own_id,
-                actor=customer,
-                subject=text_subject,
-                detail=why,
-            )
-        )
-    edits.append(SetHeader("Subject", encode_header_value(new_subject)))
-    edits += headers
-    edits += recipient_edits
-    return Outcome(Verdict.accept(*edits, summary="; ".join(summaries)), records, outgoing)
+    return decision
 
 
-def _auto_reply(
-    message: Message,
-    config: Config,
-    store: TicketStore,
-    extras: Extras,
-    *,
-    r: _Routed,
-    ticket: Ticket,
-    decision: Decision,
-    when: datetime,
-) -> list[OutgoingMail]:
-    """The acknowledgement of a new ticket, if the config, the rules and RFC 3834 allow one."""
-    if not (config.autoreply.acknowledge or decision.auto_reply_template):
-        return []
+def apply_to_store(step: Step, thread: Thread, decision: Decision) -> Applied:
+    """Step 3: open the ticket (or find this very mail's ticket again), or record the follow-up."""
+    if thread.ticket is None:
+        applied = _open(step, thread, decision)
+    else:
+        applied = _follow_up(step, thread.ticket, decision, thread.why)
+    ticket = applied.ticket
+    message_logger(step.mail.queue_id).info(
+        "mailbox %s ticket #%d %s (%s) owner=%s",
+        step.address,
+        ticket.number,
+        applied.event,
+        applied.why,
+        ticket.owner or "unassigned",
+    )
+    return applied
+
+
+def _open(step: Step, thread: Thread, decision: Decision) -> Applied:
+    mail = step.mail
+    new = NewTicket(
+        customer=mail.customer,
+        # A stranger's or a forwarded ticket's token is not this ticket's name.
+        subject=subject.strip_token(mail.text_subject, step.routed.box.tag)[:300],
+        participants=tuple(mail.senders),
+        message_ids=(mail.own_id,) if mail.own_id else (),
+        linked=thread.linked,
+        owner=decision.owner,
+        priority=decision.priority or "normal",
+        tags=decision.tags,
+    )
+    ticket, created = step.parts.store.open_unless_seen(step.address, new, mail.own_id, step.now)
+    if not created:
+        # The same mail again: it gets the ticket it opened (same number, same folder), and no second
+        # acknowledgement goes to the customer.
+        return Applied(ticket, "duplicate", "its Message-ID is already in this ticket")
+    plan = acknowledge(step, ticket, decision)
+    outgoing = [plan.mail] if plan is not None and plan.mail is not None else []
+    return Applied(ticket, "linked" if thread.linked else "opened", thread.why, outgoing, plan)
+
+
+def _follow_up(step: Step, ticket: Ticket, decision: Decision, why: str) -> Applied:
+    mail, store = step.mail, step.parts.store
+    ticket = store.touch(step.address, ticket.number, [mail.own_id] if mail.own_id else [], mail.senders, step.now)
+    reopen = ticket.state in ("closed", "pending")
+    new_tags = tuple(t for t in decision.tags if t not in ticket.tags)
+    if not (reopen or new_tags):
+        return Applied(ticket, "followup", why)
+    # The customer answered: a closed ticket is live again, a pending one no longer waits for them.
+    event = "reopened" if ticket.state == "closed" else "followup"
+    changes = Changes(state="open" if reopen else KEEP, add_tags=new_tags)
+    after = store.update(step.address, ticket.number, changes, step.now)
+    recount(step.parts.assign, step.address, ticket, after)
+    return Applied(after, event, why)
+
+
+def acknowledge(step: Step, ticket: Ticket, decision: Decision) -> AutoReplyPlan | None:
+    """The acknowledgement of a new ticket, if the config, the rules and RFC 3834 allow one (None: not asked for)."""
+    parts, message = step.parts, step.mail.message
+    if not (parts.config.autoreply.acknowledge or decision.auto_reply_template):
+        return None
     plan = plan_auto_reply(
-        config,
-        extras.templates,
-        extras.keys,
-        extras.state(),
-        mailbox=r.key,
+        parts.config,
+        parts.templates,
+        parts.keys,
+        parts.state(),
+        mailbox=step.routed.key,
         ticket=ticket.number,
         new_ticket=True,
         rule_template=decision.auto_reply_template,
         headers=message.headers,
         envelope_sender=message.envelope.mail_from,
-        queue_id=message.envelope.queue_id,
-        now=when,
+        queue_id=step.mail.queue_id,
+        now=datetime.fromtimestamp(step.now, UTC),
     )
-    log = message_logger(message.envelope.queue_id)
+    log = message_logger(step.mail.queue_id)
     if plan.mail is None:
-        log.info("%s #%d: %s", r.box.address, ticket.number, plan.reason)
-        return []
+        log.info("%s #%d: %s", step.address, ticket.number, plan.reason)
+        return plan
     # The customer's answer to the acknowledgement must thread into this ticket.
-    store.touch(r.box.address, ticket.number, [plan.message_id], [], when.timestamp())
-    log.info("%s #%d: %s", r.box.address, ticket.number, plan.mail.what)
-    return [plan.mail]
+    parts.store.touch(step.address, ticket.number, [plan.message_id], [], step.now)
+    log.info("%s #%d: %s", step.address, ticket.number, plan.mail.what)
+    return plan
 
 
-def _reroute(rcpts: Sequence[str], delimiter: str, folder: str) -> list[Edit]:
+def mailbox_edits(step: Step, ticket: Ticket, decision: Decision) -> tuple[list[Edit], list[Edit]]:
+    """Step 4: the ticket's headers, and the recipient edits that file the mail into its folder."""
+    config, box = step.parts.config, step.routed.box
+    headers = ticket_headers(ticket, f"{box.tag} #{ticket.number}")
+    # The owner's folder; while the owner is away, the rule's folder or the team's inbox.
+    folder = decision.folder or box.inbox_folder
+    if ticket.owner in config.agents and not step.parts.store.away(box.address, [ticket.owner]):
+        folder = config.agent_folder(ticket.owner)
+    return headers, reroute(step.routed.rcpts, config.recipient_delimiter, folder)
+
+
+def record(step: Step, applied: Applied) -> Record:
+    """Step 5: the history record of what this mail did to the ticket."""
+    mail = step.mail
+    return Record.of(
+        applied.ticket,
+        applied.event,
+        step.now,
+        direction="inbound",
+        queue_id=mail.queue_id,
+        message_id=mail.own_id,
+        actor=mail.customer,
+        subject=mail.text_subject,
+        detail=applied.why,
+    )
+
+
+def assemble(mail: CustomerMail, results: Sequence[MailboxResult]) -> Outcome:
+    """One verdict for all mailboxes: internal headers out, the subject with every token, headers, recipients."""
+    new_subject = mail.text_subject
+    for result in results:
+        new_subject = subject.with_token(new_subject, result.routed.box.tag, result.applied.ticket.number)
+    edits: list[Edit] = strip_internal(mail.message.headers)
+    edits.append(SetHeader("Subject", encode_header_value(new_subject)))
+    edits += [e for result in results for e in result.headers]
+    edits += [e for result in results for e in result.recipient_edits]
+    summary = "; ".join(f"{r.routed.box.tag} #{r.applied.ticket.number} {r.applied.event}" for r in results)
+    records = [r.record for r in results]
+    outgoing = [m for r in results for m in r.applied.outgoing]
+    return Outcome(Verdict.accept(*edits, summary=summary), records, outgoing)
+
+
+def reroute(rcpts: Sequence[str], delimiter: str, folder: str) -> list[Edit]:
+    """Recipient edits that send the mail to ``folder`` of each shared address, one delivery per address."""
     edits: list[Edit] = []
     targets: set[str] = set()
     for rcpt in rcpts:

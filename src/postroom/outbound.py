@@ -1,22 +1,27 @@
-"""The outbound path: an agent's reply, submitted with the agent's own SMTP login, leaves from the shared address.
+"""The outbound path: an agent's mail, submitted with the agent's own SMTP login, leaves from the shared address.
 
-Identity is the SMTP login (``{auth_authen}``) and nothing else.  The ticket is found from the threading headers
-or the subject token, claimed atomically, and the mail rewritten (From, envelope sender, Reply-To, subject
-token, internal headers removed), copied into the owner's folder of the shared mailbox and DKIM-signed last.
+Identity is the SMTP login (``{auth_authen}``) and nothing else.  :func:`outbound` reads the mail once
+(:class:`AgentMail`), then:
+
+1. :func:`find_ticket`: the mailbox and ticket from the threading headers or the subject token;
+2. :func:`plan_commands`: what the command lines (parsed once) ask for, all checked before anything changes;
+3. to a customer (:func:`to_customer`): :func:`claim_or_open` the ticket in the store, :func:`apply_commands`,
+   then the edits (:func:`rewrite`, :func:`team_copy`, :func:`sign` last);
+   to the team only (:func:`to_team`, a ``#note`` or commands alone): the same store steps, and the mail filed
+   into the owner's folder, never sent to a customer;
+4. the history records, collected in a :class:`Journal` as the steps go.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses
 
 from postroom import commands, replies, subject
-from postroom.config import Config, MailboxConfig
-from postroom.dkim import Keyring, sign
+from postroom.config import MailboxConfig
+from postroom.dkim import sign as dkim_sign
 from postroom.log import message_logger
 from postroom.mime import (
     Message,
@@ -28,12 +33,14 @@ from postroom.mime import (
     strip_internal,
     ticket_headers,
 )
-from postroom.tickets import KEEP, AssignmentState, Changes, Claim, NewTicket, Record, Ticket, TicketStore, recount
+from postroom.parts import Parts
+from postroom.tickets import KEEP, Changes, Claim, NewTicket, Record, Ticket, recount
 from postroom.verdict import (
     AddHeader,
     AddRecipient,
     ChangeSender,
     Edit,
+    Outcome,
     RemoveRecipient,
     ReplaceBody,
     SetHeader,
@@ -42,30 +49,373 @@ from postroom.verdict import (
     final_body,
 )
 
-log = logging.getLogger("postroom")
+
+@dataclass(frozen=True)
+class AgentMail:
+    """One agent's mail, read once; the steps read it and never change it."""
+
+    message: Message
+    login: str  # the agent, from the SMTP login
+    external: list[str]  # recipients outside every shared mailbox: the customers
+    shared_rcpts: list[str]  # recipients that are shared mailboxes
+    text_subject: str
+    info: subject.SubjectInfo
+    refs: list[str]
+    from_addrs: list[str]
+    body: bytes
+
+    @staticmethod
+    def read(message: Message, parts: Parts, login: str) -> AgentMail:
+        config = parts.config
+        rcpts = message.envelope.rcpts
+        text_subject = readable(message.header("Subject") or "")
+        body = message.body()
+        return AgentMail(
+            message=message,
+            login=login,
+            external=[x for x in rcpts if config.mailbox_for(x) is None],
+            shared_rcpts=[x for x in rcpts if config.mailbox_for(x) is not None],
+            text_subject=text_subject,
+            info=subject.parse(text_subject),
+            refs=subject.message_ids(message.header("References"), message.header("In-Reply-To")),
+            from_addrs=addresses(message.header("From")),
+            body=body,
+        )
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.envelope.queue_id
+
+    def customer_name(self, ticket: Ticket | None) -> str:
+        """How a canned reply addresses the customer: the To display name, else a name made from the address."""
+        for name, addr in getaddresses([self.message.header("To") or ""]):
+            if name and addr.lower() in [x.strip("<>").lower() for x in self.external]:
+                return subject.one_line(name)
+        customer = ticket.customer if ticket else (self.external[0] if self.external else "")
+        return customer.strip("<>").split("@")[0].replace(".", " ").title()
 
 
 @dataclass(frozen=True)
-class _Found:
+class Found:
     box: MailboxConfig
     ticket: Ticket | None  # None: a new mail from the shared identity opens a ticket
 
 
-def _find(
-    config: Config, login: str, store: TicketStore, *, from_addrs: list[str], info: subject.SubjectInfo, refs: list[str]
-) -> _Found | None:
-    boxes = [b for b in config.mailboxes.values() if login in b.agents]
+@dataclass
+class Journal:
+    """The history records one agent's mail causes, in the order the steps cause them (the path's one
+    mutable object)."""
+
+    mail: AgentMail
+    now: float
+    records: list[Record] = field(default_factory=list)
+
+    def add(self, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
+        self.records.append(
+            Record.of(
+                ticket,
+                event,
+                self.now,
+                direction="outbound",
+                queue_id=self.mail.queue_id,
+                message_id=mid,
+                actor=self.mail.login,
+                subject=self.mail.text_subject,
+                detail=detail,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every step after :func:`find_ticket` reads: the mail, the parts, the mailbox, the time, the journal."""
+
+    mail: AgentMail
+    parts: Parts
+    box: MailboxConfig
+    now: float
+    journal: Journal
+
+    def changed(self, before: Ticket, after: Ticket) -> Ticket:
+        """Every ownership change goes through here, so least-open assignment counts stay true."""
+        recount(self.parts.assign, self.box.address, before, after)
+        return after
+
+    def outcome(self, verdict: Verdict) -> Outcome:
+        return Outcome(verdict, self.journal.records)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The ticket after the claim (or opening), and the event to record; ``refused`` when the rival policy says no."""
+
+    ticket: Ticket
+    event: str
+    refused: Claim | None = None
+
+
+def outbound(message: Message, parts: Parts, now: float) -> Outcome:
+    """The outbound path: agent mail to a customer or to the team, never left unrewritten."""
+    config = parts.config
+    login = config.agent_for_login(message.envelope.auth_login)
+    if login is None:
+        return Outcome(Verdict.accept(summary=f"login {message.envelope.auth_login} is not an agent: passed through"))
+    mail = AgentMail.read(message, parts, login)
+    found = find_ticket(mail, parts)
+    if found is None:
+        return Outcome(Verdict.accept(summary=f"{login}: personal mail, no ticket, passed through"))
+    step = Step(mail, parts, found.box, now, Journal(mail, now))
+    try:
+        plan = plan_commands(step, found.ticket, commands.read(message.headers, mail.body))
+    except commands.CommandError as exc:
+        message_logger(mail.queue_id).info("%s: %s refused: %s", found.box.address, login, exc)
+        refusal = replies.S550_BAD_COMMAND.format(line=exc.line, reason=exc.reason)
+        return Outcome(Verdict.reject(refusal, summary=f"bad command from {login}: {exc.line}"))
+    if not mail.external or plan.note:
+        return to_team(step, found.ticket, plan)
+    return to_customer(step, found.ticket, plan)
+
+
+def find_ticket(mail: AgentMail, parts: Parts) -> Found | None:
+    """Step 1: the agent's mailbox and the ticket the mail continues (None: personal mail, passed through)."""
+    config, store = parts.config, parts.store
+    boxes = [b for b in config.mailboxes.values() if mail.login in b.agents]
     for box in boxes:
         # An agent of the mailbox may use any of its tickets' tokens: the login is the proof, not the sender.
-        numbers = subject.numbers_for(info, box.tag)
-        found = store.lookup(box.address, refs, numbers, [])
-        ticket = found.by_reference or next((c.ticket for c in found.by_token), None)
+        numbers = subject.numbers_for(mail.info, box.tag)
+        lookup = store.lookup(box.address, mail.refs, numbers, [])
+        ticket = lookup.by_reference or next((c.ticket for c in lookup.by_token), None)
         if ticket is not None:
-            return _Found(box, ticket)
+            return Found(box, ticket)
     for box in boxes:
-        if box.address in from_addrs:
-            return _Found(box, None)
+        if box.address in mail.from_addrs:
+            return Found(box, None)
+    if not mail.external:
+        # A mail to a shared address without a ticket: the address's own mailbox, if the agent works it.
+        hits = [config.mailbox_for(x) for x in mail.shared_rcpts]
+        mine = [hit[1] for hit in hits if hit is not None and mail.login in hit[1].agents]
+        return Found(mine[0], None) if mine else None
     return None
+
+
+def plan_commands(step: Step, ticket: Ticket | None, lines: list[commands.Command]) -> commands.Plan:
+    """Step 2: what the command lines ask for, checked against the mailbox; raises CommandError."""
+    box = step.box
+    return commands.plan(
+        lines,
+        agents=list(box.agents),
+        canned=dict(step.parts.canned.get(box.address, {})),
+        placeholders={
+            "customer_name": step.mail.customer_name(ticket),
+            "ticket": f"{box.tag} #{ticket.number}" if ticket else box.tag,
+        },
+    )
+
+
+def to_customer(step: Step, found: Ticket | None, plan: commands.Plan) -> Outcome:
+    """Claim (or open), apply the commands, rewrite, copy to the team, sign."""
+    mail, box = step.mail, step.box
+    edits: list[Edit] = strip_internal(mail.message.headers)
+    own_id = message_id(mail.message.header("Message-ID"))
+    if not own_id:
+        own_id = f"postroom.{uuid.uuid4().hex}@{box.address.rpartition('@')[2]}"
+        edits.append(SetHeader("Message-ID", f"<{own_id}>"))
+    settled = claim_or_open(step, found, plan, own_id)
+    if settled.refused is not None:
+        return step.outcome(refuse_rival(step, settled.refused))
+    ticket = apply_commands(step, settled.ticket, plan)
+    edits += rewrite(step, ticket, plan)
+    edits += team_copy(step, ticket, settled.event)
+    edits += sign(step, edits)
+    mark = f"[{box.tag} #{ticket.number}]"
+    message_logger(mail.queue_id).info(
+        "%s: %s %s by %s (owner %s)", box.address, mark, settled.event, mail.login, ticket.owner or "-"
+    )
+    step.journal.add(ticket, settled.event, mid=own_id)
+    return step.outcome(Verdict.accept(*edits, summary=f"{mark} {settled.event} by {mail.login}"))
+
+
+def claim_or_open(step: Step, found: Ticket | None, plan: commands.Plan, own_id: str) -> Settled:
+    """Store step: a new ticket owned by the agent, or the claim on the ticket found (the rival policy decides)."""
+    mail, box, store, now = step.mail, step.box, step.parts.store, step.now
+    if found is None:
+        customer = mail.external[0].strip("<>").lower()
+        new = NewTicket(
+            customer=customer,
+            subject=mail.text_subject[:300],
+            participants=(customer,),
+            message_ids=(own_id,),
+            owner=mail.login,
+            state="open",
+        )
+        ticket = store.open(box.address, new, now)
+        if step.parts.assign is not None:
+            step.parts.assign.count_assigned(box.address, mail.login)
+        return Settled(ticket, "opened_by_agent")
+    claim = store.claim(box.address, found.number, mail.login, now, force=plan.takeover)
+    ticket = step.changed(found, claim.ticket)
+    event = "reply"
+    if not claim.won:
+        if box.on_rival_reply == "reject":
+            return Settled(ticket, "rival_refused", refused=claim)
+        event = f"rival_reply_{box.on_rival_reply}"
+    elif plan.takeover and claim.previous_owner not in ("", mail.login):
+        event = "takeover"
+    customers = [x.strip("<>").lower() for x in mail.external]
+    return Settled(store.touch(box.address, ticket.number, [own_id], customers, now), event)
+
+
+def refuse_rival(step: Step, claim: Claim) -> Verdict:
+    """The 5.7.1 the agent's client shows: who owns the ticket since when, and how to take it over."""
+    config, ticket = step.parts.config, claim.ticket
+    mark = f"[{step.box.tag} #{ticket.number}]"
+    owner_name = config.agent_name(ticket.owner) if ticket.owner in config.agents else ticket.owner
+    refusal = replies.S550_TICKET_OWNED.format(mark=mark, owner=owner_name, since=_since(claim.owned_since))
+    message_logger(step.mail.queue_id).info(
+        "%s: mail by %s refused, %s owned by %s", step.box.address, step.mail.login, mark, ticket.owner
+    )
+    step.journal.add(ticket, "rival_refused")
+    return Verdict.reject(refusal, summary=f"{mark} rival mail by {step.mail.login} refused")
+
+
+def apply_commands(step: Step, ticket: Ticket, plan: commands.Plan) -> Ticket:
+    """Store step: #away/#back for the agent, then the ticket's own commands in one update."""
+    apply_agent_commands(step, plan)
+    return apply_ticket_commands(step, ticket, plan)
+
+
+def apply_agent_commands(step: Step, plan: commands.Plan) -> None:
+    """#away and #back act on the agent in every mailbox the agent works, not on one ticket."""
+    mail, store = step.mail, step.parts.store
+    for box in (b for b in step.parts.config.mailboxes.values() if mail.login in b.agents):
+        if plan.back:
+            store.clear_away(box.address, mail.login)
+        if plan.away:
+            store.set_away(box.address, mail.login, plan.away_until, step.now)
+            # Nothing may wait for an absent agent: open tickets go to the team's inbox or to present agents.
+            for ticket in store.owned(box.address, mail.login):
+                handed = hand_over(step, box, ticket)
+                step.journal.add(handed, "handed_over", detail=f"{mail.login} away, now {handed.owner or 'inbox'}")
+    if plan.away or plan.back:
+        detail = "" if plan.away_until is None else _since(plan.away_until)
+        message_logger(mail.queue_id).info("%s is %s %s", mail.login, "away" if plan.away else "back", detail)
+
+
+def hand_over(step: Step, box: MailboxConfig, ticket: Ticket) -> Ticket:
+    """An absent agent's open ticket: to a present agent by the mailbox's away_handover, else to the inbox."""
+    login, assign = step.mail.login, step.parts.assign
+    others = [a for a in box.agents if a != login]
+    new_owner = ""
+    if assign is not None and others:
+        # The picks skip absent agents and count the ticket for the one they choose.
+        if box.away_handover == "round-robin":
+            new_owner = assign.pick_round_robin(box.address, box.address, others)
+        elif box.away_handover == "least-open":
+            new_owner = assign.pick_least_open(box.address, others)
+    updated = step.parts.store.update(box.address, ticket.number, Changes(owner=new_owner), step.now)
+    if assign is not None:
+        assign.count_released(box.address, login)
+    return updated
+
+
+def apply_ticket_commands(step: Step, ticket: Ticket, plan: commands.Plan) -> Ticket:
+    """#assign, #release, #close, #priority, #tag ...: one atomic update, one history event per command."""
+    changes = Changes(
+        owner=KEEP if plan.owner is None else plan.owner,
+        state=KEEP if plan.state is None else plan.state,
+        priority=KEEP if plan.priority is None else plan.priority,
+        add_tags=tuple(plan.add_tags),
+        remove_tags=tuple(plan.remove_tags),
+    )
+    if changes:
+        ticket = step.changed(ticket, step.parts.store.update(step.box.address, ticket.number, changes, step.now))
+    for name, detail in plan.events:
+        if name not in ("note", "away", "back"):
+            step.journal.add(ticket, name, detail=detail)
+    return ticket
+
+
+def rewrite(step: Step, ticket: Ticket, plan: commands.Plan) -> list[Edit]:
+    """Edits: From the shared address in the agent's name, Reply-To, the subject token, the envelope sender, and
+    the command lines out of the body (a canned reply's text in their place)."""
+    config, box, mail = step.parts.config, step.box, step.mail
+    display = box.from_format.format(agent=config.agent_name(mail.login), mailbox=box.tag)
+    edits: list[Edit] = [
+        SetHeader("From", display_from(display, box.address)),
+        SetHeader("Reply-To", box.reply_to or box.address),
+        SetHeader("Subject", encode_header_value(subject.with_token(mail.text_subject, box.tag, ticket.number))),
+        ChangeSender(box.address),
+    ]
+    if plan.replacements:
+        new_body, mime_changes = commands.strip(mail.message.headers, mail.body, plan.replacements)
+        edits.append(ReplaceBody(new_body))
+        edits += [SetHeader(k, v) for k, v in mime_changes.items()]
+    return edits
+
+
+def team_copy(step: Step, ticket: Ticket, event: str) -> list[Edit]:
+    """Edits: the team's copy into the owner's folder, once, instead of any shared address the agent put in Cc."""
+    config, box, login = step.parts.config, step.box, step.mail.login
+    edits: list[Edit] = [RemoveRecipient(x) for x in step.mail.shared_rcpts]
+    if box.copy_replies:
+        owner = ticket.owner if ticket.owner in config.agents else login
+        edits.append(AddRecipient(folder_address(box.address, config.recipient_delimiter, config.agent_folder(owner))))
+    if event == "rival_reply_warn" and ticket.owner in config.agents:
+        # The owner learns at once that someone else answered their customer: a copy in their own inbox.
+        edits.append(AddRecipient(config.agents[ticket.owner].address))
+    return edits
+
+
+def sign(step: Step, edits: list[Edit]) -> list[Edit]:
+    """The DKIM signature over the mail as the edits leave it: the last edit, or none without a key."""
+    key = step.parts.keys.for_address(step.box.address)
+    if key is None:
+        message_logger(step.mail.queue_id).warning("no DKIM key for %s: the reply leaves unsigned", step.box.address)
+        return []
+    headers = apply_to_headers(step.mail.message.headers, edits)
+    return [AddHeader("DKIM-Signature", dkim_sign(key, headers, final_body(step.mail.body, edits)), top=True)]
+
+
+def to_team(step: Step, ticket: Ticket | None, plan: commands.Plan) -> Outcome:
+    """Internal: commands and notes for the team, filed into the owner's folder; nothing goes to a customer."""
+    mail, box = step.mail, step.box
+    if ticket is None and plan.touches_ticket:
+        refusal = replies.S550_NO_TICKET.format(line=plan.ticket_lines[0], tag=box.tag)
+        return step.outcome(Verdict.reject(refusal, summary=f"command without a ticket from {mail.login}"))
+    if ticket is None:
+        apply_agent_commands(step, plan)
+        return step.outcome(file_note(step, None))
+    if plan.take or plan.takeover:
+        claim = step.parts.store.claim(box.address, ticket.number, mail.login, step.now, force=plan.takeover)
+        if not claim.won:
+            return step.outcome(refuse_rival(step, claim))
+        ticket = step.changed(ticket, claim.ticket)
+    ticket = apply_commands(step, ticket, plan)
+    own_id = message_id(mail.message.header("Message-ID"))
+    ticket = step.parts.store.touch(box.address, ticket.number, [own_id] if own_id else [], [], step.now)
+    step.journal.add(ticket, "note", mid=own_id)
+    return step.outcome(file_note(step, ticket))
+
+
+def file_note(step: Step, ticket: Ticket | None) -> Verdict:
+    """The note's edits: marked as a note, into the owner's folder (the agent's own without a ticket)."""
+    config, box, mail = step.parts.config, step.box, step.mail
+    edits: list[Edit] = strip_internal(mail.message.headers)
+    if ticket is not None:
+        mark = f"{box.tag} #{ticket.number}"
+        subj = subject.with_token(mail.text_subject, box.tag, ticket.number)
+        edits += ticket_headers(ticket, mark)
+        owner = ticket.owner
+    else:
+        subj, mark, owner = mail.text_subject, box.tag, mail.login
+    edits.append(SetHeader("Subject", encode_header_value(f"[Note] {subj}")))
+    edits.append(AddHeader("X-Postroom-Note", f"{mail.login} ({mark})"))
+    edits.append(SetHeader("Keywords", "note"))
+    folder = config.agent_folder(owner) if owner in config.agents else box.inbox_folder
+    edits += [RemoveRecipient(x) for x in mail.message.envelope.rcpts]
+    edits.append(AddRecipient(folder_address(box.address, config.recipient_delimiter, folder)))
+    message_logger(mail.queue_id).info("%s: note by %s on %s into %s", box.address, mail.login, mark, folder or "INBOX")
+    return Verdict.accept(*edits, summary=f"{mark} note by {mail.login}")
 
 
 def display_from(display: str, address: str) -> str:
@@ -78,269 +428,3 @@ def display_from(display: str, address: str) -> str:
 
 def _since(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
-
-
-class _Reply:
-    """One agent's mail on its way through the outbound path; built once, read by the small steps below."""
-
-    def __init__(
-        self,
-        message: Message,
-        config: Config,
-        store: TicketStore,
-        now: float,
-        login: str,
-    ) -> None:
-        self.message = message
-        self.config = config
-        self.store = store
-        self.now = now
-        self.login = login
-        env = message.envelope
-        self.qid = env.queue_id
-        self.external = [r for r in env.rcpts if config.mailbox_for(r) is None]
-        self.shared_rcpts = [r for r in env.rcpts if config.mailbox_for(r) is not None]
-        self.text_subject = readable(message.header("Subject") or "")
-        self.info = subject.parse(self.text_subject)
-        self.refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
-        self.from_addrs = addresses(message.header("From"))
-        self.body = message.body()
-        self.records: list[Record] = []
-        self.assign: AssignmentState | None = None
-
-    def changed(self, box: MailboxConfig, before: Ticket, after: Ticket) -> Ticket:
-        """Every ownership change goes through here, so least-open assignment counts stay true."""
-        recount(self.assign, box.address, before, after)
-        return after
-
-    def record(self, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
-        self.records.append(
-            Record.of(
-                ticket,
-                event,
-                self.now,
-                direction="outbound",
-                queue_id=self.qid,
-                message_id=mid,
-                actor=self.login,
-                subject=self.text_subject,
-                detail=detail,
-            )
-        )
-
-    def customer_name(self, ticket: Ticket | None) -> str:
-        for name, addr in getaddresses([self.message.header("To") or ""]):
-            if name and addr.lower() in [r.strip("<>").lower() for r in self.external]:
-                return subject.one_line(name)
-        customer = ticket.customer if ticket else (self.external[0] if self.external else "")
-        return customer.strip("<>").split("@")[0].replace(".", " ").title()
-
-
-def outbound(
-    message: Message,
-    config: Config,
-    store: TicketStore,
-    keys: Keyring,
-    now: float,
-    *,
-    canned: Mapping[str, Mapping[str, str]] | None = None,
-    assign: AssignmentState | None = None,
-) -> tuple[Verdict, list[Record]]:
-    env = message.envelope
-    login = config.agent_for_login(env.auth_login)
-    if login is None:
-        return Verdict.accept(summary=f"login {env.auth_login} is not an agent: passed through"), []
-    r = _Reply(message, config, store, now, login)
-    r.assign = assign
-    found = _find(config, login, store, from_addrs=r.from_addrs, info=r.info, refs=r.refs)
-    if found is None and not r.external:
-        # A mail to a shared address without a ticket: the address's own mailbox, if the agent works it.
-        boxes = [config.mailbox_for(x) for x in r.shared_rcpts]
-        mine = [hit[1] for hit in boxes if hit is not None and login in hit[1].agents]
-        found = _Found(mine[0], None) if mine else None
-    if found is None:
-        return Verdict.accept(summary=f"{login}: personal mail, no ticket, passed through"), []
-    box = found.box
-    cmds = commands.read(message.headers, r.body)
-    try:
-        plan = commands.plan(
-            cmds,
-            agents=list(box.agents),
-            canned=dict((canned or {}).get(box.address, {})),
-            placeholders={
-                "customer_name": r.customer_name(found.ticket),
-                "ticket": f"{box.tag} #{found.ticket.number}" if found.ticket else box.tag,
-            },
-        )
-    except commands.CommandError as exc:
-        message_logger(r.qid).info("%s: %s refused: %s", box.address, login, exc)
-        reply = replies.S550_BAD_COMMAND.format(line=exc.line, reason=exc.reason)
-        return Verdict.reject(reply, summary=f"bad command from {login}: {exc.line}"), []
-    if not r.external or plan.note:
-        return _note(r, box, found.ticket, plan)
-    return _reply(r, box, found.ticket, plan, keys)
-
-
-def _apply_agent_commands(r: _Reply, box: MailboxConfig, plan: commands.Plan) -> None:
-    """#away and #back act on the agent in every mailbox the agent works, not on one ticket."""
-    boxes = [b for b in r.config.mailboxes.values() if r.login in b.agents]
-    for b in boxes:
-        if plan.back:
-            r.store.clear_away(b.address, r.login)
-        if plan.away:
-            r.store.set_away(b.address, r.login, plan.away_until, r.now)
-            # Nothing may wait for an absent agent: open tickets go to the team's inbox or to present agents.
-            for t in r.store.tickets(b.address):
-                if t.owner == r.login and t.state != "closed":
-                    handed = _hand_over(r, b, t)
-                    r.record(handed, "handed_over", detail=f"{r.login} away, now {handed.owner or 'inbox'}")
-    if plan.away or plan.back:
-        detail = "" if plan.away_until is None else _since(plan.away_until)
-        message_logger(r.qid).info("%s is %s %s", r.login, "away" if plan.away else "back", detail)
-
-
-def _hand_over(r: _Reply, box: MailboxConfig, ticket: Ticket) -> Ticket:
-    others = [a for a in box.agents if a != r.login]
-    new_owner = ""
-    if r.assign is not None and others:
-        # The picks skip absent agents and count the ticket for the one they choose.
-        if box.away_handover == "round-robin":
-            new_owner = r.assign.pick_round_robin(box.address, box.address, others)
-        elif box.away_handover == "least-open":
-            new_owner = r.assign.pick_least_open(box.address, others)
-    updated = r.store.update(box.address, ticket.number, Changes(owner=new_owner), r.now)
-    if r.assign is not None:
-        r.assign.count_released(box.address, r.login)
-    return updated
-
-
-def _apply_ticket_commands(r: _Reply, box: MailboxConfig, ticket: Ticket, plan: commands.Plan) -> Ticket:
-    changes = Changes(
-        owner=KEEP if plan.owner is None else plan.owner,
-        state=KEEP if plan.state is None else plan.state,
-        priority=KEEP if plan.priority is None else plan.priority,
-        add_tags=tuple(plan.add_tags),
-        remove_tags=tuple(plan.remove_tags),
-    )
-    if changes:
-        ticket = r.changed(box, ticket, r.store.update(box.address, ticket.number, changes, r.now))
-    for name, detail in plan.events:
-        if name not in ("note", "away", "back"):
-            r.record(ticket, name, detail=detail)
-    return ticket
-
-
-def _refused(r: _Reply, box: MailboxConfig, claim: Claim) -> Verdict:
-    ticket = claim.ticket
-    mark = f"[{box.tag} #{ticket.number}]"
-    owner_name = r.config.agent_name(ticket.owner) if ticket.owner in r.config.agents else ticket.owner
-    reply = replies.S550_TICKET_OWNED.format(mark=mark, owner=owner_name, since=_since(claim.owned_since))
-    message_logger(r.qid).info("%s: mail by %s refused, %s owned by %s", box.address, r.login, mark, ticket.owner)
-    r.record(ticket, "rival_refused")
-    return Verdict.reject(reply, summary=f"{mark} rival mail by {r.login} refused")
-
-
-def _note(r: _Reply, box: MailboxConfig, ticket: Ticket | None, plan: commands.Plan) -> tuple[Verdict, list[Record]]:
-    """Internal: commands and notes for the team; nothing goes to a customer."""
-    if ticket is None and plan.touches_ticket:
-        line = next(c for c in commands.read(r.message.headers, r.body) if c.name in commands.TICKET_COMMANDS)
-        reply = replies.S550_NO_TICKET.format(line=line.line, tag=box.tag)
-        return Verdict.reject(reply, summary=f"command without a ticket from {r.login}"), []
-    edits: list[Edit] = strip_internal(r.message.headers)
-    if ticket is not None:
-        if plan.take or plan.takeover:
-            claim = r.store.claim(box.address, ticket.number, r.login, r.now, force=plan.takeover)
-            if not claim.won:
-                return _refused(r, box, claim), r.records
-            ticket = r.changed(box, ticket, claim.ticket)
-        _apply_agent_commands(r, box, plan)
-        ticket = _apply_ticket_commands(r, box, ticket, plan)
-        own_id = message_id(r.message.header("Message-ID"))
-        ticket = r.store.touch(box.address, ticket.number, [own_id] if own_id else [], [], r.now)
-        r.record(ticket, "note", mid=own_id)
-        mark = f"{box.tag} #{ticket.number}"
-        subj = subject.with_token(r.text_subject, box.tag, ticket.number)
-        edits += ticket_headers(ticket, mark)
-        owner = ticket.owner
-    else:
-        _apply_agent_commands(r, box, plan)
-        subj, mark, owner = r.text_subject, box.tag, r.login
-    edits.append(SetHeader("Subject", encode_header_value(f"[Note] {subj}")))
-    edits.append(AddHeader("X-Postroom-Note", f"{r.login} ({mark})"))
-    edits.append(SetHeader("Keywords", "note"))
-    folder = r.config.agent_folder(owner) if owner in r.config.agents else box.inbox_folder
-    edits += [RemoveRecipient(x) for x in r.message.envelope.rcpts]
-    edits.append(AddRecipient(folder_address(box.address, r.config.recipient_delimiter, folder)))
-    message_logger(r.qid).info("%s: note by %s on %s into %s", box.address, r.login, mark, folder or "INBOX")
-    return Verdict.accept(*edits, summary=f"{mark} note by {r.login}"), r.records
-
-
-def _reply(
-    r: _Reply, box: MailboxConfig, found: Ticket | None, plan: commands.Plan, keys: Keyring
-) -> tuple[Verdict, list[Record]]:
-    """To a customer: claim, rewrite, copy to the team, sign."""
-    config, store, login, now = r.config, r.store, r.login, r.now
-    qlog = message_logger(r.qid)
-    own_id = message_id(r.message.header("Message-ID"))
-    edits: list[Edit] = strip_internal(r.message.headers)
-    if not own_id:
-        own_id = f"postroom.{uuid.uuid4().hex}@{box.address.rpartition('@')[2]}"
-        edits.append(SetHeader("Message-ID", f"<{own_id}>"))
-    event = "reply"
-    if found is None:
-        customer = r.external[0].strip("<>").lower()
-        ticket = store.open(
-            box.address,
-            NewTicket(
-                customer=customer,
-                subject=r.text_subject[:300],
-                participants=(customer,),
-                message_ids=(own_id,),
-                owner=login,
-                state="open",
-            ),
-            now,
-        )
-        if r.assign is not None:
-            r.assign.count_assigned(box.address, login)
-        event = "opened_by_agent"
-    else:
-        claim = store.claim(box.address, found.number, login, now, force=plan.takeover)
-        ticket = r.changed(box, found, claim.ticket)
-        if not claim.won:
-            if box.on_rival_reply == "reject":
-                return _refused(r, box, claim), r.records
-            event = f"rival_reply_{box.on_rival_reply}"
-        elif plan.takeover and claim.previous_owner not in ("", login):
-            event = "takeover"
-        ticket = store.touch(box.address, ticket.number, [own_id], [x.strip("<>").lower() for x in r.external], now)
-    _apply_agent_commands(r, box, plan)
-    ticket = _apply_ticket_commands(r, box, ticket, plan)
-
-    display = box.from_format.format(agent=config.agent_name(login), mailbox=box.tag)
-    edits.append(SetHeader("From", display_from(display, box.address)))
-    edits.append(SetHeader("Reply-To", box.reply_to or box.address))
-    edits.append(SetHeader("Subject", encode_header_value(subject.with_token(r.text_subject, box.tag, ticket.number))))
-    edits.append(ChangeSender(box.address))
-    if plan.replacements:
-        new_body, mime_changes = commands.strip(r.message.headers, r.body, plan.replacements)
-        edits.append(ReplaceBody(new_body))
-        edits += [SetHeader(k, v) for k, v in mime_changes.items()]
-    # The team's copy: into the owner's folder, once, instead of any shared address the agent put in Cc.
-    edits += [RemoveRecipient(x) for x in r.shared_rcpts]
-    if box.copy_replies:
-        owner = ticket.owner if ticket.owner in config.agents else login
-        edits.append(AddRecipient(folder_address(box.address, config.recipient_delimiter, config.agent_folder(owner))))
-    if event == "rival_reply_warn" and ticket.owner in config.agents:
-        # The owner learns at once that someone else answered their customer: a copy in their own inbox.
-        edits.append(AddRecipient(config.agents[ticket.owner].address))
-    key = keys.for_address(box.address)
-    if key is not None:
-        signed_headers = apply_to_headers(r.message.headers, edits)
-        edits.append(AddHeader("DKIM-Signature", sign(key, signed_headers, final_body(r.body, edits)), top=True))
-    else:
-        qlog.warning("no DKIM key for %s: the reply leaves unsigned", box.address)
-    mark = f"[{box.tag} #{ticket.number}]"
-    qlog.info("%s: %s %s by %s (owner %s)", box.address, mark, event, login, ticket.owner or "-")
-    r.record(ticket, event, mid=own_id)
-    return Verdict.accept(*edits, summary=f"{mark} {event} by {login}"), r.records

@@ -9,44 +9,27 @@ hangs, a verdict that cannot be applied).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from postroom import replies
-from postroom.autoreply import NO_TEMPLATES, Templates
 from postroom.config import Config
-from postroom.dkim import Keyring
-from postroom.inbound import NO_KEYS, Extras, inbound
+from postroom.inbound import inbound
 from postroom.log import message_logger
 from postroom.mime import STATUS_HEADER, Message, strip_internal
 from postroom.outbound import outbound
-from postroom.rules import NO_RULES, Ruleset
-from postroom.tickets import AssignmentState, StoreUnavailable, TicketStore
+from postroom.parts import NO_KEYS, Parts
+from postroom.tickets import StoreUnavailable
 from postroom.verdict import AddHeader, Outcome, Verdict
 
-__all__ = ["NO_KEYS", "STATUS_HEADER", "Message", "Outcome", "inbound", "process"]
+__all__ = ["NO_KEYS", "STATUS_HEADER", "Message", "Outcome", "Parts", "process"]
 
 
-def process(
-    message: Message,
-    config: Config,
-    store: TicketStore,
-    now: float,
-    *,
-    keys: Keyring = NO_KEYS,
-    canned: Mapping[str, Mapping[str, str]] | None = None,
-    rules: Ruleset = NO_RULES,
-    templates: Templates = NO_TEMPLATES,
-    assign: AssignmentState | None = None,
-) -> Outcome:
+def process(message: Message, parts: Parts, now: float) -> Outcome:
     """Run the pipeline; never raises: a dead store or our own bug becomes the fail-safe verdict of DESIGN.md."""
+    config = parts.config
     log = message_logger(message.envelope.queue_id)
     # Authenticated submissions are agents' mail (the outbound path); everything else is customer mail.
     is_outbound = bool(message.envelope.auth_login)
     try:
-        if is_outbound:
-            verdict, records = outbound(message, config, store, keys, now, canned=canned, assign=assign)
-            return Outcome(verdict, records)
-        return inbound(message, config, store, now, Extras(rules=rules, templates=templates, keys=keys, assign=assign))
+        return outbound(message, parts, now) if is_outbound else inbound(message, parts, now)
     except StoreUnavailable as exc:
         log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
         return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)

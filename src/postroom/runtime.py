@@ -6,48 +6,33 @@ the pipeline with the same parts and a mail in flight keeps the parts it started
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
-from postroom.autoreply import NO_TEMPLATES, Templates
 from postroom.bundle import Loaded
 from postroom.config import Config
-from postroom.dkim import Keyring
 from postroom.history import HistoryWriter
 from postroom.mailer import Mailer, OutgoingMail
 from postroom.mime import Message
-from postroom.pipeline import NO_KEYS, Outcome, process
-from postroom.rules import NO_RULES, Ruleset
-from postroom.tickets import AssignmentState, TicketStore
+from postroom.parts import Parts
+from postroom.pipeline import Outcome, process
 
 
 @dataclass
 class Runtime:
     """What every connection shares: swapped as a whole on reload, read once per connection."""
 
-    config: Config
-    store: TicketStore
-    history: HistoryWriter | None
-    keys: Keyring = NO_KEYS
-    canned: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # mailbox -> name -> text
-    rules: Ruleset = NO_RULES
-    templates: Templates = NO_TEMPLATES
-    assign: AssignmentState | None = None  # round-robin turns, open counts, auto-reply cap (Redis)
+    parts: Parts  # config, stores, rules, templates, keys, canned replies: what the pipeline runs with
+    history: HistoryWriter | None = None
     mailer: Mailer | None = None  # sends auto-replies through the local Postfix
 
+    @property
+    def config(self) -> Config:
+        return self.parts.config
+
     def process(self, message: Message, now: float) -> Outcome:
-        """The pipeline with every part of this runtime: the one call both adapters make."""
-        return process(
-            message,
-            self.config,
-            self.store,
-            now,
-            keys=self.keys,
-            canned=self.canned,
-            rules=self.rules,
-            templates=self.templates,
-            assign=self.assign,
-        )
+        """The pipeline with this runtime's parts: the one call both adapters make."""
+        return process(message, self.parts, now)
 
     def handle(self, message: Message, now: float) -> Outcome:
         """Run the pipeline and record its history: what every adapter does with each mail."""
@@ -72,11 +57,4 @@ class Runtime:
         Redis, the SQL database and the mailer stay as they were started: changing their addresses needs a
         restart, which the caller logs.
         """
-        return replace(
-            self,
-            config=loaded.config,
-            rules=loaded.rules,
-            templates=loaded.templates,
-            keys=loaded.keys,
-            canned=loaded.canned,
-        )
+        return replace(self, parts=self.parts.reloaded(loaded))

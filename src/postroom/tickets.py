@@ -86,6 +86,10 @@ class TicketStore(Protocol):
 
     def away(self, mailbox: str, logins: Iterable[str]) -> set[str]: ...
 
+    def owned(self, mailbox: str, login: str) -> list[Ticket]:
+        """The agent's open tickets (owned, not closed), in time linear in their number (#away's hand-over)."""
+        ...
+
     def tickets(self, mailbox: str) -> list[Ticket]: ...
 
 

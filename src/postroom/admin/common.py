@@ -14,6 +14,7 @@ from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import Config, ConfigError, load_config
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
+from postroom.parts import Parts
 from postroom.runtime import Runtime
 from postroom.store.assignment import RedisAssignmentState
 from postroom.store.redis import RedisStore
@@ -106,17 +107,16 @@ def daemon_runtime(
     mailer = Mailer.from_config(config)
     mailer.start()
     log.info("postroom %s %s starting with %s", __version__, daemon, config_path)
-    runtime = Runtime(
+    parts = Parts(
         config,
         store,
-        history,
         loaded.keys,
         loaded.canned,
         rules=loaded.rules,
         templates=loaded.templates,
         assign=assign,
-        mailer=mailer,
     )
+    runtime = Runtime(parts, history, mailer)
     try:
         yield runtime
     finally:

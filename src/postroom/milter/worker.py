@@ -126,7 +126,7 @@ class LocalPipeline:
 
     @property
     def rules(self) -> Ruleset:
-        return self.runtime.rules
+        return self.runtime.parts.rules
 
     def handle(self, message: Message, now: float) -> Handled:
         outcome = self.runtime.handle(message, now)

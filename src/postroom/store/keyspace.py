@@ -1,7 +1,9 @@
 """Every Redis key name postroom uses, in one place.
 
 Each key carries the mailbox's hash tag (``postroom:{support@example.test}:...``), so one mailbox lives in one
-Redis Cluster slot and the scripts that touch several of its keys stay atomic there.
+Redis Cluster slot and the scripts that touch several of its keys stay atomic there.  The scripts that must name
+keys they only learn while running (the open script's new ticket, the owner index) build the same names from
+:func:`key_base` in Lua; tests/test_store.py checks that they match these functions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def message_key(prefix: str, mailbox: str, message_id: str) -> str:
 def counter_key(prefix: str, mailbox: str) -> str:
     """The mailbox's ticket counter (INCR gives the next number)."""
     return f"{key_base(prefix, mailbox)}seq"
+
+
+def owned_key(prefix: str, mailbox: str, login: str) -> str:
+    """The numbers of ``login``'s open tickets (owned, not closed); kept by every script that changes an owner or
+    a state, read by #away's hand-over."""
+    return f"{key_base(prefix, mailbox)}owned:{login}"
+
+
+def owned_indexed_key(prefix: str, mailbox: str) -> str:
+    """Exists once the owner index of ``mailbox`` holds the tickets opened before the index existed."""
+    return f"{key_base(prefix, mailbox)}owned-indexed"
 
 
 def away_key(prefix: str, mailbox: str, login: str) -> str:

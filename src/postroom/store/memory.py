@@ -118,6 +118,12 @@ class MemoryStore:
         self._check()
         return {n for n in logins if (mailbox, n) in self.absent}
 
+    def owned(self, mailbox: str, login: str) -> list[Ticket]:
+        # A scan: fine in a dict; the Redis store keeps an index so the mail path never walks every ticket.
+        self._check()
+        mine = (t for (m, _), t in self.ticket_map.items() if m == mailbox and t.owner == login)
+        return sorted((t for t in mine if t.state != "closed"), key=lambda t: t.number)
+
     def tickets(self, mailbox: str) -> list[Ticket]:
         return sorted((t for (m, _), t in self.ticket_map.items() if m == mailbox), key=lambda t: -t.number)
 

@@ -4,6 +4,26 @@ Each script touches keys of one mailbox only (one hash tag, see :mod:`postroom.s
 Redis Cluster slot.
 """
 
+# The index of open tickets by owner (``owned:<login>``, a set of numbers; see keyspace.owned_key): every script
+# that changes a ticket's owner or state moves the number between the sets, so #away reads an agent's open tickets
+# without walking every ticket.  A ticket is in its owner's set while it has an owner and is not closed.  The
+# set's name depends on the owner stored in the hash, so it cannot be declared in KEYS; it shares the ticket's
+# hash tag and so its cluster slot.
+_REINDEX = """
+local function reindex(base, n, was_owner, was_state, owner, state)
+  local was = ''
+  if was_owner ~= '' and was_state ~= 'closed' then was = was_owner end
+  local now_owner = ''
+  if owner ~= '' and state ~= 'closed' then now_owner = owner end
+  if was == now_owner then return end
+  if was ~= '' then redis.call('SREM', base .. 'owned:' .. was, n) end
+  if now_owner ~= '' then redis.call('SADD', base .. 'owned:' .. now_owner, n) end
+end
+local function ticket_base(key)
+  return string.match(key, '^(.*)t:(%d+)$')
+end
+"""
+
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
 # counter's hash tag and so its cluster slot, which is what Redis Cluster needs for the script to run there.
@@ -11,7 +31,9 @@ Redis Cluster slot.
 # senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
 # twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
 # second ticket; checked inside the script, so two copies arriving at once still open one ticket.
-OPEN = """
+OPEN = (
+    _REINDEX
+    + """
 local base = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local seen_id = ARGV[3]
@@ -42,8 +64,11 @@ redis.call('HSET', tkey, unpack(fields))
 for _, p in ipairs(parts) do redis.call('SADD', pkey, p) end
 local nids = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nids do redis.call('SET', base .. 'm:' .. ARGV[i], n, 'EX', ttl); i = i + 1 end
+local opened = redis.call('HMGET', tkey, 'owner', 'state')
+reindex(base, n, '', '', opened[1] or '', opened[2] or '')
 return {n}
 """
+)
 
 # Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
 TOUCH = """
@@ -59,24 +84,35 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 # Sets the owner only of a ticket that exists, so a typo in a number cannot create a half ticket.
-ASSIGN = """
+ASSIGN = (
+    _REINDEX
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', ARGV[2], 'updated', ARGV[3])
+local base, n = ticket_base(KEYS[1])
+reindex(base, n, was[1] or '', was[2] or '', ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 # The claim: the first agent to answer an unowned ticket owns it; the owner answering again keeps it; anyone
 # else gets the current owner back, unless forced (#takeover).  One script, so two agents answering in the
 # same millisecond cannot both win.
-CLAIM = """
+CLAIM = (
+    _REINDEX
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local owner = redis.call('HGET', KEYS[1], 'owner') or ''
 local won = 0
 if owner == '' or owner == ARGV[1] or ARGV[2] == '1' then
+  local was_state = redis.call('HGET', KEYS[1], 'state') or ''
   if owner ~= ARGV[1] then
     redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owned_since', ARGV[3])
   end
   redis.call('HSET', KEYS[1], 'state', 'open', 'updated', ARGV[3])
+  local base, n = ticket_base(KEYS[1])
+  reindex(base, n, owner, was_state, ARGV[1], 'open')
   won = 1
 end
 local t = redis.call('HGETALL', KEYS[1])
@@ -84,12 +120,16 @@ table.insert(t, '_won'); table.insert(t, tostring(won))
 table.insert(t, '_previous'); table.insert(t, owner)
 return t
 """
+)
 
 # Agents' commands change several fields at once: all or nothing, and tag edits computed against the tags as
 # they are now (two agents tagging at once must not lose each other's tag).  ARGV: owner, state, priority
 # ("\0" leaves a field as it is), now, number of tags to add, the tags, then the tags to remove.
-UPDATE = """
+UPDATE = (
+    _REINDEX
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 local keep = string.char(0)
 local now = ARGV[4]
 if ARGV[1] ~= keep then
@@ -113,8 +153,12 @@ for j = i, #ARGV do tags[ARGV[j]] = nil end
 local out = {}
 for _, t in ipairs(order) do if tags[t] then table.insert(out, t) end end
 redis.call('HSET', KEYS[1], 'tags', table.concat(out, ','), 'updated', now)
+local is = redis.call('HMGET', KEYS[1], 'owner', 'state')
+local base, n = ticket_base(KEYS[1])
+reindex(base, n, was[1] or '', was[2] or '', is[1] or '', is[2] or '')
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 # The agent after the one who had the last turn, skipping absent agents; a newly absent agent never costs anyone
 # a turn and a returning one rejoins in place.  KEYS: last-turn key, open-count hash, then one away key per agent
