@@ -118,6 +118,10 @@ class MemoryStore:
         self._check()
         return {n for n in logins if (mailbox, n) in self.absent}
 
+    def ticket(self, mailbox: str, number: int) -> Ticket | None:
+        self._check()
+        return self.ticket_map.get((mailbox, number))
+
     def owned(self, mailbox: str, login: str) -> list[Ticket]:
         # A scan: fine in a dict; the Redis store keeps an index so the mail path never walks every ticket.
         self._check()

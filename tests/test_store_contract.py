@@ -1,0 +1,191 @@
+"""One contract, two ticket stores: the in-memory store (unit tests, ``rules test``) must behave as the Redis one.
+
+Every test here runs on both; a behaviour the fake got wrong fails on the fake only.  The Redis-only parts (the
+Lua scripts' own key names, the owner index's cost) are at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import pytest
+import redis
+
+from postroom.store import keyspace
+from postroom.store.memory import MemoryStore
+from postroom.store.redis import RedisStore
+from postroom.tickets import KEEP, Changes, NewTicket, Ticket, TicketStore
+
+BOX = "support@example.test"
+
+
+class Contract(TicketStore, Protocol):
+    """The TicketStore protocol plus what the admin CLI uses: both stores have it."""
+
+    def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket: ...
+
+    def ticket(self, mailbox: str, number: int) -> Ticket | None: ...
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Contract]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    yield RedisStore.from_url(url, key_prefix="postroom", message_index_days=1, timeout=2.0)
+
+
+def new(customer: str = "alice@customer.test", mid: str = "m1@c", owner: str = "") -> NewTicket:
+    state = "open" if owner else "new"
+    return NewTicket(
+        customer=customer, subject="Hello", participants=(customer,), message_ids=(mid,), owner=owner, state=state
+    )
+
+
+def numbers(tickets: list[Ticket]) -> list[int]:
+    return [t.number for t in tickets]
+
+
+def test_open_numbers_tickets_per_mailbox_from_one(store: Contract) -> None:
+    assert [store.open(BOX, new(mid=f"m{i}@c"), 1.0).number for i in range(3)] == [1, 2, 3]
+    assert store.open("sales@example.test", new(), 1.0).number == 1
+    t = store.ticket(BOX, 2)
+    assert t is not None and (t.customer, t.subject, t.state, t.created) == ("alice@customer.test", "Hello", "new", 1.0)
+    assert store.ticket(BOX, 99) is None
+
+
+def test_lookup_by_reference_and_by_token_knows_participants(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    found = store.lookup(BOX, ["unknown@x", "m1@c"], [1], ["alice@customer.test"])
+    assert found.by_reference is not None and found.by_reference.number == 1
+    assert [c.sender_known for c in found.by_token] == [True]
+    assert [c.sender_known for c in store.lookup(BOX, [], [1], ["mallory@evil.test"]).by_token] == [False]
+    assert store.lookup(BOX, [], [], []).by_reference is None
+
+
+def test_touch_adds_message_ids_and_participants(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    touched = store.touch(BOX, 1, ["m2@c"], ["bob@customer.test"], 2.0)
+    assert touched.updated == 2.0
+    ref = store.lookup(BOX, ["m2@c"], [], []).by_reference
+    assert ref is not None and ref.number == 1
+    assert [c.sender_known for c in store.lookup(BOX, [], [1], ["bob@customer.test"]).by_token] == [True]
+
+
+def test_the_same_mail_again_is_the_same_ticket_for_a_participant_only(store: Contract) -> None:
+    first, created = store.open_unless_seen(BOX, new(), "m1@c", 1.0)
+    assert created
+    again, created = store.open_unless_seen(BOX, new(), "m1@c", 2.0)
+    assert (again.number, created) == (first.number, False)
+    stranger, created = store.open_unless_seen(BOX, new("mallory@evil.test"), "m1@c", 3.0)
+    assert created and stranger.number == 2
+
+
+def test_claim_first_wins_owner_keeps_rival_loses_takeover_forces(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    won = store.claim(BOX, 1, "meier", 2.0)
+    assert (won.won, won.previous_owner, won.ticket.owner, won.ticket.state) == (True, "", "meier", "open")
+    assert store.claim(BOX, 1, "meier", 3.0).won
+    lost = store.claim(BOX, 1, "mueller", 4.0)
+    assert (lost.won, lost.ticket.owner) == (False, "meier")
+    forced = store.claim(BOX, 1, "mueller", 5.0, force=True)
+    assert (forced.won, forced.previous_owner, forced.ticket.owner) == (True, "meier", "mueller")
+
+
+def test_update_changes_only_what_it_names(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    t = store.update(BOX, 1, Changes(priority="high", add_tags=("billing", "vip")), 2.0)
+    assert (t.owner, t.state, t.priority, t.tags) == ("", "new", "high", ("billing", "vip"))
+    t = store.update(BOX, 1, Changes(owner="meier", state="pending", remove_tags=("billing",)), 3.0)
+    assert (t.owner, t.state, t.priority, t.tags) == ("meier", "pending", "high", ("vip",))
+    assert not Changes(owner=KEEP)
+    with pytest.raises(KeyError):
+        store.update(BOX, 99, Changes(state="closed"), 4.0)
+
+
+def test_assign_and_release(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    t = store.assign(BOX, 1, "meier", 2.0)
+    assert (t.owner, t.state, t.updated) == ("meier", "open", 2.0)
+    t = store.assign(BOX, 1, "", 3.0)
+    assert (t.owner, t.state) == ("", "new")
+    with pytest.raises(KeyError):
+        store.assign(BOX, 99, "meier", 4.0)
+
+
+def test_away_flags_per_mailbox(store: Contract) -> None:
+    store.set_away(BOX, "meier", None, 1.0)
+    assert store.away(BOX, ["meier", "mueller"]) == {"meier"}
+    assert store.away("sales@example.test", ["meier"]) == set()
+    store.clear_away(BOX, "meier")
+    assert store.away(BOX, ["meier"]) == set()
+
+
+def test_owned_follows_open_assign_claim_takeover_close_reopen_release(store: Contract) -> None:
+    store.open(BOX, new(owner="meier"), 1.0)  # 1: opened by a rule's assignment
+    store.open(BOX, new(mid="m2@c"), 1.0)  # 2: unassigned
+    store.open(BOX, new(mid="m3@c"), 1.0)  # 3
+    assert numbers(store.owned(BOX, "meier")) == [1]
+    store.claim(BOX, 2, "meier", 2.0)
+    store.assign(BOX, 3, "meier", 2.0)
+    assert numbers(store.owned(BOX, "meier")) == [1, 2, 3]
+    store.claim(BOX, 2, "mueller", 3.0)  # lost: nothing moves
+    store.claim(BOX, 3, "mueller", 3.0, force=True)  # #takeover
+    assert (numbers(store.owned(BOX, "meier")), numbers(store.owned(BOX, "mueller"))) == ([1, 2], [3])
+    store.update(BOX, 1, Changes(state="closed"), 4.0)
+    assert numbers(store.owned(BOX, "meier")) == [2]
+    store.update(BOX, 1, Changes(state="open"), 5.0)  # #reopen
+    store.update(BOX, 2, Changes(owner=""), 5.0)  # #release
+    store.update(BOX, 3, Changes(owner="meier", state="pending"), 5.0)  # #assign, pending still counts as open
+    assert (numbers(store.owned(BOX, "meier")), store.owned(BOX, "mueller")) == ([1, 3], [])
+    store.assign(BOX, 3, "", 6.0)
+    assert [(t.number, t.owner, t.state) for t in store.owned(BOX, "meier")] == [(1, "meier", "open")]
+
+
+def test_tickets_lists_every_ticket_newest_first(store: Contract) -> None:
+    for i in range(3):
+        store.open(BOX, new(mid=f"m{i}@c"), 1.0)
+    assert numbers(store.tickets(BOX)) == [3, 2, 1]
+
+
+# -- the Redis store only --------------------------------------------------------------------------------------
+
+
+def test_scripts_build_the_key_names_of_the_keyspace(redis_url: str) -> None:
+    """The open script and the owner index name keys in Lua: they must be the keyspace's names."""
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=2.0)
+    store.open(BOX, new(owner="meier"), 1.0)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    expected = {
+        keyspace.counter_key("postroom", BOX),
+        keyspace.ticket_key("postroom", BOX, 1),
+        keyspace.participants_key("postroom", BOX, 1),
+        keyspace.message_key("postroom", BOX, "m1@c"),
+        keyspace.owned_key("postroom", BOX, "meier"),
+    }
+    assert set(client.keys("*")) == expected
+
+
+def test_owned_reads_the_agents_tickets_only(redis_url: str) -> None:
+    """#away's read costs the agent's tickets, not the mailbox's: count the ticket reads Redis serves."""
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=2.0)
+    for i in range(40):
+        store.open(BOX, new(mid=f"m{i}@c", owner="meier" if i % 10 == 0 else "mueller"), 1.0)
+    store.owned(BOX, "nobody")  # the one-time indexing of older tickets happens on the first read
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.config_resetstat()
+    assert numbers(store.owned(BOX, "meier")) == [1, 11, 21, 31]
+    assert client.info("commandstats")["cmdstat_hgetall"]["calls"] == 4
+
+
+def test_tickets_from_before_the_owner_index_are_indexed_on_first_read(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=2.0)
+    store.open(BOX, new(owner="meier"), 1.0)
+    store.open(BOX, new(mid="m2@c", owner="meier"), 1.0)
+    store.update(BOX, 2, Changes(state="closed"), 2.0)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(keyspace.owned_key("postroom", BOX, "meier"))  # as a ticket written by an older version
+    assert numbers(store.owned(BOX, "meier")) == [1]
+    assert client.exists(keyspace.owned_indexed_key("postroom", BOX))
