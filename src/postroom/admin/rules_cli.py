@@ -1,33 +1,29 @@
 """``postroom rules check`` and ``postroom rules test``: an admin's tools for the rules file, with no side effects.
 
-Neither command talks to Redis, SQL or Postfix: ``test`` evaluates with an in-memory assignment state (every agent
-present, nobody has open tickets, no round-robin turn taken yet) and builds the auto-reply without sending it.
+Neither command talks to Redis, SQL or Postfix: ``test`` runs the inbound pipeline on the in-memory store and
+assignment state (every agent present, nobody has open tickets, no round-robin turn taken yet) and builds the
+auto-reply without sending it.
 """
 
 from __future__ import annotations
 
 import email.parser
 import email.policy
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from postroom.autoreply import BusinessHours, TemplateError, Templates, load_templates, plan_auto_reply
-from postroom.bundle import LoadError, load_all
+from postroom import inbound
+from postroom.autoreply import AutoReplyPlan, BusinessHours, TemplateError, Templates, load_templates
+from postroom.bundle import Loaded, LoadError, load_all
 from postroom.config import Config, ConfigError, load_config
-from postroom.mime import addresses, readable, ticket_headers
-from postroom.rules import (
-    MemoryAssignmentState,
-    MessageFacts,
-    RulesError,
-    Ruleset,
-    evaluate,
-    load_rules,
-)
-from postroom.subject import with_token
-from postroom.tickets import Ticket
-from postroom.verdict import AddHeader, SetHeader
+from postroom.mime import Message, addresses, readable
+from postroom.parts import Parts
+from postroom.rules import MemoryAssignmentState, RulesError, Ruleset, load_rules
+from postroom.store.memory import MemoryStore
+from postroom.verdict import AddHeader, AddRecipient, Envelope, SetHeader
 
 
 @click.group("rules")
@@ -124,26 +120,55 @@ def test_command(
     """Show what the rules do with MESSAGE (an .eml file): the rules that match, and the verdict (owner, folder
     and recipient, headers added, auto-reply) - without touching Redis, SQL or Postfix.
 
-    The dry run sees every agent as present and nobody's turn as taken, so round-robin names the group's first
-    agent; the ticket number is shown as #NEW in the headers and as 0 in the auto-reply.
+    The mail goes through the real inbound pipeline, on an in-memory store and assignment state: every agent is
+    present and nobody's turn is taken, so round-robin names the group's first agent.  The ticket is a new one,
+    shown as #NEW in the headers and as 0 in the auto-reply.
     """
+    loaded = _bundle_or_exit(config_path, rules_path)
+    config = loaded.config
+    hours = BusinessHours.from_config(config.hours)
+    at = _parse_at(at_text, hours)
+    message = _read_mail(message_path, config, mailbox_keys)
+    parts = Parts(
+        config,
+        MemoryStore(first_number=0),
+        loaded.keys,
+        loaded.canned,
+        rules=loaded.rules,
+        templates=loaded.templates,
+        assign=MemoryAssignmentState(),
+    )
+    mail = inbound.CustomerMail.read(message)
+    click.echo(f"mail: {mail.text_subject!r} from {message.envelope.mail_from.strip('<>') or '(no sender)'}")
+    click.echo(f"at:   {hours.local(at):%a %Y-%m-%d %H:%M} {hours.zone} ({'open' if hours.is_open(at) else 'closed'})")
+    click.echo(f"rules: {loaded.rules.source or '(none: rules_file is empty)'}")
+    for routed in inbound.route(message.envelope, config):
+        result = inbound.through_mailbox(inbound.Step(mail, routed, parts, at.timestamp()))
+        _show_mailbox(config, mail, result)
+        _show_auto_reply(result.applied.auto_reply, show_reply)
+
+
+def _bundle_or_exit(config_path: Path, rules_path: Path | None) -> Loaded:
     try:
         loaded = load_all(config_path)
     except LoadError as exc:
         for line in exc.problems:
             click.echo(line, err=True)
         raise SystemExit(2) from None
-    config, ruleset = loaded.config, loaded.rules
-    if rules_path is not None:
-        try:
-            ruleset = load_rules(rules_path, config, loaded.templates)
-        except RulesError as exc:
-            for problem in exc.problems:
-                click.echo(problem.format(exc.path), err=True)
-            raise SystemExit(2) from None
-    hours = BusinessHours.from_config(config.hours)
-    at = _parse_at(at_text, hours)
-    raw = message_path.read_bytes()
+    if rules_path is None:
+        return loaded
+    try:
+        return replace(loaded, rules=load_rules(rules_path, loaded.config, loaded.templates))
+    except RulesError as exc:
+        for problem in exc.problems:
+            click.echo(problem.format(exc.path), err=True)
+        raise SystemExit(2) from None
+
+
+def _read_mail(path: Path, config: Config, mailbox_keys: tuple[str, ...]) -> Message:
+    """The .eml file as the pipeline gets a mail: its headers, its body, and an envelope to the shared mailboxes
+    it is addressed to (or the ones named with --mailbox)."""
+    raw = path.read_bytes()
     parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
     headers = [(k, str(v).replace("\r\n", "").replace("\n", "")) for k, v in parsed.items()]
     cut = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
@@ -153,77 +178,52 @@ def test_command(
     if mailbox_keys:
         unknown = [k for k in mailbox_keys if k not in config.mailboxes]
         if unknown:
-            raise click.BadParameter(f"no mailbox {unknown[0]!r} in {config_path}", param_hint="--mailbox")
+            raise click.BadParameter(f"no mailbox {unknown[0]!r} in the config", param_hint="--mailbox")
         keys = list(mailbox_keys)
     else:
         rcpts = [a for name in ("to", "cc", "delivered-to", "x-original-to") for a in addresses(values.get(name))]
         keys = list(dict.fromkeys(hit[0] for hit in map(config.mailbox_for, rcpts) if hit is not None))
     if not keys:
-        click.echo(
-            f"{message_path}: not addressed to a shared mailbox of the config; name one with --mailbox", err=True
-        )
+        click.echo(f"{path}: not addressed to a shared mailbox of the config; name one with --mailbox", err=True)
         raise SystemExit(2)
+    envelope = Envelope(
+        mail_from=f"<{sender}>", rcpts=[f"<{config.mailboxes[k].address}>" for k in keys], queue_id="dry-run"
+    )
+    return Message(envelope, headers, body=lambda: body)
 
-    local = hours.local(at)
-    click.echo(f"mail: {readable(values.get('subject', ''))!r} from {sender or '(no sender)'}")
-    click.echo(f"at:   {local:%a %Y-%m-%d %H:%M} {hours.zone} ({'open' if hours.is_open(at) else 'closed'})")
-    click.echo(f"rules: {ruleset.source or '(none: rules_file is empty)'}")
-    for key in keys:
-        box = config.mailboxes[key]
-        facts = MessageFacts(
-            mailbox=key, mailbox_address=box.address, headers=headers, envelope_sender=sender, body=body
-        )
-        state = MemoryAssignmentState()
-        decision = evaluate(ruleset, facts, at, state, new_ticket=True)
-        mark = f"{box.tag} #NEW"
-        click.echo(f"\nmailbox {key} <{box.address}>")
-        click.echo(f"  matched:    {', '.join(decision.matched_rule_names) or '(no rule)'}")
-        owner = decision.owner
-        click.echo(f"  owner:      {owner + ' (' + config.agent_name(owner) + ')' if owner else 'unassigned'}")
-        # Where the pipeline files it: the owner's folder, else a rule's folder, else the mailbox's inbox folder.
-        folder = config.agent_folder(owner) if owner in config.agents else decision.folder or box.inbox_folder
-        local_part, _, domain = box.address.partition("@")
-        recipient = f"{local_part}{config.recipient_delimiter}{folder}@{domain}" if folder else box.address
-        click.echo(f"  folder:     {folder or 'INBOX'}  (recipient {recipient})")
-        # The headers the pipeline writes for a ticket in this state (the same function), number shown as NEW.
-        ticket = Ticket(
-            mailbox=box.address,
-            number=0,
-            owner=owner,
-            state="open" if owner else "new",
-            priority=decision.priority or "normal",
-            tags=decision.tags,
-        )
-        click.echo("  headers:")
-        new_subject = with_token(readable(values.get("subject", "")), box.tag, 0)
-        click.echo(f"    Subject: {new_subject.replace(f'[{box.tag} #0]', f'[{box.tag} #NEW]')}")
-        for edit in ticket_headers(ticket, mark):
-            if isinstance(edit, AddHeader | SetHeader):
-                click.echo(f"    {edit.name}: {edit.value.replace('0 (' + box.tag + ')', 'NEW (' + box.tag + ')')}")
-        for note in decision.notes:
-            click.echo(f"  note:       {note}")
-        plan = plan_auto_reply(
-            config,
-            loaded.templates,
-            loaded.keys,
-            state,
-            mailbox=key,
-            ticket=0,
-            new_ticket=True,
-            rule_template=decision.auto_reply_template,
-            headers=headers,
-            envelope_sender=sender,
-            queue_id="dry-run",
-            now=at,
-        )
-        if plan.mail is None:
-            click.echo(f"  auto-reply: none ({plan.reason})")
-            continue
-        text = plan.mail.data.decode("utf-8", "replace")
-        reply_headers = dict(line.split(": ", 1) for line in text.split("\r\n\r\n", 1)[0].split("\r\n") if ": " in line)
-        click.echo(f"  auto-reply: {plan.reason} (not sent)")
-        click.echo(f"    Subject: {readable(reply_headers.get('Subject', ''))}")
-        click.echo(f"    Content-Language: {reply_headers.get('Content-Language', '')}")
-        if show_reply:
-            click.echo("")
-            click.echo(text.replace("\r\n", "\n"))
+
+def _show_mailbox(config: Config, mail: inbound.CustomerMail, result: inbound.MailboxResult) -> None:
+    box, decision, ticket = result.routed.box, result.decision, result.applied.ticket
+    click.echo(f"\nmailbox {result.routed.key} <{box.address}>")
+    click.echo(f"  matched:    {', '.join(decision.matched_rule_names) or '(no rule)'}")
+    owner = ticket.owner
+    click.echo(f"  owner:      {owner + ' (' + config.agent_name(owner) + ')' if owner else 'unassigned'}")
+    added = [e.address for e in result.recipient_edits if isinstance(e, AddRecipient)]
+    recipient = added[0] if added else box.address
+    folder = recipient.partition("@")[0].partition(config.recipient_delimiter)[2]
+    click.echo(f"  folder:     {folder or 'INBOX'}  (recipient {recipient})")
+    click.echo("  headers:")
+    edits = inbound.assemble(mail, [result]).verdict.edits
+    subject_value = next(e.value for e in edits if isinstance(e, SetHeader) and e.name == "Subject")
+    shown = [("Subject", readable(subject_value))]
+    shown += [(e.name, e.value) for e in result.headers if isinstance(e, AddHeader | SetHeader)]
+    for name, value in shown:
+        # The dry run's ticket is number 0; people read "NEW".
+        text = value.replace(f"{box.tag} #{ticket.number}", f"{box.tag} #NEW")
+        click.echo(f"    {name}: {text.replace(f'{ticket.number} ({box.tag})', f'NEW ({box.tag})')}")
+    for note in decision.notes:
+        click.echo(f"  note:       {note}")
+
+
+def _show_auto_reply(plan: AutoReplyPlan | None, show_reply: bool) -> None:
+    if plan is None or plan.mail is None:
+        click.echo(f"  auto-reply: none ({plan.reason if plan else 'no auto-reply for this mail'})")
+        return
+    text = plan.mail.data.decode("utf-8", "replace")
+    reply_headers = dict(line.split(": ", 1) for line in text.split("\r\n\r\n", 1)[0].split("\r\n") if ": " in line)
+    click.echo(f"  auto-reply: {plan.reason} (not sent)")
+    click.echo(f"    Subject: {readable(reply_headers.get('Subject', ''))}")
+    click.echo(f"    Content-Language: {reply_headers.get('Content-Language', '')}")
+    if show_reply:
+        click.echo("")
+        click.echo(text.replace("\r\n", "\n"))

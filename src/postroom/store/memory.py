@@ -16,7 +16,8 @@ from postroom.tickets import KEEP, Candidate, Changes, Claim, Lookup, NewTicket,
 class MemoryStore:
     """A ticket store in dicts; ``down = True`` makes every call raise StoreUnavailable, as a dead Redis does."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_number: int = 1) -> None:
+        self._first = first_number  # the dry run of ``rules test`` numbers its one ticket 0
         self.ticket_map: dict[tuple[str, int], Ticket] = {}
         self.participants: dict[tuple[str, int], set[str]] = {}
         self.index: dict[tuple[str, str], int] = {}
@@ -52,7 +53,7 @@ class MemoryStore:
 
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
         self._check()
-        n = self.seq[mailbox] = self.seq.get(mailbox, 0) + 1
+        n = self.seq[mailbox] = self.seq.get(mailbox, self._first - 1) + 1
         t = Ticket(
             mailbox, n, new.owner, new.state, new.priority, new.tags, new.customer, new.subject, now, now, new.linked
         )
