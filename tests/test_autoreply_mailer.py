@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +27,14 @@ class Handler:
     def __init__(self) -> None:
         self.replies: list[str] = []  # what to answer to DATA, one per message; then 250
         self.received: list[Any] = []
-        self.delay = 0.0
+        self.hold = False  # answer DATA only once `release` is set
+        self.arrived = threading.Event()
+        self.release = threading.Event()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.arrived.set()
+        if self.hold:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait)
         reply = self.replies.pop(0) if self.replies else "250 2.0.0 Ok: queued as 9XyZ"
         if reply.startswith("250"):
             self.received.append(envelope)
@@ -114,13 +117,22 @@ def test_submit_never_waits_for_a_slow_server_or_a_full_queue(
     server: tuple[Handler, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     handler, port = server
-    handler.delay = 1.0
+    handler.hold = True
     mailer = Mailer("127.0.0.1", port, queue_size=2).start()
-    started = time.monotonic()
-    results = [mailer.submit(MAIL) for _ in range(10)]
-    assert time.monotonic() - started < 0.5
-    # One message is with the thread, two wait in the queue; the rest are dropped and say so.
-    assert results.count(True) in (2, 3)
-    assert records(caplog, "dropped: the mailer queue is full")[0].queue_id == "4AbC12"  # type: ignore[attr-defined]
+    try:
+        assert mailer.submit(MAIL)
+        assert handler.arrived.wait(10)  # the mailer's thread is inside DATA, held by the server
+        results: list[bool] = []
+        submitter = threading.Thread(target=lambda: results.extend(mailer.submit(MAIL) for _ in range(9)))
+        submitter.start()
+        submitter.join(10)
+        # Had submit waited for the held server or for room in the queue, it would still be waiting.
+        assert not submitter.is_alive()
+    finally:
+        handler.release.set()
+    # Two wait in the queue behind the one being sent; the rest are dropped and say so.
+    assert results == [True, True] + [False] * 7
+    dropped = records(caplog, "dropped: the mailer queue is full")
+    assert len(dropped) == 7 and dropped[0].queue_id == "4AbC12"  # type: ignore[attr-defined]
     mailer.stop(timeout=10)
-    assert len(handler.received) == results.count(True)
+    assert len(handler.received) == 3

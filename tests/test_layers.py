@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 DRIVERS = ("sqlalchemy", "alembic", "redis", "hiredis")
 
@@ -26,3 +28,35 @@ def test_domain_and_memory_store_load_no_driver() -> None:
 def test_redis_adapter_does_load_redis() -> None:
     # The check above can fail: the adapter really imports the driver.
     assert "redis" in loaded_drivers("postroom.store.redis")
+
+
+# Functions allowed past 60 lines, each with the reason.  Everything else in src/ and bench/ stays on one screen.
+LONG_ALLOWED = {
+    ("src/postroom/admin/tickets.py", "show_command"): "CLI output formatting: one block per section it prints",
+    ("bench/inbound.py", "table_rows"): "CLI output formatting: the table the benchmark prints",
+    ("bench/inbound.py", "main"): "a benchmark's command line: options, then the printed report",
+    ("bench/outbound.py", "main"): "a benchmark's command line: options, then the printed report",
+    ("bench/profile_postroom.py", "main"): "a benchmark's command line: options, then the printed report",
+    ("src/postroom_testbed/dovecot.py", "config_text"): "one dovecot.conf as text, no logic",
+    ("src/postroom/autoreply.py", "build_auto_reply"): "issue 15 rewrites autoreply.py; split once it has landed",
+    ("src/postroom/history.py", "write"): "issue 14 rewrites history.py; split once it has landed",
+}
+
+
+def long_functions() -> dict[tuple[str, str], int]:
+    root = Path(__file__).parent.parent
+    found: dict[tuple[str, str], int] = {}
+    for path in sorted([*root.glob("src/**/*.py"), *root.glob("bench/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 60:
+                    found[(str(path.relative_to(root)), node.name)] = length
+    return found
+
+
+def test_no_function_over_60_lines_but_the_listed_ones() -> None:
+    found = long_functions()
+    assert set(found) <= set(LONG_ALLOWED), {k: v for k, v in found.items() if k not in LONG_ALLOWED}
+    # A listed function that got shorter leaves the list.
+    assert set(LONG_ALLOWED) <= set(found), set(LONG_ALLOWED) - set(found)

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from postroom.autoreply import BusinessHours
 from postroom.config import HoursConfig
+from postroom.mime import readable
 from postroom.rules.context import Context
-from postroom.rules.facts import MessageFacts
+from postroom.rules.facts import MAX_BODY_CHARS, MessageFacts
 from postroom.rules.predicates import (
     CONDITIONS,
     AttachmentType,
@@ -195,6 +196,17 @@ def test_business_hours_condition_needs_configured_hours() -> None:
 )
 def test_any_headers_and_body_give_facts_without_raising(headers: list[tuple[str, str]], body: bytes) -> None:
     mail = MessageFacts(mailbox="support", mailbox_address="support@example.test", headers=headers, body=body)
-    assert isinstance(mail.body_text, str)
-    assert isinstance(mail.attachments, tuple)
-    assert isinstance(mail.subject, str) and isinstance(mail.senders, tuple)
+    assert len(mail.body_text) <= MAX_BODY_CHARS
+    assert all(a.content_type == a.content_type.lower() and "/" in a.content_type for a in mail.attachments)
+    subjects = [readable(v) for k, v in headers if k == "Subject"]
+    assert mail.subject == (subjects[0] if subjects else "")
+    # No envelope sender here: the senders are the From addresses, each once.
+    assert mail.senders == mail.from_addresses == tuple(dict.fromkeys(mail.from_addresses))
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=300))
+def test_a_plain_text_body_reads_as_written(text: str) -> None:
+    headers = [("Content-Type", "text/plain; charset=utf-8")]
+    mail = MessageFacts(mailbox="support", mailbox_address="support@example.test", headers=headers, body=text.encode())
+    assert mail.body_text == text[:MAX_BODY_CHARS]
+    assert mail.attachments == ()

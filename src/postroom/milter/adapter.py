@@ -204,19 +204,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
                 case AddHeader(name, value, top):
                     self.addheader(name, value, 0 if top else -1)
                 case SetHeader(name, value):
-                    n = counts.get(name.lower(), 0)
-                    # Delete surplus copies from the bottom up so the indexes still point at the originals.
-                    for idx in range(n, 1, -1):
-                        self.chgheader(name, idx, "")
-                    if n:
-                        self.chgheader(name, 1, value)
-                    else:
-                        self.addheader(name, value)
-                    counts[name.lower()] = 1
+                    self._set_header(name, value, counts)
                 case RemoveHeader(name):
-                    for idx in range(counts.get(name.lower(), 0), 0, -1):
-                        self.chgheader(name, idx, "")
-                    counts[name.lower()] = 0
+                    self._remove_header(name, counts)
                 case AddRecipient(address):
                     self.addrcpt(f"<{address.strip('<>')}>")
                 case RemoveRecipient(address):
@@ -226,6 +216,22 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
                 case ReplaceBody(body):
                     self.replacebody(body)
         return Milter.ACCEPT  # type: ignore[no-any-return]
+
+    def _set_header(self, name: str, value: str, counts: Counter[str]) -> None:
+        n = counts.get(name.lower(), 0)
+        # Delete surplus copies from the bottom up so the indexes still point at the originals.
+        for idx in range(n, 1, -1):
+            self.chgheader(name, idx, "")
+        if n:
+            self.chgheader(name, 1, value)
+        else:
+            self.addheader(name, value)
+        counts[name.lower()] = 1
+
+    def _remove_header(self, name: str, counts: Counter[str]) -> None:
+        for idx in range(counts.get(name.lower(), 0), 0, -1):
+            self.chgheader(name, idx, "")
+        counts[name.lower()] = 0
 
     def abort(self) -> int:
         self._reset()
