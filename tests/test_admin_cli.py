@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session
 
 from postroom.admin import snippets
 from postroom.admin.cli import main
+from postroom.admin.common import daemon_runtime
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml, with_changes
 from postroom.history import make_engine, migrate, write
+from postroom.store.assignment import RedisAssignmentState
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, Record
 
@@ -268,3 +270,17 @@ def test_deployment_guides_quote_what_postfix_snippet_prints(doc: str, mode: str
     text = (DOCS / doc).read_text()
     assert printed in text, f"docs/{doc} is out of step with `postroom postfix-snippet --mode {mode}`"
     assert snippets.dovecot_snippet(None) in text, f"docs/{doc} is out of step with `postroom dovecot-snippet`"
+
+
+def test_a_daemon_makes_one_redis_connection_pool(tmp_path: Path, redis_url: str, sqlite_url: str) -> None:
+    """The ticket store and the rules' state share one client: one pool, one set of connections per process."""
+    path = tmp_path / "postroom.toml"
+    path.write_text(to_toml(team_config(redis_url, sqlite_url)))
+    with daemon_runtime(path, "test", environ={}) as runtime:
+        store, assign = runtime.parts.store, runtime.parts.assign
+        assert isinstance(store, RedisStore) and isinstance(assign, RedisAssignmentState)
+        assert store.client.connection_pool is assign.client.connection_pool
+        assert assign.pick_least_open(SUPPORT, ["meier"]) == "meier"  # both work over it
+        assert (
+            store.open(SUPPORT, NewTicket("alice@customer.test", "Hi", ("alice@customer.test",), ()), 1.0).number == 1
+        )

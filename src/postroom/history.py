@@ -1,8 +1,9 @@
 """The durable history in SQL (SQLAlchemy 2): tickets, messages and events.
 
-Redis answers the hot path; this is what team leads query and what ``postroom admin rebuild`` would restore
-Redis from.  Mail threads never wait for SQL: :class:`HistoryWriter` takes records on a queue and writes them in
-batches from one background thread, so a slow or dead database costs history lines (logged), never mail.
+Redis answers the hot path; this is what team leads query, and what Redis's tickets could be rebuilt from (no
+command does that yet: there is no ``postroom admin rebuild``).  Mail threads never wait for SQL:
+:class:`HistoryWriter` takes records on a queue and writes them in batches from one background thread, so a slow
+or dead database costs history lines (logged), never mail.
 """
 
 from __future__ import annotations

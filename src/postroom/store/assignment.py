@@ -34,6 +34,10 @@ class RedisAssignmentState:
         self._least_open = client.register_script(scripts.LEAST_OPEN)
         self._release = client.register_script(scripts.RELEASE)
 
+    @property
+    def client(self) -> redis.Redis:
+        return self._r
+
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, timeout: float) -> RedisAssignmentState:
         return cls(connect(url, timeout=timeout), key_prefix)

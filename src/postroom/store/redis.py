@@ -288,7 +288,8 @@ class RedisStore:
         return {n for n, f in zip(names, flags, strict=True) if f is not None}
 
     def tickets(self, mailbox: str) -> list[Ticket]:
-        """Every ticket of a mailbox, newest first (admin and demo listings; not for the mail path)."""
+        """Every ticket of a mailbox, newest first: admin and demo listings, and the owner index's one catch-up per
+        mailbox after an upgrade; the mail path otherwise never walks every ticket."""
         try:
             last = int(cast(str, self._r.get(self.counter_key(mailbox))) or 0)
             pipe = self._r.pipeline(transaction=False)

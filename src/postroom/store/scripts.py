@@ -193,7 +193,7 @@ if best ~= '' then redis.call('HINCRBY', KEYS[1], best, 1) end
 return best
 """
 
-# A released ticket lowers the count, never below zero (counts from before a Redis rebuild may be missing).
+# A released ticket lowers the count, never below zero (counts lost with Redis data may be missing).
 RELEASE = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if n < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
