@@ -1,4 +1,4 @@
-"""Verdicts: what the pure pipeline decides and every adapter (milter, after-queue filter) applies.
+"""Verdicts: what the pipeline decides and every adapter (milter, after-queue filter) applies.
 
 A verdict is an action plus a list of edits.  Edits name headers and recipients, never positions in a
 particular protocol, so the milter turns them into smfi_* calls and the smtpd adapter into a rewritten message.
