@@ -8,8 +8,8 @@ Redis Cluster slot.
 # that changes a ticket's owner or state moves the number between the sets, so #away reads an agent's open tickets
 # without walking every ticket.  A ticket is in its owner's set while it has an owner and is not closed.  The
 # set's name depends on the owner stored in the hash, so it cannot be declared in KEYS; it shares the ticket's
-# hash tag and so its cluster slot.
-_REINDEX = """
+# hash tag and so its cluster slot.  The scripts that call ``reindex`` are registered with this prepended.
+OWNER_INDEX = """
 local function reindex(base, n, was_owner, was_state, owner, state)
   local was = ''
   if was_owner ~= '' and was_state ~= 'closed' then was = was_owner end
@@ -31,9 +31,7 @@ end
 # senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
 # twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
 # second ticket; checked inside the script, so two copies arriving at once still open one ticket.
-OPEN = (
-    _REINDEX
-    + """
+OPEN = """
 local base = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local seen_id = ARGV[3]
@@ -68,7 +66,6 @@ local opened = redis.call('HMGET', tkey, 'owner', 'state')
 reindex(base, n, '', '', opened[1] or '', opened[2] or '')
 return {n}
 """
-)
 
 # Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
 TOUCH = """
@@ -84,9 +81,7 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 # Sets the owner only of a ticket that exists, so a typo in a number cannot create a half ticket.
-ASSIGN = (
-    _REINDEX
-    + """
+ASSIGN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', ARGV[2], 'updated', ARGV[3])
@@ -94,14 +89,11 @@ local base, n = ticket_base(KEYS[1])
 reindex(base, n, was[1] or '', was[2] or '', ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
-)
 
 # The claim: the first agent to answer an unowned ticket owns it; the owner answering again keeps it; anyone
 # else gets the current owner back, unless forced (#takeover).  One script, so two agents answering in the
 # same millisecond cannot both win.
-CLAIM = (
-    _REINDEX
-    + """
+CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local owner = redis.call('HGET', KEYS[1], 'owner') or ''
 local won = 0
@@ -120,14 +112,11 @@ table.insert(t, '_won'); table.insert(t, tostring(won))
 table.insert(t, '_previous'); table.insert(t, owner)
 return t
 """
-)
 
 # Agents' commands change several fields at once: all or nothing, and tag edits computed against the tags as
 # they are now (two agents tagging at once must not lose each other's tag).  ARGV: owner, state, priority
 # ("\0" leaves a field as it is), now, number of tags to add, the tags, then the tags to remove.
-UPDATE = (
-    _REINDEX
-    + """
+UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 local keep = string.char(0)
@@ -158,7 +147,6 @@ local base, n = ticket_base(KEYS[1])
 reindex(base, n, was[1] or '', was[2] or '', is[1] or '', is[2] or '')
 return redis.call('HGETALL', KEYS[1])
 """
-)
 
 # The agent after the one who had the last turn, skipping absent agents; a newly absent agent never costs anyone
 # a turn and a returning one rejoins in place.  KEYS: last-turn key, open-count hash, then one away key per agent
