@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from postroom.admin.common import daemon_runtime, redis_store
+from postroom.admin.common import daemon_runtime
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
 from postroom.dkim import dns_answer, public_txt
 from postroom.runtime import Runtime
@@ -115,6 +115,7 @@ class Story:
     def __init__(self, server: DevServer, runtime: Runtime, console: Console) -> None:
         self.server = server
         self.config: Config = runtime.config
+        self.store = runtime.parts.store  # the daemon's own store: one connection pool in this process
         self.console = console
         self.maildirs = server.maildirs
         self.step = 0
@@ -187,7 +188,7 @@ class Story:
         return "DKIM signature verifies (d=example.test)" if ok else "[red]DKIM signature does not verify[/]"
 
     def summary(self) -> None:
-        store = redis_store(self.config)
+        store = self.store
         table = Table(title=f"Tickets of {SUPPORT} (Redis)")
         for col in ("#", "customer", "subject", "owner", "state", "priority", "tags"):
             table.add_column(col)
