@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from email.utils import getaddresses
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postroom import commands, outbound
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom.dkim import Keyring
-from postroom.mime import Message
+from postroom.mime import Message, readable
 from postroom.outbound import AgentMail, Journal, Step
 from postroom.parts import Parts
 from postroom.rules import MemoryAssignmentState
@@ -224,3 +228,17 @@ def test_to_team_files_a_note_into_the_owners_folder_and_refuses_ticket_commands
     refused = outbound.to_team(lonely, None, plan("#close\n"))
     assert refused.verdict.action is Action.REJECT
     assert refused.verdict.reply is not None and "#close" in refused.verdict.reply.text
+
+
+@given(st.text(max_size=60))
+def test_display_from_is_always_one_line(name: str) -> None:
+    value = outbound.display_from(name, SUPPORT)
+    assert "\r" not in value and "\n" not in value
+
+
+# Agent names come from the config (admins write them), so printable text is what they are.
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=60))
+def test_display_from_reads_back_as_the_name_and_the_shared_address(name: str) -> None:
+    [(shown, address)] = getaddresses([outbound.display_from(name, SUPPORT)])
+    assert address == SUPPORT
+    assert " ".join(readable(shown).split()) == " ".join(name.split())
