@@ -12,7 +12,7 @@ from typing import Protocol
 import pytest
 import redis
 
-from postroom.store import keyspace
+from postroom.store import keyspace, scripts
 from postroom.store.memory import MemoryStore
 from postroom.store.redis import RedisStore
 from postroom.tickets import KEEP, Changes, NewTicket, Ticket, TicketStore
@@ -189,3 +189,12 @@ def test_tickets_from_before_the_owner_index_are_indexed_on_first_read(redis_url
     client.delete(keyspace.owned_key("postroom", BOX, "meier"))  # as a ticket written by an older version
     assert numbers(store.owned(BOX, "meier")) == [1]
     assert client.exists(keyspace.owned_indexed_key("postroom", BOX))
+
+
+def test_the_owner_index_goes_after_a_shebang_line(redis_url: str) -> None:
+    """Redis reads flags only from a first ``#!lua`` line: the index's functions must not push it down."""
+    assert scripts.with_owner_index("#!lua flags=x\nreturn 1\n").startswith("#!lua flags=x\n\nlocal function")
+    assert scripts.with_owner_index("\nreturn 1\n").startswith(scripts.OWNER_INDEX)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    ticket = keyspace.ticket_key("postroom", BOX, 1)
+    assert client.eval(scripts.with_owner_index("#!lua\n" + scripts.ASSIGN), 1, ticket, "meier", "open", "1") is None

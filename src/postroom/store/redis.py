@@ -81,11 +81,11 @@ class RedisStore:
         self._r = client
         self._prefix = key_prefix
         self._ttl = message_index_days * 86400
-        self._open = client.register_script(scripts.OWNER_INDEX + scripts.OPEN)
+        self._open = client.register_script(scripts.with_owner_index(scripts.OPEN))
         self._touch = client.register_script(scripts.TOUCH)
-        self._assign = client.register_script(scripts.OWNER_INDEX + scripts.ASSIGN)
-        self._claim = client.register_script(scripts.OWNER_INDEX + scripts.CLAIM)
-        self._update = client.register_script(scripts.OWNER_INDEX + scripts.UPDATE)
+        self._assign = client.register_script(scripts.with_owner_index(scripts.ASSIGN))
+        self._claim = client.register_script(scripts.with_owner_index(scripts.CLAIM))
+        self._update = client.register_script(scripts.with_owner_index(scripts.UPDATE))
         self._run = _ScriptRunner(client)
 
     @classmethod

@@ -8,7 +8,7 @@ Redis Cluster slot.
 # that changes a ticket's owner or state moves the number between the sets, so #away reads an agent's open tickets
 # without walking every ticket.  A ticket is in its owner's set while it has an owner and is not closed.  The
 # set's name depends on the owner stored in the hash, so it cannot be declared in KEYS; it shares the ticket's
-# hash tag and so its cluster slot.  The scripts that call ``reindex`` are registered with this prepended.
+# hash tag and so its cluster slot.  The scripts that call ``reindex`` are registered through with_owner_index().
 OWNER_INDEX = """
 local function reindex(base, n, was_owner, was_state, owner, state)
   local was = ''
@@ -23,6 +23,16 @@ local function ticket_base(key)
   return string.match(key, '^(.*)t:(%d+)$')
 end
 """
+
+
+def with_owner_index(script: str) -> str:
+    """``script`` with the owner index's functions defined before its body (after a ``#!`` line, which must
+    stay the script's first)."""
+    first, newline, rest = script.lstrip("\n").partition("\n")
+    if first.startswith("#!"):
+        return first + newline + OWNER_INDEX + rest
+    return OWNER_INDEX + script
+
 
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
