@@ -115,12 +115,12 @@ class MailboxResult:
 
 def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     """The inbound path: every step for every shared mailbox among the recipients, then one verdict."""
-    routed = route(message.envelope, parts.config)
-    if not routed:
+    mailboxes = route(message.envelope, parts.config)
+    if not mailboxes:
         edits = strip_internal(message.headers)
         return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
     mail = CustomerMail.read(message)
-    return assemble(mail, [through_mailbox(Step(mail, r, parts, now)) for r in routed])
+    return assemble(mail, [through_mailbox(Step(mail, routed, parts, now)) for routed in mailboxes])
 
 
 @dataclass(frozen=True)
@@ -315,9 +315,11 @@ def assemble(mail: CustomerMail, results: Sequence[MailboxResult]) -> Outcome:
     edits.append(SetHeader("Subject", encode_header_value(new_subject)))
     edits += [e for result in results for e in result.headers]
     edits += [e for result in results for e in result.recipient_edits]
-    summary = "; ".join(f"{r.routed.box.tag} #{r.applied.ticket.number} {r.applied.event}" for r in results)
-    records = [r.record for r in results]
-    outgoing = [m for r in results for m in r.applied.outgoing]
+    summary = "; ".join(
+        f"{result.routed.box.tag} #{result.applied.ticket.number} {result.applied.event}" for result in results
+    )
+    records = [result.record for result in results]
+    outgoing = [reply for result in results for reply in result.applied.outgoing]
     return Outcome(Verdict.accept(*edits, summary=summary), records, outgoing)
 
 
