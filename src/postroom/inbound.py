@@ -319,7 +319,7 @@ def assemble(mail: CustomerMail, results: Sequence[MailboxResult]) -> Outcome:
         f"{result.routed.box.tag} #{result.applied.ticket.number} {result.applied.event}" for result in results
     )
     records = [result.record for result in results]
-    outgoing = [reply for result in results for reply in result.applied.outgoing]
+    outgoing = [mail_out for result in results for mail_out in result.applied.outgoing]
     return Outcome(Verdict.accept(*edits, summary=summary), records, outgoing)
 
 
