@@ -10,11 +10,11 @@ import uuid
 from email.message import EmailMessage
 from email.utils import make_msgid, parseaddr
 
-import dkim
 import pytest
 
-from postroom.dkim import dns_answer, public_txt
+from postroom.dkim import public_txt
 from postroom_testbed import Deployment, Login
+from tests.dkim_check import assert_verified
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, queue_id, ticket_number
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +120,7 @@ def test_reply_leaves_from_the_shared_address_signed_and_threaded(deployment: De
     with open(key.key_file, "rb") as fh:
         txt = public_txt(fh.read())
     assert "d=example.test" in str(got["DKIM-Signature"])
-    assert dkim.verify(raw, dnsfunc=dns_answer({f"{key.selector}._domainkey.example.test.": txt}))
+    assert_verified(raw, {f"{key.selector}._domainkey.example.test.": txt})
     # The ticket is Meier's now, and the team has the reply in his folder.
     assert owner(d, n) == "meier"
     copy = received(d, SUPPORT, reply, folder="Meier")
