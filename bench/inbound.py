@@ -39,45 +39,42 @@ while the work tree changes: ``git archive HEAD src docs | tar -x -C /tmp/snap``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
-import json
 import os
-import platform
-import re
 import shlex
-import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import time
-import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 import redis
 
-import postroom
-from postroom.config import (
-    ENV_OVERRIDES,
-    Config,
-    ConfigError,
-    example_config_path,
-    load_config,
-    parse_config,
-    to_toml,
-    with_changes,
+from postroom.config import ENV_OVERRIDES, Config
+from postroom_testbed import MailUser, Stack, log_tail
+from runloop import (
+    BenchError,
+    Results,
+    Run,
+    clean_up,
+    deferred_notes,
+    fmt,
+    latencies,
+    markdown_table,
+    measured,
+    median,
+    milter_for,
+    parse_sizes,
+    percentile,
+    print_command_and_machine,
+    run_rounds,
+    size_label,
+    text_table,
 )
-from postroom_testbed import MailUser, MilterDaemon, Stack, StackError, log_tail
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
-EMPTY_MILTER = Path(__file__).resolve().parent / "empty_milter.py"
-ASYNCIO_EMPTY_MILTER = Path(__file__).resolve().parent / "asyncio_empty_milter.py"
 CONFIGS = ("none", "empty", "edits", "aempty", "postroom", "postroom-w0", "postroom-w1")
 DEFAULT_CONFIGS = ("none", "empty", "postroom")
 CONFIG_TITLES = {
@@ -89,256 +86,12 @@ CONFIG_TITLES = {
     "postroom-w0": "postroom w=0",
     "postroom-w1": "postroom w=1",
 }
-# postroom with [milter] workers set, whatever the example config says: both modes in one run.
-_POSTROOM_WORKERS = {"postroom-w0": 0, "postroom-w1": 1}
-_EMPTY_KINDS = ("empty", "edits", "aempty")
-TARGET_RATIO = 0.9
-TARGET_CPU_MS = 1.0
+# Issue 20's targets, relative to the empty milter of the same run (the machine is shared and its speed varies).
+TARGET_RATIO = 0.95
+TARGET_CPU_FACTOR = 2.0
+TARGET_P99_MS = 5.0
 _POLL = 0.005  # after smtp-source exited: how precisely the end of a run is seen
 _POLL_SENDING = 0.05
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """A run did not do what it should; the message says what and carries log tails."""
-
-
-@dataclass
-class Run:
-    config: str
-    size: int
-    messages: int
-    seconds: float
-    busy_before: float = 0.0  # % of all CPUs busy in the second before the run (other work on the machine)
-    busy_during: float = 0.0  # % of all CPUs busy during the measured batch (load generator and stack included)
-    cpu_seconds: float | None = None
-    peak_rss_kib: int | None = None
-    machine_cpu_seconds: float = 0.0  # every process on the machine, busy time summed over the CPUs
-    redis_cpu_seconds: float = 0.0  # the stack's redis-server (idle unless postroom runs)
-    cpu_by_group: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group (cpu_by_group)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_ms_per_message(self) -> float | None:
-        return None if self.cpu_seconds is None else self.cpu_seconds * 1000 / self.messages
-
-    @property
-    def machine_ms_per_message(self) -> float:
-        return self.machine_cpu_seconds * 1000 / self.messages
-
-    @property
-    def redis_ms_per_message(self) -> float:
-        return self.redis_cpu_seconds * 1000 / self.messages
-
-
-# -- /proc ------------------------------------------------------------------------------------------------
-
-
-def family(pid: int) -> list[int]:
-    """The process and its descendants (postroom's milter and its worker processes)."""
-    pids = [pid]
-    for parent in pids:
-        try:
-            for tid in os.listdir(f"/proc/{parent}/task"):
-                pids += [int(c) for c in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()]
-        except OSError:
-            continue  # exited meanwhile
-    return pids
-
-
-def user_system(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process and its descendants, reaped children included."""
-    user = system = 0.0
-    for member in family(pid):
-        try:
-            raw = Path(f"/proc/{member}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        # Fields 14-17 of proc(5) (utime, stime, cutime, cstime); fields[0] here is field 3 (state).
-        user += (int(fields[11]) + int(fields[13])) / _CLK_TCK
-        system += (int(fields[12]) + int(fields[14])) / _CLK_TCK
-    return user, system
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads and its worker processes, in seconds."""
-    return sum(user_system(pid))
-
-
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM of the process plus that of each of its worker processes."""
-    total = 0
-    for member in family(pid):
-        try:
-            lines = Path(f"/proc/{member}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
-    if not total:
-        raise BenchError(f"no VmHWM in /proc/{pid}/status")
-    return total
-
-
-def settled_cpu_seconds(pid: int, quiet: float = 0.3, timeout: float = 15.0) -> float:
-    """The process's CPU time once it has stopped growing for ``quiet`` seconds (background work done)."""
-    deadline = time.monotonic() + timeout
-    last = cpu_seconds(pid)
-    still_since = time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = cpu_seconds(pid)
-        if now != last:
-            last, still_since = now, time.monotonic()
-        elif time.monotonic() - still_since >= quiet:
-            break
-    return last
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already in user
-    return total - idle, total
-
-
-def busy_percent(since: tuple[int, int]) -> float:
-    busy, total = cpu_jiffies()
-    return 100.0 * (busy - since[0]) / max(1, total - since[1])
-
-
-def wait_quiet(limit: float = 30.0, busy_max: float = 15.0) -> float:
-    """Wait until the machine's CPUs are mostly idle for a second (other work finished); the last busy %."""
-    deadline = time.monotonic() + limit
-    while True:
-        mark = cpu_jiffies()
-        time.sleep(1.0)
-        busy = busy_percent(mark)
-        if busy <= busy_max or time.monotonic() > deadline:
-            return busy
-
-
-ProcessTimes = dict[int, tuple[str, float, float]]  # pid -> (group, own CPU s, CPU s of its reaped children)
-# Whose exited children a parent's children time is: Postfix's master reaps its daemons, this program smtp-source.
-_REAPED = {"postfix other": "postfix (exited processes)", "benchmark (this program)": "smtp-source (exited)"}
-
-
-def process_group(pid: int, comm: str) -> str:
-    """Which part of the mail path a process is: Postfix and Dovecot daemons by name, Python by what it runs."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return "kernel threads" if comm.startswith(("kworker", "ksoftirq", "jbd2", "rcu", "kswapd")) else "other"
-    if "/postfix/" in exe:
-        return f"postfix {comm}" if comm in ("smtpd", "cleanup", "qmgr", "lmtp") else "postfix other"
-    if "/dovecot/" in exe or comm.startswith("dovecot"):
-        return "dovecot"
-    if os.path.basename(exe).startswith("python"):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return "other"
-        text = b" ".join(argv).decode(errors="replace")
-        if "postroom milter" in text or "empty_milter.py" in text:  # asyncio_empty_milter.py too
-            return "milter"
-        if "bench/" in text:
-            return "benchmark (this program)"
-        return "other"
-    name = os.path.basename(exe)
-    if name in ("redis-server", "smtp-source"):
-        return name
-    return "other"
-
-
-def process_times() -> ProcessTimes:
-    times: ProcessTimes = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        own = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        children = (int(fields[13]) + int(fields[14])) / _CLK_TCK
-        times[pid] = (process_group(pid, comm), own, children)
-    return times
-
-
-def cpu_by_group(before: ProcessTimes, after: ProcessTimes) -> dict[str, float]:
-    """CPU seconds spent between the two snapshots, by process group.
-
-    A process that exited in between is counted once its parent reaped it (the parent's children time, under
-    the parent's group: Postfix's master reaps smtpd, cleanup and lmtp); one that started in between counts whole.
-    """
-    spent: dict[str, float] = {}
-    for pid, (group, own, children) in after.items():
-        old = before.get(pid)
-        base_own, base_children = (old[1], old[2]) if old is not None and old[0] == group else (0.0, 0.0)
-        spent[group] = spent.get(group, 0.0) + own - base_own
-        reaped = children - base_children
-        if reaped > 0:
-            key = _REAPED.get(group, f"{group} (exited children)")
-            spent[key] = spent.get(key, 0.0) + reaped
-    return spent
-
-
-# -- machine facts ----------------------------------------------------------------------------------------
-
-
-def _command_output(cmd: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-    except OSError as exc:
-        return f"({exc.strerror})"
-    return (done.stdout or done.stderr).strip()
-
-
-def postroom_source() -> str:
-    """Version, location and (in a git checkout) commit of the postroom package the milter will run."""
-    where = Path(postroom.__file__).resolve().parent
-    text = f"{postroom.__version__} from {where}"
-    commit = _command_output(["git", "-C", str(where), "rev-parse", "--short", "HEAD"])
-    if re.fullmatch(r"[0-9a-f]{7,40}", commit):
-        dirty = _command_output(["git", "-C", str(where), "status", "--porcelain", "--", "."])
-        text += f", git {commit}" + (" with uncommitted changes under src/postroom" if dirty else "")
-    return text
-
-
-def machine_facts() -> list[tuple[str, str]]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_total = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    redis_version = _command_output(["redis-server", "--version"])
-    match = re.search(r"v=(\S+)", redis_version)
-    if match:
-        redis_version = match.group(1)
-    return [
-        ("CPU", f"{cpu_model}, {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), {mem_total}"),
-        ("kernel", f"{platform.system()} {platform.release()}"),
-        ("Python", f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})"),
-        ("Postfix", _command_output(["postconf", "-d", "-h", "mail_version"])),
-        ("Dovecot", _command_output(["dovecot", "--version"])),
-        ("Redis", redis_version),
-        ("pymilter", importlib.metadata.version("pymilter")),
-        ("postroom", postroom_source()),
-    ]
 
 
 # -- load ---------------------------------------------------------------------------------------------------
@@ -378,103 +131,42 @@ def send_batch(stack: Stack, messages: int, sessions: int, size: int, *, expect_
     with out_path.open("ab") as out:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = start + timeout
     try:
-        deadline = start + timeout
-        while True:
-            exited = proc.poll() is not None
-            if exited and proc.returncode != 0:
-                raise BenchError(
-                    f"{shlex.join(cmd)} exited with status {proc.returncode}:\n{log_tail(out_path)}\n"
-                    f"--- postfix.log ---\n{stack.postfix.log_tail()}"
-                )
-            # While smtp-source sends, only its exit is watched: listing a Maildir of thousands of files every few
-            # milliseconds would take CPU from the mail path being measured.
-            count = delivered_count(stack) if exited else -1
-            if exited and count >= expect_total and stack.postfix.queue_empty():
-                elapsed = time.monotonic() - start
-                break
+        # While smtp-source sends, only its exit is watched: listing a Maildir of thousands of files every few
+        # milliseconds would take CPU from the mail path being measured.
+        while proc.poll() is None:
             if time.monotonic() > deadline:
-                count = delivered_count(stack)
-                raise BenchError(
-                    f"not finished after {timeout:.0f}s: smtp-source {'exited' if exited else 'running'}, "
-                    f"{count}/{expect_total} delivered, deferred {stack.postfix.deferred_count()}, "
-                    f"queue ids {len(stack.postfix.queue_ids())}\n--- postfix.log ---\n{stack.postfix.log_tail()}"
-                    f"\n--- dovecot.log ---\n{log_tail(stack.dovecot.log_path)}"
-                )
-            time.sleep(_POLL if exited else _POLL_SENDING)
+                raise BenchError(f"smtp-source still running after {timeout:.0f}s\n{stack.postfix.log_tail()}")
+            time.sleep(_POLL_SENDING)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if proc.returncode != 0:
+        raise BenchError(
+            f"{shlex.join(cmd)} exited with status {proc.returncode}:\n{log_tail(out_path)}\n"
+            f"--- postfix.log ---\n{stack.postfix.log_tail()}"
+        )
+    wait_delivered(stack, expect_total, deadline)
+    return time.monotonic() - start
+
+
+def wait_delivered(stack: Stack, expect_total: int, deadline: float) -> None:
+    """Until Postfix's queues are empty and Dovecot holds ``expect_total`` messages."""
+    while True:
+        count = delivered_count(stack)
+        if count >= expect_total and stack.postfix.queue_empty():
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"not finished in time: {count}/{expect_total} delivered, deferred {stack.postfix.deferred_count()}, "
+                f"queue ids {len(stack.postfix.queue_ids())}\n--- postfix.log ---\n{stack.postfix.log_tail()}"
+                f"\n--- dovecot.log ---\n{log_tail(stack.dovecot.log_path)}"
+            )
+        time.sleep(_POLL)
     if count != expect_total:
         raise BenchError(f"Dovecot holds {count} messages, expected {expect_total}")
-    return elapsed
-
-
-# -- milters ------------------------------------------------------------------------------------------------
-
-
-def postroom_config(stack: Stack, workdir: Path) -> Config:
-    """The shipped example config pointed at the stack's Redis and a SQLite file, socket umask 0."""
-    base = load_config(example_config_path(), environ={})
-    changes: dict[str, dict[str, object]] = {
-        "milter": {"socket": stack.milter_spec, "socket_umask": 0},
-        "redis": {"url": stack.redis.url},
-        "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
-    }
-    if "mailer" in Config.model_fields:
-        # Auto-replies (e.g. outside business hours) go to the stack's Postfix, as they would to the local one.
-        changes["mailer"] = {"port": stack.postfix.smtp_port}
-    return with_changes(base, changes)
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _toml_fallback(data: Mapping[str, object], name: str = "") -> list[str]:
-    """A TOML writer that quotes table keys such as "example.test" (used only if config.to_toml cannot)."""
-    lines = [f"[{name}]"] if name else []
-    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
-    for key, value in data.items():
-        if key not in tables:
-            lines.append(f"{_toml_key(key)} = {json.dumps(value)}")
-    for key, value in tables.items():
-        lines += _toml_fallback(value, f"{name}.{_toml_key(key)}" if name else _toml_key(key))
-    return lines
-
-
-def config_toml(cfg: Config) -> tuple[str, list[str]]:
-    """postroom's own TOML writer, checked by reading the result back; (text, notes)."""
-    text = to_toml(cfg)
-    try:
-        if parse_config(tomllib.loads(text), "<to_toml>", environ={}) == cfg:
-            return text, []
-        problem = "does not load back to the same config"
-    except (tomllib.TOMLDecodeError, ConfigError) as exc:
-        problem = str(exc).replace("\n", "; ")
-    fallback = "\n".join(_toml_fallback(cfg.model_dump())) + "\n"
-    if parse_config(tomllib.loads(fallback), "<fallback>", environ={}) != cfg:
-        raise BenchError(f"config.to_toml output is unusable ({problem}) and so is the fallback writer's")
-    return fallback, [f"postroom.config.to_toml output is unusable ({problem}); wrote the config with bench's writer"]
-
-
-def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None, list[str]]:
-    if config in _EMPTY_KINDS:
-        workdir = stack.root / "empty-milter"
-        flags = ["--edits"] if config == "edits" else []
-        program = ASYNCIO_EMPTY_MILTER if config == "aempty" else EMPTY_MILTER
-        command = [sys.executable, str(program), *flags, str(stack.milter_socket_path)]
-        return MilterDaemon(workdir, "", stack.milter_socket_path, command=command), None, []
-    workdir = stack.root / "postroom"
-    cfg = postroom_config(stack, workdir)
-    if config in _POSTROOM_WORKERS:
-        cfg = with_changes(cfg, {"milter": {"workers": _POSTROOM_WORKERS[config]}})
-    text, notes = config_toml(cfg)
-    return MilterDaemon(workdir, text, stack.milter_socket_path), cfg, notes
 
 
 def check_postroom(stack: Stack, cfg: Config, expect_total: int) -> list[str]:
@@ -504,92 +196,36 @@ def check_postroom(stack: Stack, cfg: Config, expect_total: int) -> list[str]:
     return problems
 
 
-def check_empty(milter: MilterDaemon, expect_total: int) -> list[str]:
-    match = re.search(r"accepted (\d+) messages", milter.log_text())
-    if match is None:
-        return ["the empty milter did not report its count (see its log)"]
-    if int(match.group(1)) != expect_total:
-        return [f"the empty milter accepted {match.group(1)} messages, expected {expect_total}"]
-    return []
-
-
-# -- one run ------------------------------------------------------------------------------------------------
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def run_one(config: str, size: int, messages: int, sessions: int, warmup: int) -> Run:
+def run_one(config: str, size: int, args: argparse.Namespace, warmup: int) -> Run:
+    """One run: a fresh stack and milter, warm-up, the measured smtp-source batch, then the latency batch."""
+    messages, sessions = args.messages, args.sessions
+    total = warmup + messages + args.latency_messages
+    timeout = 120 + total * (0.05 + 0.2 * size / 204800)
     users = [MailUser(RECIPIENT), MailUser(SENDER)]
     milter_spec = "auto" if config != "none" else None
-    timeout = 120 + messages * (0.05 + 0.2 * size / 204800)
-    try:
-        with Stack(users=users, milter=milter_spec, milter_default_action="tempfail") as stack:
-            milter: MilterDaemon | None = None
-            cfg: Config | None = None
-            notes: list[str] = []
-            try:
-                if config != "none":
-                    milter, cfg, notes = make_milter(config, stack)
-                    milter.start()
-                pid = milter.pid if milter is not None else None
-                send_batch(stack, warmup, sessions, size, expect_total=warmup, timeout=timeout)
-                busy_before = wait_quiet()
-                if busy_before > 15.0:
-                    notes.append(f"the machine was {busy_before:.0f}% busy with other work just before the run")
-                cpu_before = settled_cpu_seconds(pid) if pid is not None else 0.0
-                redis_pid = stack.redis.pid
-                assert redis_pid is not None
-                redis_before = cpu_seconds(redis_pid)
-                processes_before = process_times()
-                mark = cpu_jiffies()
-                seconds = send_batch(stack, messages, sessions, size, expect_total=warmup + messages, timeout=timeout)
-                run = Run(config, size, messages, seconds, busy_before, busy_percent(mark), notes=notes)
-                if milter is not None and pid is not None:
-                    if not milter.is_running():
-                        raise BenchError(f"the milter died during the run:\n{log_tail(milter.log_path)}")
-                    run.cpu_seconds = settled_cpu_seconds(pid) - cpu_before
-                    run.peak_rss_kib = peak_rss_kib(pid)
-                # Read after the milter settled, so postroom's late history writes count as well.
-                run.machine_cpu_seconds = (cpu_jiffies()[0] - mark[0]) / _CLK_TCK
-                run.cpu_by_group = cpu_by_group(processes_before, process_times())
-                run.redis_cpu_seconds = cpu_seconds(redis_pid) - redis_before
-                if cfg is not None:
-                    run.notes += check_postroom(stack, cfg, warmup + messages)
-                deferred = len(re.findall(r"status=deferred", stack.postfix.log_text()))
-                if deferred:
-                    run.notes.append(f"{deferred} deliveries were deferred and retried")
-            finally:
-                # Stopping the milter and then the stack (the with block) must not be cut short by Ctrl-C.
-                hold_interrupts()
-                if milter is not None:
-                    milter.stop()
-            if config in _EMPTY_KINDS and milter is not None:
-                run.notes += check_empty(milter, warmup + messages)
-    finally:
-        release_interrupts()
+    with (
+        clean_up(),
+        Stack(users=users, milter=milter_spec, milter_default_action="tempfail") as stack,
+        milter_for(config, stack) as milter,
+    ):
+        send_batch(stack, warmup, sessions, size, expect_total=warmup, timeout=timeout)
+
+        def batch() -> float:
+            return send_batch(stack, messages, sessions, size, expect_total=warmup + messages, timeout=timeout)
+
+        run = measured(config, size, messages, stack=stack, milter=milter, send=batch)
+        if args.latency_messages:
+            port = stack.postfix.smtp_port
+            run.latencies_ms = latencies(port, args.latency_messages, sessions, size, sender=SENDER, rcpt=RECIPIENT)
+            wait_delivered(stack, total, time.monotonic() + timeout)
+        if milter.cfg is not None:
+            run.notes += check_postroom(stack, milter.cfg, total)
+        run.notes += deferred_notes(stack)
+        milter.expect_accepted = total
     return run
 
 
 # -- report -------------------------------------------------------------------------------------------------
-
-
-def size_label(size: int) -> str:
-    if size % 1024 == 0:
-        return f"{size // 1024} KB"
-    return f"{size} B"
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-Results = dict[tuple[str, int], list[Run]]
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
 
 
 def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[str]]]:
@@ -654,6 +290,13 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     rows += [(f"Redis CPU ms/message, {CONFIG_TITLES[c]}", each(redis_cpu, c)) for c in postrooms]
     rows += [(f"machine CPU ms/message, {CONFIG_TITLES[c]}", each(machine, c)) for c in configs]
     rows += [(f"milter peak RSS MiB, {CONFIG_TITLES[c]}", each(rss, c)) for c in milters]
+
+    def latency(pct: int) -> Callable[[str, int], str]:
+        return lambda config, size: fmt(percentile(pooled(results, config, size), pct), 2)
+
+    if any(r.latencies_ms for runs in results.values() for r in runs):
+        rows += [(f'latency p50 ms ("." to 250), {CONFIG_TITLES[c]}', each(latency(50), c)) for c in configs]
+        rows += [(f'latency p99 ms ("." to 250), {CONFIG_TITLES[c]}', each(latency(99), c)) for c in configs]
     return rows
 
 
@@ -683,49 +326,36 @@ def group_table(results: Results, size: int) -> str:
     return "\n".join(lines)
 
 
-def text_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
-    heads = [f"{size_label(s)} ({s} B)" for s in sizes]
-    first = max(len(name) for name, _ in rows)
-    widths = [max(len(h), *(len(values[i]) for _, values in rows)) for i, h in enumerate(heads)]
-    lines = ["  ".join([" " * first, *(h.rjust(w) for h, w in zip(heads, widths, strict=True))])]
-    for name, values in rows:
-        lines.append("  ".join([name.ljust(first), *(v.rjust(w) for v, w in zip(values, widths, strict=True))]))
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
-    lines = [
-        "| | " + " | ".join(size_label(s) for s in sizes) + " |",
-        "|---|" + "---:|" * len(sizes),
-    ]
-    lines += [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
-    return "\n".join(lines)
+def pooled(results: Results, config: str, size: int) -> list[float]:
+    return [ms for r in results[(config, size)] for ms in r.latencies_ms]
 
 
 def target_line(results: Results, sizes: Sequence[int], config: str = "postroom") -> str:
+    """Issue 20's inbound targets, each against the empty milter of the same run."""
     met = True
     parts = []
     for size in sizes:
         ratio = median([r.rate for r in results[(config, size)]]) / median([r.rate for r in results[("empty", size)]])
         cpu = median([r.cpu_ms_per_message or 0.0 for r in results[(config, size)]])
-        ok = ratio >= TARGET_RATIO and cpu <= TARGET_CPU_MS
+        empty_cpu = median([r.cpu_ms_per_message or 0.0 for r in results[("empty", size)]])
+        ok = ratio >= TARGET_RATIO and cpu <= TARGET_CPU_FACTOR * empty_cpu
+        text = f"{size_label(size)}: ratio {ratio:.2f}, CPU {cpu / max(empty_cpu, 1e-9):.1f}x"
+        p99, empty_p99 = percentile(pooled(results, config, size), 99), percentile(pooled(results, "empty", size), 99)
+        if p99 is not None and empty_p99 is not None:
+            ok = ok and p99 - empty_p99 <= TARGET_P99_MS
+            text += f", p99 {p99 - empty_p99:+.1f} ms"
         met = met and ok
-        parts.append(f"{size_label(size)}: ratio {ratio:.2f}, CPU {cpu:.2f} ms/message {'ok' if ok else 'missed'}")
+        parts.append(f"{text} {'ok' if ok else 'missed'}")
     verdict = "MET" if met else "NOT MET"
     title = CONFIG_TITLES[config]
     return (
-        f"target (medians: {title}/empty msgs/s >= {TARGET_RATIO} and {title} CPU <= {TARGET_CPU_MS:g} "
-        f"ms/message, every size): {verdict} ({'; '.join(parts)})"
+        f"target (medians: {title}/empty msgs/s >= {TARGET_RATIO}, milter CPU <= {TARGET_CPU_FACTOR:g}x the empty "
+        f"milter's, p99 latency within {TARGET_P99_MS:g} ms of it): {verdict} ({'; '.join(parts)})"
     )
 
 
 def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) -> None:
-    print("# postroom inbound benchmark")
-    env = "".join(f"{var}={shlex.quote(os.environ[var])} " for var in ("PYTHONPATH",) if os.environ.get(var))
-    print(f"command:  cd {shlex.quote(os.getcwd())} && {env}{shlex.join([sys.executable, *sys.argv])}")
-    print(f"started:  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    for name, value in machine_facts():
-        print(f"{name + ':':<9} {value}")
+    print_command_and_machine("postroom inbound benchmark")
     print(
         f"load:     {args.messages} measured messages per run after {warmup} warm-up messages, "
         f"{args.sessions} parallel SMTP sessions (one message per connection), "
@@ -737,6 +367,11 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
         "          smtp-source writes From, To, Date and a distinct Message-Id <pid.fd.counter@host> per message, but\n"
         "          no Subject and no References/In-Reply-To: postroom opens a new ticket for every message (the\n"
         "          common case of new customer mail); follow-ups (one more Redis read) are not measured here."
+    )
+    print(
+        f"latency:  after the measured batch, {args.latency_messages} more mails of the same kind from this program\n"
+        f'          ({args.sessions} sessions, one mail per connection): ms from sending the final "." to the 250\n'
+        "          reply, pooled over the rounds; p50 and p99 per configuration."
     )
     print(
         "setup:    a fresh testbed stack per run (Postfix -> LMTP -> Dovecot Maildir, private Redis), milter on a\n"
@@ -751,73 +386,12 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
     print(flush=True)
 
 
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma separated list of byte counts: {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError("sizes must be positive byte counts")
-    return sizes
-
-
 def parse_configs(text: str) -> list[str]:
     chosen = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [c for c in chosen if c not in CONFIGS]
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
     return [c for c in CONFIGS if c in chosen]
-
-
-class _Interrupts:
-    """Signals as one KeyboardInterrupt, never in the middle of stopping a milter or a stack."""
-
-    def __init__(self) -> None:
-        self.held = False
-        self.pending = False
-
-
-_interrupts = _Interrupts()
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # Only the first signal counts; a second one must not cut the clean-up short.
-    for s in _SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    if _interrupts.held:
-        _interrupts.pending = True
-        return
-    raise KeyboardInterrupt
-
-
-def hold_interrupts() -> None:
-    """From here until release_interrupts() a signal only marks itself pending (clean-up code)."""
-    _interrupts.held = True
-
-
-def release_interrupts() -> None:
-    """End the clean-up; raise the KeyboardInterrupt of a signal that came during it."""
-    _interrupts.held = False
-    if _interrupts.pending:
-        _interrupts.pending = False
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt, so the with/finally blocks stop every service.
-
-    SIGINT is set explicitly because a shell starts background jobs with it ignored.
-    """
-    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
-    for signum in _SIGNALS:
-        signal.signal(signum, _on_signal)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 def run_line(run: Run, round_no: int) -> str:
@@ -830,6 +404,9 @@ def run_line(run: Run, round_no: int) -> str:
         line += f", milter CPU {cpu:.2f} ms/message, peak RSS {fmt(run.peak_rss_kib, 0)} KiB"
     if run.config.startswith("postroom"):
         line += f", Redis CPU {run.redis_ms_per_message:.3f} ms/message"
+    if run.latencies_ms:
+        p50, p99 = percentile(run.latencies_ms, 50), percentile(run.latencies_ms, 99)
+        line += f", latency p50 {fmt(p50, 2)} / p99 {fmt(p99, 2)} ms"
     return line + f"; machine {run.busy_before:.0f}% busy before, {run.busy_during:.0f}% during"
 
 
@@ -847,6 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="runs of every configuration, interleaved; medians are reported (3)"
     )
     parser.add_argument(
+        "--latency-messages",
+        type=int,
+        default=300,
+        help="mails timed from the final '.' to the 250 reply after each measured batch (default 300; 0: none)",
+    )
+    parser.add_argument(
         "--configs",
         type=parse_configs,
         default=list(DEFAULT_CONFIGS),
@@ -854,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "edits = the empty milter making the header edits postroom makes for a new ticket)",
     )
     args = parser.parse_args(argv)
-    if args.messages < 1 or args.sessions < 1 or args.rounds < 1:
-        parser.error("--messages, --sessions and --rounds must be at least 1")
+    if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.latency_messages < 0:
+        parser.error("--messages, --sessions and --rounds must be at least 1, --latency-messages at least 0")
     sizes: list[int] = args.sizes
     warmup: int = args.warmup if args.warmup is not None else max(20, min(200, args.messages // 10))
     if os.geteuid() != 0:
@@ -865,28 +448,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop(var, None)
 
     print_header(args, sizes, warmup)
-    results: Results = {}
-    with interrupts_as_keyboard_interrupt():
-        try:
-            for size in sizes:
-                # Rounds interleave the configurations, so a slow spell of the machine hits all of them alike.
-                for round_no in range(1, args.rounds + 1):
-                    for config in args.configs:
-                        progress(
-                            f"... {size_label(size)}, {CONFIG_TITLES[config]}, round {round_no}/{args.rounds}: "
-                            f"{warmup} warm-up + {args.messages}"
-                        )
-                        run = run_one(config, size, args.messages, args.sessions, warmup)
-                        results.setdefault((config, size), []).append(run)
-                        print(run_line(run, round_no), flush=True)
-                        for note in run.notes:
-                            print(f"         WARNING: {note}", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted; every service of the benchmark has been stopped", file=sys.stderr)
-            return 130
-        except (BenchError, StackError) as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
+    results = run_rounds(
+        sizes,
+        args.rounds,
+        args.configs,
+        titles=CONFIG_TITLES,
+        run_one=lambda config, size: run_one(config, size, args, warmup),
+        describe=run_line,
+    )
+    if isinstance(results, int):
+        return results
 
     rows = table_rows(results, sizes)
     print()

@@ -24,18 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from inbound import (
-    RECIPIENT,
-    SENDER,
-    family,
-    make_milter,
-    postroom_source,
-    settled_cpu_seconds,
-    user_system,
-    wait_quiet,
-)
+from inbound import RECIPIENT, SENDER
 from postroom.config import ENV_OVERRIDES
 from postroom_testbed import MailUser, Stack
+from runloop import family, make_milter, postroom_source, settled_cpu_seconds, user_system, wait_quiet
 
 # Milter protocol version 6 (libmilter's mfdef.h).
 _ALL_ACTIONS = 0x1FF

@@ -1,21 +1,25 @@
-"""Outbound throughput: agents' replies through Postfix's submission port, postroom against an empty pymilter milter.
+"""Outbound: agents' replies through Postfix's submission port with an empty milter, with OpenDKIM signing (what
+admins run today) and with postroom (claim, rewrite, the team's copy, DKIM signature).
 
-Usage: ``.venv/bin/python bench/outbound.py [--replies N] [--sessions S] [--sizes 2048,204800]``
+Usage: ``.venv/bin/python bench/outbound.py [--replies N] [--sessions S] [--sizes 2048,204800] [--rounds R]
+[--big BYTES] [--configs empty,opendkim,postroom]``
 
-For every reply size and both milters (the empty one of bench/empty_milter.py and postroom) a fresh private stack
-(postroom_testbed.Stack: Postfix with an MX and a SASL submission listener, Dovecot, Redis in one temp dir) is
-started.  Customers first write N + warm-up mails to support@example.test through the MX listener, one per
-ticket; with postroom each becomes a ticket, which is then claimed for the agent "meier" with the same Redis
-script an agent's first reply runs (RedisStore.claim).  Then meier answers every one of them through the
-submission port (AUTH PLAIN, one reply per SMTP connection, ``--sessions`` connections at a time), each reply an
-answer to its ticket (In-Reply-To/References of the customer's mail, the subject token): postroom's path is the
-claim of a ticket the agent owns, the rewrite (From, Reply-To, envelope sender, subject, the team's copy) and the
-DKIM signature with the example key.  The empty milter gets the same mails and accepts them unchanged.
+For every reply size, in each of ``--rounds`` rounds, every configuration runs once in turn (interleaved, so a slow
+spell of the shared machine hits all alike) on a fresh private stack (postroom_testbed.Stack: Postfix with an MX
+and a SASL submission listener, Dovecot, Redis in one temp dir).  Customers first write N + warm-up mails to
+support@example.test through the MX listener, one per ticket; with postroom each becomes a ticket, which is then
+claimed for the agent "meier" with the same Redis script an agent's first reply runs (RedisStore.claim).  Then
+meier answers every one of them through the submission port (AUTH PLAIN, one reply per SMTP connection,
+``--sessions`` connections at a time), each reply an answer to its ticket (In-Reply-To/References of the
+customer's mail, the subject token).  The empty milter accepts the replies unchanged; OpenDKIM (Debian's opendkim,
+``Mode s``, relaxed/relaxed) signs them for example.test with the example config's 2048-bit key, as postroom does.
 
 A run counts as finished when every reply is in its customer's Maildir and Postfix's queues are empty (postroom's
 copies into the team's folder included); replies/s is measured replies divided by the time from the first
-connection to that moment.  The milter's CPU time and peak RSS are read from /proc as in bench/inbound.py, whose
-helpers this script imports; the load generator is Python's smtplib in threads, on the same CPUs.
+connection to that moment.  Milter CPU (utime + stime, postroom's worker processes included) and peak RSS
+(VmHWM) come from /proc.  ``--big`` adds one run per configuration with a single reply of that size (default
+25 MB): its milter CPU seconds and peak RSS.  The tables report medians over the rounds with the range.
+The run loop and the measurement are bench/runloop.py's, shared with bench/inbound.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import smtplib
 import sqlite3
 import sys
@@ -37,35 +40,32 @@ from email.utils import make_msgid
 
 import redis
 
-from inbound import (
-    RECIPIENT,
-    BenchError,
-    Run,
-    busy_percent,
-    check_empty,
-    cpu_jiffies,
-    fmt,
-    hold_interrupts,
-    interrupts_as_keyboard_interrupt,
-    machine_facts,
-    make_milter,
-    markdown_table,
-    parse_sizes,
-    peak_rss_kib,
-    progress,
-    release_interrupts,
-    settled_cpu_seconds,
-    size_label,
-    text_table,
-    wait_quiet,
-)
 from postroom.config import ENV_OVERRIDES, Config
 from postroom.mime import message_id
 from postroom.store.redis import RedisStore
-from postroom_testbed import Login, MailUser, MilterDaemon, Stack, StackError, log_tail
+from postroom_testbed import Login, MailUser, Stack
+from runloop import (
+    BenchError,
+    Results,
+    Run,
+    clean_up,
+    deferred_notes,
+    fmt,
+    markdown_grid,
+    measured,
+    median,
+    milter_for,
+    parse_sizes,
+    print_command_and_machine,
+    run_rounds,
+    size_label,
+    text_grid,
+)
 
-CONFIGS = ("empty", "postroom")
-CONFIG_TITLES = {"empty": "empty milter", "postroom": "postroom"}
+RECIPIENT = "support@example.test"
+CONFIGS = ("empty", "opendkim", "postroom")
+CONFIG_TITLES = {"empty": "empty milter", "opendkim": "OpenDKIM (signs)", "postroom": "postroom"}
+BIG = 25_000_000
 AGENT = "meier"  # an agent of the example config's support mailbox
 AGENT_FROM = "Meier <meier@example.test>"
 CUSTOMER_DOMAIN = "customer.test"
@@ -176,8 +176,8 @@ def claim_tickets(stack: Stack, cfg: Config, questions: Sequence[EmailMessage]) 
     return numbers
 
 
-def check_postroom(stack: Stack, cfg: Config, numbers: Sequence[int], addresses: Sequence[str]) -> list[str]:
-    """Every reply was claimed, rewritten, signed and recorded."""
+def check_postroom(stack: Stack, cfg: Config, numbers: Sequence[int]) -> list[str]:
+    """Every reply was claimed and recorded."""
     problems: list[str] = []
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     try:
@@ -194,11 +194,18 @@ def check_postroom(stack: Stack, cfg: Config, numbers: Sequence[int], addresses:
         con.close()
     if replies != len(numbers):
         problems.append(f"history has {replies} reply events, expected {len(numbers)}")
-    folder = stack.dovecot.mail_dir / addresses[0] / "Maildir" / "new"
+    return problems
+
+
+def check_reply(stack: Stack, address: str, *, rewritten: bool) -> list[str]:
+    """The newest reply in a customer's mailbox is signed for example.test (and comes from the shared address)."""
+    folder = stack.dovecot.mail_dir / address / "Maildir" / "new"
     newest = max(folder.iterdir(), key=lambda p: p.stat().st_mtime)
-    raw = newest.read_bytes()[:16384].replace(b"\r\n", b"\n")
+    with newest.open("rb") as fh:
+        raw = fh.read(16384).replace(b"\r\n", b"\n")
     head = re.sub(rb"\n[ \t]+", b" ", raw.split(b"\n\n", 1)[0])  # unfolded header lines
-    if b'\nFrom: "Meier via Support" <support@example.test>\n' not in head:
+    problems = []
+    if rewritten and b'\nFrom: "Meier via Support" <support@example.test>\n' not in head:
         problems.append(f"{newest.name} does not come from the shared address")
     if not re.search(rb"\nDKIM-Signature:[^\n]*\bd=example\.test;", head):
         problems.append(f"{newest.name} has no DKIM-Signature of example.test")
@@ -208,104 +215,114 @@ def check_postroom(stack: Stack, cfg: Config, numbers: Sequence[int], addresses:
 # -- one run --------------------------------------------------------------------------------------------------
 
 
-def run_one(config: str, size: int, *, replies: int, sessions: int, warmup: int, customers: int) -> Run:
+def run_one(config: str, size: int, args: argparse.Namespace, *, replies: int, warmup: int, warmup_size: int) -> Run:
+    """One run: a fresh stack and milter, the customers' mails, the tickets claimed, warm-up and measured replies."""
     total = warmup + replies
+    customers, sessions = args.customers, args.sessions
     questions = [customer_mail(i, customers) for i in range(total)]
     addresses = sorted({customer(i, customers) for i in range(total)})
     users = [MailUser(RECIPIENT), MailUser("meier@example.test"), *(MailUser(a) for a in addresses)]
-    timeout = 120 + total * (0.05 + 0.2 * size / 204800)
-    body = reply_body(size)
-    try:
-        with Stack(users=users, logins=[Login(AGENT)], milter="auto", milter_default_action="tempfail") as stack:
-            milter: MilterDaemon | None = None
-            try:
-                milter, cfg, notes = make_milter(config, stack)
-                milter.start()
-                pid = milter.pid
-                if pid is None:
-                    raise BenchError("the milter has no process id")
-                send_all(stack.postfix.smtp_port, questions, sessions, None)
-                wait_delivered(stack, [RECIPIENT], total, timeout)
-                # The empty milter gets the same subjects; it reads none of them.
-                numbers = claim_tickets(stack, cfg, questions) if cfg is not None else list(range(1, total + 1))
-                answers = [agent_reply(q, n, body) for q, n in zip(questions, numbers, strict=True)]
-                login = Login(AGENT)
-                send_all(stack.postfix.submission_port, answers[:warmup], sessions, login)
-                wait_delivered(stack, addresses, warmup, timeout)
-                busy_before = wait_quiet()
-                if busy_before > 15.0:
-                    notes.append(f"the machine was {busy_before:.0f}% busy with other work just before the run")
-                cpu_before = settled_cpu_seconds(pid)
-                mark = cpu_jiffies()
-                start = time.monotonic()
-                send_all(stack.postfix.submission_port, answers[warmup:], sessions, login)
-                wait_delivered(stack, addresses, total, timeout)
-                seconds = time.monotonic() - start
-                run = Run(config, size, replies, seconds, busy_before, busy_percent(mark), notes=notes)
-                if not milter.is_running():
-                    raise BenchError(f"the milter died during the run:\n{log_tail(milter.log_path)}")
-                run.cpu_seconds = settled_cpu_seconds(pid) - cpu_before
-                run.peak_rss_kib = peak_rss_kib(pid)
-                if cfg is not None:
-                    run.notes += check_postroom(stack, cfg, numbers, addresses)
-                deferred = len(re.findall(r"status=deferred", stack.postfix.log_text()))
-                if deferred:
-                    run.notes.append(f"{deferred} deliveries were deferred and retried")
-            finally:
-                hold_interrupts()
-                if milter is not None:
-                    milter.stop()
-            if config == "empty" and milter is not None:
-                run.notes += check_empty(milter, 2 * total)  # the customers' mails and the replies
-    finally:
-        release_interrupts()
+    timeout = 120 + total * (0.05 + 0.2 * warmup_size / 204800) + replies * 0.2 * size / 204800
+    limit = {"message_size_limit": str(max(2 * size, 10_240_000))}
+    login = Login(AGENT)
+    with (
+        clean_up(),
+        Stack(users=users, logins=[login], milter="auto", milter_default_action="tempfail", main_cf=limit) as stack,
+        milter_for(config, stack) as milter,
+    ):
+        send_all(stack.postfix.smtp_port, questions, sessions, None)
+        wait_delivered(stack, [RECIPIENT], total, timeout)
+        cfg = milter.cfg
+        # The other milters get the same subjects; they read none of them.
+        numbers = claim_tickets(stack, cfg, questions) if cfg is not None else list(range(1, total + 1))
+        answers = [
+            agent_reply(q, n, reply_body(warmup_size if i < warmup else size))
+            for i, (q, n) in enumerate(zip(questions, numbers, strict=True))
+        ]
+        send_all(stack.postfix.submission_port, answers[:warmup], sessions, login)
+        wait_delivered(stack, addresses, warmup, timeout)
+        del questions
+
+        def batch() -> float:
+            start = time.monotonic()
+            send_all(stack.postfix.submission_port, answers[warmup:], sessions, login)
+            wait_delivered(stack, addresses, total, timeout)
+            return time.monotonic() - start
+
+        run = measured(config, size, replies, stack=stack, milter=milter, send=batch)
+        if cfg is not None:
+            run.notes += check_postroom(stack, cfg, numbers)
+        if config != "empty":
+            run.notes += check_reply(stack, addresses[0], rewritten=cfg is not None)
+        run.notes += deferred_notes(stack)
+        milter.expect_accepted = 2 * total  # the customers' mails and the replies
     return run
 
 
 # -- report -------------------------------------------------------------------------------------------------
 
 
-def table_rows(results: dict[tuple[str, int], Run], sizes: Sequence[int]) -> list[tuple[str, list[str]]]:
-    def row(get: Callable[[int], str]) -> list[str]:
-        return [get(size) for size in sizes]
+def table_rows(results: Results, sizes: Sequence[int], big: int) -> list[tuple[str, list[str]]]:
+    """Issue 20's table: a column per configuration, then postroom against OpenDKIM."""
+    configs = [c for c in CONFIGS if (c, sizes[0]) in results]
 
-    def rss(config: str, size: int) -> str:
-        kib = results[(config, size)].peak_rss_kib
-        return fmt(None if kib is None else kib / 1024)
+    def med(config: str, size: int, get: Callable[[Run], float | None]) -> float | None:
+        values = [v for v in (get(r) for r in results.get((config, size), [])) if v is not None]
+        return median(values) if values else None
 
-    return [
-        ("replies/s, empty milter", row(lambda s: fmt(results[("empty", s)].rate))),
-        ("replies/s, postroom", row(lambda s: fmt(results[("postroom", s)].rate))),
-        (
-            "ratio postroom / empty milter (replies/s)",
-            row(lambda s: fmt(results[("postroom", s)].rate / results[("empty", s)].rate, 2)),
-        ),
-        ("milter CPU ms/reply, empty milter", row(lambda s: fmt(results[("empty", s)].cpu_ms_per_message, 2))),
-        ("milter CPU ms/reply, postroom", row(lambda s: fmt(results[("postroom", s)].cpu_ms_per_message, 2))),
-        ("milter peak RSS MiB, empty milter", row(lambda s: rss("empty", s))),
-        ("milter peak RSS MiB, postroom", row(lambda s: rss("postroom", s))),
-    ]
+    def rate(config: str, size: int) -> str:
+        rates = [r.rate for r in results[(config, size)]]
+        spread = f" ({min(rates):.0f}-{max(rates):.0f})" if len(rates) > 1 else ""
+        return f"{median(rates):.0f}{spread}"
+
+    def ratio(a: float | None, b: float | None, suffix: str = "") -> str:
+        return "-" if a is None or not b else f"{a / b:.2f}{suffix}"
+
+    def rss(run: Run) -> float | None:
+        return None if run.peak_rss_kib is None else run.peak_rss_kib / 1024
+
+    def row(
+        label: str, get: Callable[[Run], float | None], size: int, digits: int, *, rate_row: bool = False
+    ) -> tuple[str, list[str]]:
+        cells = [rate(c, size) if rate_row else fmt(med(c, size, get), digits) for c in configs]
+        last = ratio(med("postroom", size, get), med("opendkim", size, get), "" if rate_row else "x")
+        return (f"{size_label(size)}, {label}", [*cells, last])
+
+    rows: list[tuple[str, list[str]]] = []
+    for size in sizes:
+        rows.append(row("replies/s", lambda r: r.rate, size, 0, rate_row=True))
+        rows.append(row("milter CPU ms/reply", lambda r: r.cpu_ms_per_message, size, 2))
+        rows.append(row("peak RSS MiB", rss, size, 0))
+    if big and (configs[0], big) in results:
+        cpu_s = {c: med(c, big, lambda r: r.cpu_seconds) for c in configs}
+        peak = {c: med(c, big, rss) for c in configs}
+        cells = [f"{fmt(cpu_s[c], 2)} / {fmt(peak[c], 0)}" for c in configs]
+        cpu_ratio = ratio(cpu_s.get("postroom"), cpu_s.get("opendkim"), "x")
+        last = f"{cpu_ratio} / {ratio(peak.get('postroom'), peak.get('opendkim'), 'x')}"
+        rows.append((f"one {size_label(big)} reply: CPU s / peak RSS MiB", [*cells, last]))
+    return rows
 
 
 def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) -> None:
-    print("# postroom outbound benchmark")
-    env = "".join(f"{var}={shlex.quote(os.environ[var])} " for var in ("PYTHONPATH",) if os.environ.get(var))
-    print(f"command:  cd {shlex.quote(os.getcwd())} && {env}{shlex.join([sys.executable, *sys.argv])}")
-    print(f"started:  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    for name, value in machine_facts():
-        print(f"{name + ':':<9} {value}")
+    print_command_and_machine("postroom outbound benchmark")
     total = args.replies + warmup
     print(
-        f"load:     {args.replies} measured replies per run after {warmup} warm-up replies, {args.sessions} parallel\n"
+        f"load:     {args.rounds} rounds; per run {args.replies} measured replies after {warmup} warm-up replies, "
+        f"{args.sessions} parallel\n"
         f"          SMTP sessions to the submission port (AUTH PLAIN as {AGENT}, one reply per connection, Python\n"
         f"          smtplib), reply bodies of {', '.join(f'{s} B' for s in sizes)}. Before them {total} customer mails "
         f"from {args.customers}\n"
         f"          customers through the MX port open one ticket each, claimed for {AGENT} (RedisStore.claim)."
     )
+    if args.big:
+        print(
+            f"          Then per round and configuration one run with a single {args.big} B reply (warm-up: one 2 KB)."
+        )
     print(
         "          Each reply answers its own ticket (In-Reply-To/References, [Support #n]): postroom claims the\n"
         "          ticket its sender owns, rewrites From/Reply-To/envelope sender/Subject, adds the team's copy\n"
-        "          (support+Meier@) and DKIM-signs with the example key; the empty milter accepts it unchanged."
+        "          (support+Meier@) and DKIM-signs with the example key; OpenDKIM signs with the same key; the\n"
+        "          empty milter accepts the reply unchanged."
     )
     print(
         "setup:    a fresh testbed stack per run (Postfix MX + SASL submission -> LMTP -> Dovecot Maildir, private\n"
@@ -313,11 +330,28 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
         "          postroom milter` with docs/examples/postroom.toml pointed at the stack's Redis and a SQLite\n"
         "          history (log level info). Finished = every reply in its customer's Maildir/new and Postfix's\n"
         "          queues empty; time from the first measured connection. Milter CPU = utime+stime of the milter\n"
-        "          process over the measured replies (history writes included); peak RSS = VmHWM. Load generator\n"
-        "          and all services share the CPUs; each measured batch starts once the CPUs were <= 15% busy for\n"
-        "          a second (waiting at most 30 s)."
+        "          process and its workers over the measured replies (history writes included); peak RSS = VmHWM.\n"
+        "          Load generator and all services share the CPUs; each measured batch starts once the CPUs were\n"
+        "          <= 15% busy for a second (waiting at most 30 s)."
     )
     print(flush=True)
+
+
+def run_line(run: Run, round_no: int) -> str:
+    return (
+        f"{size_label(run.size):>7}  {CONFIG_TITLES[run.config]:<16} #{round_no} {run.messages} replies in "
+        f"{run.seconds:7.2f} s = {run.rate:8.1f} replies/s, milter CPU {fmt(run.cpu_ms_per_message, 2)} ms/reply, "
+        f"peak RSS {fmt(run.peak_rss_kib, 0)} KiB; machine {run.busy_before:.0f}% busy before, "
+        f"{run.busy_during:.0f}% during"
+    )
+
+
+def parse_configs(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
+    return [c for c in CONFIGS if c in chosen]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,10 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=None, help="warm-up replies before each run (default replies/10, 20..200)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    parser.add_argument("--big", type=int, default=BIG, help=f"one reply of this size per round (default {BIG}; 0: no)")
     parser.add_argument("--customers", type=int, default=10, help="customer mailboxes the replies go to (default 10)")
+    parser.add_argument(
+        "--configs", type=parse_configs, default=list(CONFIGS), help=f"of {','.join(CONFIGS)} (default: all)"
+    )
     args = parser.parse_args(argv)
-    if args.replies < 1 or args.sessions < 1 or args.customers < 1:
-        parser.error("--replies, --sessions and --customers must be at least 1")
+    if min(args.replies, args.sessions, args.customers, args.rounds) < 1 or args.big < 0:
+        parser.error("--replies, --sessions, --customers and --rounds must be at least 1")
     sizes: list[int] = args.sizes
     warmup: int = args.warmup if args.warmup is not None else max(20, min(200, args.replies // 10))
     if os.geteuid() != 0:
@@ -342,44 +381,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop(var, None)
 
     print_header(args, sizes, warmup)
-    results: dict[tuple[str, int], Run] = {}
-    with interrupts_as_keyboard_interrupt():
-        try:
-            for size in sizes:
-                for config in CONFIGS:
-                    progress(f"... {size_label(size)}, {CONFIG_TITLES[config]}: {warmup} warm-up + {args.replies}")
-                    run = run_one(
-                        config,
-                        size,
-                        replies=args.replies,
-                        sessions=args.sessions,
-                        warmup=warmup,
-                        customers=args.customers,
-                    )
-                    results[(config, size)] = run
-                    print(
-                        f"{size_label(size):>7}  {CONFIG_TITLES[config]:<13} {run.messages} replies in "
-                        f"{run.seconds:7.2f} s = {run.rate:8.1f} replies/s, milter CPU {fmt(run.cpu_ms_per_message, 2)}"
-                        f" ms/reply, peak RSS {fmt(run.peak_rss_kib, 0)} KiB; machine {run.busy_before:.0f}% busy "
-                        f"before, {run.busy_during:.0f}% during",
-                        flush=True,
-                    )
-                    for note in run.notes:
-                        print(f"         WARNING: {note}", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted; every service of the benchmark has been stopped", file=sys.stderr)
-            return 130
-        except (BenchError, StackError) as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            return 1
 
-    rows = table_rows(results, sizes)
+    def one(config: str, size: int) -> Run:
+        if size == args.big:
+            return run_one(config, size, args, replies=1, warmup=1, warmup_size=2048)
+        return run_one(config, size, args, replies=args.replies, warmup=warmup, warmup_size=size)
+
+    results = run_rounds(
+        [*sizes, *([args.big] if args.big else [])],
+        args.rounds,
+        args.configs,
+        titles=CONFIG_TITLES,
+        run_one=one,
+        describe=run_line,
+    )
+    if isinstance(results, int):
+        return results
+    heads = [CONFIG_TITLES[c] for c in CONFIGS if (c, sizes[0]) in results] + ["postroom / OpenDKIM"]
+    rows = table_rows(results, sizes, args.big)
     print()
-    print(text_table(rows, sizes))
+    print(text_grid("reply body", heads, rows))
     print()
-    print("Markdown (for README.md):")
+    print("Markdown (for docs/performance.md):")
     print()
-    print(markdown_table(rows, sizes))
+    print(markdown_grid("reply body", heads, rows))
     return 0
 
 

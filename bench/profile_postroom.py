@@ -22,15 +22,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from inbound import (
-    RECIPIENT,
-    SENDER,
-    config_toml,
-    postroom_config,
-    send_batch,
-    settled_cpu_seconds,
-)
+from inbound import RECIPIENT, SENDER, send_batch
 from postroom_testbed import MailUser, MilterDaemon, Stack
+from runloop import config_toml, postroom_config, settled_cpu_seconds
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
