@@ -428,7 +428,7 @@ def test_an_mta_that_cannot_skip_gets_continue_and_the_body_is_dropped(
     ctx = connect()
     assert ctx.send(mail(body=LONG_BODY), ALICE, SUPPORT) == Milter.ACCEPT
     assert len(ctx.body_answers) > 1 and set(ctx.body_answers) == {Milter.CONTINUE}
-    assert ctx.getpriv().chunks == []
+    assert ctx.getpriv().spool.size == 0
 
 
 def test_queue_id_read_at_end_of_message_is_in_the_one_log_line_of_the_mail(connect: Connect) -> None:

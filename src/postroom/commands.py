@@ -26,6 +26,8 @@ COMMAND_RE = re.compile(r"^#([a-z][a-z-]{1,20})(?:[ \t]+(.*))?$", re.IGNORECASE)
 _HTML_BREAK = re.compile(r"<br\s*/?>|</p\s*>|</div\s*>", re.IGNORECASE)
 _HTML_TAG = re.compile(r"<[^>]*>")
 _MAX_COMMANDS = 20
+# Commands are read from this much of the body: the top of the first text part, after any MIME preamble.
+HEAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,9 @@ def _html_text(html: str) -> str:
 
 
 def read(headers: list[tuple[str, str]], body: bytes) -> list[Command]:
-    msg = _parse(headers, body)
+    """The commands at the top of the first text part.  ``body`` may be only the body's first HEAD_BYTES: the
+    commands stand at its top, and a MIME parse of a 25 MB reply would cost several times its size."""
+    msg = _parse(headers, body[:HEAD_BYTES])
     parts = _text_parts(msg)
     plain = [p for p in parts if p.get_content_subtype() == "plain"]
     if plain:

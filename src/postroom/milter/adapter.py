@@ -20,6 +20,7 @@ import Milter
 import milter
 
 from postroom import log as plog
+from postroom.body import Body
 from postroom.config import Config
 from postroom.milter.worker import Handled, LocalPipeline, skipped_body
 from postroom.pipeline import STATUS_HEADER, Message
@@ -86,6 +87,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         self.pipeline = self.holder.get()
         self.conn_id = f"conn{Milter.uniqueID()}"
         self.client_addr = ""
+        self.spool = Body()
         self._reset()
 
     def _reset(self) -> None:
@@ -93,7 +95,10 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         self.auth_login = ""
         self.rcpts: list[str] = []
         self.headers: list[tuple[str, str]] = []
-        self.chunks: list[bytes] = []
+        # In memory while small, spooled to an unlinked temporary file past body.SPOOL_BYTES: a large mail costs
+        # its size once, not once per reader.
+        self.spool.close()
+        self.spool = Body()
         self.body_skipped = False
 
     @Milter.noreply  # type: ignore[untyped-decorator]
@@ -128,7 +133,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         if not (self.auth_login or self.pipeline.rules.reads_body):
             self.body_skipped = True
             return Milter.SKIP if self._protocol & Milter.P_SKIP else Milter.CONTINUE  # type: ignore[no-any-return]
-        self.chunks.append(chunk)
+        self.spool.append(chunk)
         return Milter.CONTINUE  # type: ignore[no-any-return]
 
     def eom(self) -> int:
@@ -138,6 +143,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             return self._eom(qid)
         finally:
             plog.queue_id.reset(token)
+            self.spool.close()
 
     def _eom(self, qid: str) -> int:
         pipeline = self.pipeline
@@ -148,8 +154,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             auth_login=self.auth_login,
             client_addr=self.client_addr,
         )
-        chunks = self.chunks
-        message = Message(envelope, self.headers, body=skipped_body if self.body_skipped else lambda: b"".join(chunks))
+        message = Message(envelope, self.headers, body=skipped_body if self.body_skipped else self.spool)
         try:
             handled = pipeline.handle(message, time.time())
         except Exception:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from postroom import log as plog
+from postroom.body import Body
 from postroom.bundle import Loaded
 from postroom.config import Config
 from postroom.mailer import OutgoingMail
@@ -89,6 +90,27 @@ _FRAME_SECONDS = 30.0
 
 class WorkerError(RuntimeError):
     """No answer from a worker process: the mail gets the failure policy."""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """In a request instead of the body: the body is the file whose descriptor came with the request."""
+
+    size: int
+
+
+def _with_body_file(request: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
+    """The request with a spooled body's descriptor turned into a Body (the worker closes it after the mail)."""
+    body = request[4] if request[0] == "process" else None
+    if not isinstance(body, Spooled):
+        for fd in fds:
+            os.close(fd)
+        return request
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise WorkerError(f"a spooled body came with {len(fds)} descriptors")
+    return (*request[:4], Body.from_file(os.fdopen(fds[0], "rb"), body.size), *request[5:])
 
 
 def skipped_body() -> bytes:
@@ -139,9 +161,14 @@ class LocalPipeline:
 # -- frames ------------------------------------------------------------------------------------------------------
 
 
-def _send(conn: socket.socket, obj: object) -> None:
+def _send(conn: socket.socket, obj: object, fds: Sequence[int] = ()) -> None:
     data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    conn.sendall(_LENGTH.pack(len(data)) + data)
+    frame = _LENGTH.pack(len(data)) + data
+    if fds:
+        # The descriptors ride on the frame's length; the receiver takes them with its first read.
+        sent = socket.send_fds(conn, [frame[: _LENGTH.size]], list(fds))
+        frame = frame[sent:]
+    conn.sendall(frame)
 
 
 def _recv_exactly(conn: socket.socket, size: int) -> bytes:
@@ -164,6 +191,24 @@ def _recv(conn: socket.socket) -> Any:
         head += _recv_exactly(conn, _LENGTH.size - len(head))
     (size,) = _LENGTH.unpack(head)
     return pickle.loads(_recv_exactly(conn, size))
+
+
+def _recv_request(conn: socket.socket) -> tuple[Any, list[int]]:
+    """One request frame and the descriptors that came with it (a spooled body's file)."""
+    head, fds, _flags, _addr = socket.recv_fds(conn, _LENGTH.size, 4)
+    if not head:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("the other end closed the connection")
+    try:
+        if len(head) < _LENGTH.size:
+            head += _recv_exactly(conn, _LENGTH.size - len(head))
+        (size,) = _LENGTH.unpack(head)
+        return pickle.loads(_recv_exactly(conn, size)), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def _recv_reply(conn: socket.socket) -> Any:
@@ -214,15 +259,18 @@ class _Worker:
         log.info("worker: reloaded; the next mail uses the new config and rules")
 
     def process(
-        self, generation: int, envelope: Envelope, headers: list[tuple[str, str]], body: bytes | None, now: float
+        self, generation: int, envelope: Envelope, headers: list[tuple[str, str]], body: bytes | Body | None, now: float
     ) -> Handled:
         token = plog.queue_id.set(envelope.queue_id)
+        spool = Body.of(body) if isinstance(body, bytes) else body
         try:
-            message = Message(envelope, headers, body=skipped_body if body is None else (lambda: body))
+            message = Message(envelope, headers, body=skipped_body if spool is None else spool)
             runtime = self._runtimes.get(generation, self.runtime)
             handled = LocalPipeline(runtime).handle(message, now)
         finally:
             plog.queue_id.reset(token)
+            if spool is not None:
+                spool.close()
         if not handled.outgoing:
             return handled
         # The auto-replies stay here; the milter process only learns under which id.
@@ -294,7 +342,7 @@ def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) 
                     return
                 continue
             try:
-                request = _recv(conn)
+                request, fds = _recv_request(conn)
             except (EOFError, OSError, pickle.UnpicklingError) as exc:
                 if not isinstance(exc, EOFError):
                     log.warning("worker: dropping a connection: %s", exc)
@@ -303,7 +351,12 @@ def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) 
                 continue
             if request[0] == "process":
                 control.catch_up(request[1])
-            reply = worker.answer(request)
+            try:
+                request = _with_body_file(request, fds)
+            except WorkerError as exc:
+                reply: object | None = exc
+            else:
+                reply = worker.answer(request)
             if reply is not None:
                 try:
                     _send(conn, reply)
@@ -515,10 +568,10 @@ class WorkerPool:
             return new
         return None
 
-    def call(self, request: tuple[Any, ...], *, reply: bool = True) -> Any:
+    def call(self, request: tuple[Any, ...], *, reply: bool = True, fds: Sequence[int] = ()) -> Any:
         process, conn = self._checkout()
         try:
-            _send(conn, request)
+            _send(conn, request, fds)
             answer = _recv_reply(conn) if reply else None
         except BlockingIOError as exc:
             conn.close()
@@ -596,9 +649,16 @@ class RemotePipeline:
     generation: int = 0  # the pool's config generation these config and rules are
 
     def handle(self, message: Message, now: float) -> Handled:
-        body = None if message.body is skipped_body else message.body()
+        body: bytes | Spooled | None = None
+        fds: list[int] = []
+        if isinstance(message.body, Body) and message.body.spooled:
+            # A large body stays in its file: the worker gets the descriptor, not a pickled copy.
+            body = Spooled(message.body.size)
+            fds = [message.body.fileno()]
+        elif message.body is not skipped_body:
+            body = message.body()
         request = ("process", self.generation, message.envelope, message.headers, body, now)
-        handled: Handled = self.pool.call(request)
+        handled: Handled = self.pool.call(request, fds=fds)
         return handled
 
     def accepted(self, handled: Handled) -> None:

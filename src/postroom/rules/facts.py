@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from functools import cached_property
 
+from postroom.body import head_of
 from postroom.mime import Message, addresses, readable
 
 # Enough for every text part of a real mail; beyond it the parse stops and what is left counts as not there.
@@ -96,12 +97,11 @@ class MessageFacts:
 
     @cached_property
     def _parsed(self) -> EmailMessage | None:
-        body = self._body() if callable(self._body) else self._body
+        # Only the part that is parsed is read (a spooled 30 MB body is not copied whole first).
+        body = head_of(self._body, MAX_PARSE_BYTES)
         head = b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in self.headers)
         try:
-            return email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
-                head + b"\r\n" + body[:MAX_PARSE_BYTES]
-            )
+            return email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head + b"\r\n" + body)
         except _PARSE_ERRORS:
             return None
 
