@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -195,3 +198,16 @@ def test_flush_writes_at_once_without_waiting_out_the_linger(sqlite_url: str) ->
     with Session(engine) as s:
         assert s.scalars(select(MessageRow.queue_id).order_by(MessageRow.id)).all() == ["Q1", "Q2", "Q3"]
     engine.dispose()
+
+
+def test_an_up_to_date_schema_is_checked_without_loading_alembic(tmp_path: Path) -> None:
+    """The milter checks the schema at every start; Alembic (~9 MiB) is imported only to migrate."""
+    url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    check = (
+        "import sys\nfrom postroom.history import current_revision, head_revision, migrate\n"
+        f"migrate({url!r})\nprint(head_revision(), current_revision({url!r}), 'alembic' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    again = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    assert first == ["0001", "0001", "True"]  # a new database: migrated with Alembic
+    assert again == ["0001", "0001", "False"]
