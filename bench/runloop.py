@@ -357,7 +357,10 @@ def opendkim_milter(stack: Stack) -> MilterDaemon:
     return MilterDaemon(workdir, "", stack.milter_socket_path, command=command)
 
 
-def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None, list[str]]:
+def make_milter(
+    config: str, stack: Stack, changes: Mapping[str, object] | None = None
+) -> tuple[MilterDaemon, Config | None, list[str]]:
+    """The configuration's milter (not started); ``changes`` are top-level keys of postroom's config."""
     if config == "opendkim":
         return opendkim_milter(stack), None, []
     if config in EMPTY_KINDS:
@@ -370,6 +373,8 @@ def make_milter(config: str, stack: Stack) -> tuple[MilterDaemon, Config | None,
     cfg = postroom_config(stack, workdir)
     if config in _POSTROOM_WORKERS:
         cfg = with_changes(cfg, {"milter": {"workers": _POSTROOM_WORKERS[config]}})
+    if changes:
+        cfg = parse_config({**cfg.model_dump(), **changes}, "<bench>", environ={})
     text, notes = config_toml(cfg)
     return MilterDaemon(workdir, text, stack.milter_socket_path), cfg, notes
 
@@ -508,9 +513,9 @@ class Milter:
 
 
 @contextlib.contextmanager
-def milter_for(config: str, stack: Stack) -> Iterator[Milter]:
+def milter_for(config: str, stack: Stack, changes: Mapping[str, object] | None = None) -> Iterator[Milter]:
     """The configuration's milter, started; stopped even on Ctrl-C, an empty milter's count checked after that."""
-    daemon, cfg, notes = (None, None, []) if config == "none" else make_milter(config, stack)
+    daemon, cfg, notes = (None, None, []) if config == "none" else make_milter(config, stack, changes)
     milter = Milter(config, daemon, cfg, notes)
     try:
         if daemon is not None:

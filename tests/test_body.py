@@ -27,6 +27,7 @@ def test_a_body_reads_back_the_bytes_it_was_given(parts: list[bytes], threshold:
         assert body.head(limit) == data[:limit] == head_of(body, limit)
         assert body() == data
         assert b"".join(chunks_of(body)) == data  # and again: reading does not consume it
+        assert b"".join(chunks_of(body, limit, size=5)) == data[:limit] == b"".join(chunks_of(data, limit, size=3))
     finally:
         body.close()
 
@@ -42,4 +43,4 @@ def test_a_spooled_body_leaves_no_file_behind(tmp_path: os.PathLike[str]) -> Non
 def test_plain_bytes_and_callables_read_the_same_way() -> None:
     assert head_of(b"abcdef", 3) == b"abc"
     assert head_of(lambda: b"abcdef", 10) == b"abcdef"
-    assert list(chunks_of(lambda: b"abc")) == [b"abc"]
+    assert list(chunks_of(lambda: b"abcde", size=2)) == [b"ab", b"cd", b"e"]

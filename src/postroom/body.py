@@ -116,8 +116,18 @@ def head_of(body: bytes | Callable[[], bytes], limit: int) -> bytes:
     return data[:limit]
 
 
-def chunks_of(body: bytes | Callable[[], bytes]) -> Iterable[bytes]:
-    """A body as chunks, without a whole copy where it is a Body."""
+def chunks_of(body: bytes | Callable[[], bytes], limit: int | None = None, size: int = CHUNK) -> Iterator[bytes]:
+    """A body (its first ``limit`` bytes) in chunks of at most ``size`` bytes, never copied whole where it is a
+    Body: what a feed parser or a hash takes without holding the body twice."""
+    left = -1 if limit is None else limit
     if isinstance(body, Body):
-        return body.chunks()
-    return [body() if callable(body) else body]
+        pieces: Iterable[bytes] = body.chunks(size)
+    else:
+        data = body() if callable(body) else body
+        pieces = (data[i : i + size] for i in range(0, len(data), size))
+    for piece in pieces:
+        if left == 0:
+            return
+        part = piece if left < 0 else piece[:left]
+        left -= len(part) if left > 0 else 0
+        yield part
