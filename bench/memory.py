@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom.config import ENV_OVERRIDES, example_config_path
-from postroom.testbed import Login, MailUser, Stack
+from postroom_testbed import Login, MailUser, Stack
 from runloop import (
     BenchError,
     clean_up,
