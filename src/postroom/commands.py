@@ -27,7 +27,7 @@ _HTML_BREAK = re.compile(r"<br\s*/?>|</p\s*>|</div\s*>", re.IGNORECASE)
 _HTML_TAG = re.compile(r"<[^>]*>")
 _MAX_COMMANDS = 20
 # Commands are read from this much of the body: the top of the first text part, after any MIME preamble.
-HEAD_BYTES = 256 * 1024
+HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
