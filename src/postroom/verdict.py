@@ -7,9 +7,11 @@ particular protocol, so the milter turns them into smfi_* calls and the smtpd ad
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from postroom.body import chunks_of
 from postroom.replies import Reply
 
 if TYPE_CHECKING:
@@ -101,6 +103,15 @@ def final_body(body: bytes, edits: tuple[Edit, ...] | list[Edit]) -> bytes:
         if isinstance(edit, ReplaceBody):
             body = edit.body
     return body
+
+
+def final_chunks(body: bytes | Callable[[], bytes], edits: tuple[Edit, ...] | list[Edit]) -> Iterable[bytes]:
+    """The body as it will leave, in chunks: the last replacement, or the mail's own body without a whole copy of
+    it (what DKIM hashes)."""
+    for edit in reversed(edits):
+        if isinstance(edit, ReplaceBody):
+            return [edit.body]
+    return chunks_of(body)
 
 
 @dataclass(frozen=True)
