@@ -213,7 +213,7 @@ def run_one(config: str, size: int, args: argparse.Namespace, warmup: int) -> Ru
         def batch() -> float:
             return send_batch(stack, messages, sessions, size, expect_total=warmup + messages, timeout=timeout)
 
-        run = measured(config, size, messages, stack=stack, milter=milter, send=batch)
+        run = measured(config, size, messages, stack=stack, milter=milter, send=batch, quiet=args.quiet_wait)
         if args.latency_messages:
             port = stack.postfix.smtp_port
             run.latencies_ms = latencies(port, args.latency_messages, sessions, size, sender=SENDER, rcpt=RECIPIENT)
@@ -435,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(DEFAULT_CONFIGS),
         help=f"configurations to run, of {','.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)}; "
         "edits = the empty milter making the header edits postroom makes for a new ticket)",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="seconds to wait for a quiet machine before a batch (30)"
     )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.latency_messages < 0:

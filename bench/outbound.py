@@ -249,7 +249,7 @@ def run_one(config: str, size: int, args: argparse.Namespace, *, replies: int, w
             wait_delivered(stack, addresses, total, timeout)
             return time.monotonic() - start
 
-        run = measured(config, size, replies, stack=stack, milter=milter, send=batch)
+        run = measured(config, size, replies, stack=stack, milter=milter, send=batch, quiet=args.quiet_wait)
         if cfg is not None:
             run.notes += check_postroom(stack, cfg, numbers)
         if config != "empty":
@@ -369,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=10, help="customer mailboxes the replies go to (default 10)")
     parser.add_argument(
         "--configs", type=parse_configs, default=list(CONFIGS), help=f"of {','.join(CONFIGS)} (default: all)"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="seconds to wait for a quiet machine before a batch (30)"
     )
     args = parser.parse_args(argv)
     if min(args.replies, args.sessions, args.customers, args.rounds) < 1 or args.big < 0:

@@ -539,13 +539,16 @@ def clean_up() -> Iterator[None]:
         release_interrupts()
 
 
-def measured(config: str, size: int, count: int, *, stack: Stack, milter: Milter, send: Callable[[], float]) -> Run:
+def measured(
+    config: str, size: int, count: int, *, stack: Stack, milter: Milter, send: Callable[[], float], quiet: float = 30.0
+) -> Run:
     """One measured batch of ``count`` mails, ``send`` returning its seconds: it starts once the machine is quiet,
     and the milter's CPU (settled, background work included), its peak RSS, Redis's and the machine's CPU and
     the CPU of each process group are read around it."""
     daemon = milter.daemon
     pid = daemon.pid if daemon is not None else None
-    busy_before = wait_quiet()
+    # On a machine that other people's work keeps busy, waiting longer (--quiet-wait) only makes the run longer.
+    busy_before = wait_quiet(quiet)
     if busy_before > 15.0:
         milter.notes.append(f"the machine was {busy_before:.0f}% busy with other work just before the run")
     cpu_before = settled_cpu_seconds(pid) if pid is not None else 0.0
