@@ -19,6 +19,7 @@ from Milter import testctx
 from postroom.bundle import load_all
 from postroom.config import example_config_path
 from postroom.milter.adapter import Runtime, make_factory
+from postroom.parts import Parts
 from postroom.rules import MemoryAssignmentState, parse_rules
 from postroom.store.memory import MemoryStore
 from tests.test_milter_callbacks import OFFERED_STEPS, PostfixCtx
@@ -31,9 +32,8 @@ BODY_RULES = parse_rules('[[rule]]\nname = "refunds"\nbody_contains = "refund"\n
 @pytest.fixture
 def connect(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], MeasuredCtx]]:
     loaded = load_all(example_config_path(), environ={})
-    runtime = Runtime(
-        loaded.config, MemoryStore(), None, keys=loaded.keys, rules=BODY_RULES, assign=MemoryAssignmentState()
-    )
+    parts = Parts(loaded.config, MemoryStore(), keys=loaded.keys, rules=BODY_RULES, assign=MemoryAssignmentState())
+    runtime = Runtime(parts)
     monkeypatch.setattr(testctx.TestCtx, "default_opts", [Milter.CURR_ACTS, OFFERED_STEPS, 0, 0])
     factory, _holder = make_factory(runtime)
     monkeypatch.setattr(Milter, "factory", factory)
@@ -58,24 +58,29 @@ def large(sender: str, rcpt: str) -> bytes:
 
 class MeasuredCtx(PostfixCtx):
     """Python memory of the milter's part alone: from the first body chunk to the end of end-of-message (TestCtx
-    holds and parses the whole mail itself before that; those copies are Postfix's side, not the milter's)."""
+    holds, parses and copies the whole mail itself around that: Postfix's side, not the milter's)."""
 
     baseline = 0
+    peak = 0
 
     def _feed_body(self, bfp: io.BytesIO) -> int:
         self.baseline = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         return super()._feed_body(bfp)
 
+    def _eom(self) -> int:
+        rc = int(super()._eom())
+        self.peak = tracemalloc.get_traced_memory()[1]  # before TestCtx keeps a copy of the whole mail
+        return rc
+
 
 def peak_mib(ctx: MeasuredCtx, send: Callable[[], int]) -> tuple[int, float]:
     tracemalloc.start()
     try:
         rc = send()
-        _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return rc, (peak - ctx.baseline) / 1024 / 1024
+    return rc, (ctx.peak - ctx.baseline) / 1024 / 1024
 
 
 def test_an_agents_30_mb_reply_costs_less_than_its_size(connect: Callable[[], MeasuredCtx]) -> None:

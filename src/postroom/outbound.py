@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses
 
 from postroom import commands, replies, subject
+from postroom.body import head_of
 from postroom.config import MailboxConfig
 from postroom.dkim import sign as dkim_sign
 from postroom.log import message_logger
@@ -46,7 +47,7 @@ from postroom.verdict import (
     SetHeader,
     Verdict,
     apply_to_headers,
-    final_body,
+    final_chunks,
 )
 
 
@@ -62,14 +63,13 @@ class AgentMail:
     info: subject.SubjectInfo
     refs: list[str]
     from_addrs: list[str]
-    body: bytes
+    head: bytes  # the body's top, where commands stand (commands.HEAD_BYTES): the body is never read whole here
 
     @staticmethod
     def read(message: Message, parts: Parts, login: str) -> AgentMail:
         config = parts.config
         rcpts = message.envelope.rcpts
         text_subject = readable(message.header("Subject") or "")
-        body = message.body()
         return AgentMail(
             message=message,
             login=login,
@@ -79,7 +79,7 @@ class AgentMail:
             info=subject.parse(text_subject),
             refs=subject.message_ids(message.header("References"), message.header("In-Reply-To")),
             from_addrs=addresses(message.header("From")),
-            body=body,
+            head=head_of(message.body, commands.HEAD_BYTES),
         )
 
     @property
@@ -166,7 +166,7 @@ def outbound(message: Message, parts: Parts, now: float) -> Outcome:
         return Outcome(Verdict.accept(summary=f"{login}: personal mail, no ticket, passed through"))
     step = Step(mail, parts, found.box, now, Journal(mail, now))
     try:
-        plan = plan_commands(step, found.ticket, commands.read(message.headers, mail.body))
+        plan = plan_commands(step, found.ticket, commands.read(message.headers, mail.head))
     except commands.CommandError as exc:
         message_logger(mail.queue_id).info("%s: %s refused: %s", found.box.address, login, exc)
         refusal = replies.S550_BAD_COMMAND.format(line=exc.line, reason=exc.reason)
@@ -347,7 +347,8 @@ def rewrite(step: Step, ticket: Ticket, plan: commands.Plan) -> list[Edit]:
         ChangeSender(box.address),
     ]
     if plan.replacements:
-        new_body, mime_changes = commands.strip(mail.message.headers, mail.body, plan.replacements)
+        # Only here is the body read whole: commands are replaced in every text part of it.
+        new_body, mime_changes = commands.strip(mail.message.headers, mail.message.body(), plan.replacements)
         edits.append(ReplaceBody(new_body))
         edits += [SetHeader(k, v) for k, v in mime_changes.items()]
     return edits
@@ -373,7 +374,7 @@ def sign(step: Step, edits: list[Edit]) -> list[Edit]:
         message_logger(step.mail.queue_id).warning("no DKIM key for %s: the reply leaves unsigned", step.box.address)
         return []
     headers = apply_to_headers(step.mail.message.headers, edits)
-    return [AddHeader("DKIM-Signature", dkim_sign(key, headers, final_body(step.mail.body, edits)), top=True)]
+    return [AddHeader("DKIM-Signature", dkim_sign(key, headers, final_chunks(step.mail.message.body, edits)), top=True)]
 
 
 def to_team(step: Step, ticket: Ticket | None, plan: commands.Plan) -> Outcome:
