@@ -354,7 +354,8 @@ def parse_configs(text: str) -> list[str]:
     return [c for c in CONFIGS if c in chosen]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int], int]:
+    """The options, the reply sizes and the warm-up count; exits with a usage error on bad ones."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replies", type=int, default=1000, help="measured replies per run (default 1000)")
     parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions (default 10)")
@@ -382,7 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the testbed needs root (private Postfix and Dovecot)")
     for var in ENV_OVERRIDES:
         os.environ.pop(var, None)
+    return args, sizes, warmup
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, sizes, warmup = parse_args(argv)
     print_header(args, sizes, warmup)
 
     def one(config: str, size: int) -> Run:

@@ -35,7 +35,6 @@ LONG_ALLOWED = {
     ("src/postroom/admin/tickets.py", "show_command"): "CLI output formatting: one block per section it prints",
     ("bench/inbound.py", "table_rows"): "CLI output formatting: the table the benchmark prints",
     ("bench/inbound.py", "main"): "a benchmark's command line: options, then the printed report",
-    ("bench/outbound.py", "main"): "a benchmark's command line: options, then the printed report",
     ("bench/profile_postroom.py", "main"): "a benchmark's command line: options, then the printed report",
     ("src/postroom_testbed/dovecot.py", "config_text"): "one dovecot.conf as text, no logic",
     ("src/postroom/autoreply.py", "build_auto_reply"): "issue 15 rewrites autoreply.py; split once it has landed",
