@@ -381,7 +381,8 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
         "          Milter CPU = utime+stime of the milter process and its worker processes over the measured batch\n"
         "          (including postroom's background history writes); peak RSS = VmHWM, summed over those\n"
         "          processes. Load generator and all services share the CPUs;\n"
-        "          each measured batch starts once the CPUs were <= 15% busy for a second (waiting at most 30 s)."
+        "          each measured batch starts once the CPUs were <= 15% busy for a second "
+        f"(waiting at most {args.quiet_wait:g} s)."
     )
     print(flush=True)
 

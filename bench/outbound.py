@@ -332,7 +332,7 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
         "          queues empty; time from the first measured connection. Milter CPU = utime+stime of the milter\n"
         "          process and its workers over the measured replies (history writes included); peak RSS = VmHWM.\n"
         "          Load generator and all services share the CPUs; each measured batch starts once the CPUs were\n"
-        "          <= 15% busy for a second (waiting at most 30 s)."
+        f"          <= 15% busy for a second (waiting at most {args.quiet_wait:g} s)."
     )
     print(flush=True)
 
