@@ -64,6 +64,7 @@ from runloop import (
     measured,
     median,
     milter_for,
+    parse_configs,
     parse_sizes,
     percentile,
     print_command_and_machine,
@@ -387,14 +388,6 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
     print(flush=True)
 
 
-def parse_configs(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [c for c in chosen if c not in CONFIGS]
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
-    return [c for c in CONFIGS if c in chosen]
-
-
 def run_line(run: Run, round_no: int) -> str:
     line = (
         f"{size_label(run.size):>7}  {CONFIG_TITLES[run.config]:<13} #{round_no} {run.messages} messages in "
@@ -432,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--configs",
-        type=parse_configs,
+        type=lambda text: parse_configs(text, CONFIGS),
         default=list(DEFAULT_CONFIGS),
         help=f"configurations to run, of {','.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)}; "
         "edits = the empty milter making the header edits postroom makes for a new ticket)",

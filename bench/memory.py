@@ -30,7 +30,6 @@ from postroom_testbed import Login, MailUser, Stack
 from runloop import (
     BenchError,
     clean_up,
-    family,
     fmt,
     interrupts_as_keyboard_interrupt,
     markdown_grid,
@@ -39,6 +38,7 @@ from runloop import (
     print_command_and_machine,
     progress,
     size_label,
+    status_kib,
     text_grid,
 )
 
@@ -59,18 +59,6 @@ def big_mail(sender: str, rcpt: str, size: int, number: int) -> bytes:
     )
     line = b"A line of a large mail, as a long log file or a pasted table makes it.  \r\n"
     return head.encode() + line * (size // len(line))
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS now, summed over the milter and its worker processes."""
-    total = 0
-    for member in family(pid):
-        try:
-            lines = Path(f"/proc/{member}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0)
-    return total
 
 
 def send(port: int, mails: Sequence[bytes], sender: str, rcpt: str, login: Login | None) -> None:
@@ -110,7 +98,7 @@ def one_case(config: str, direction: str, count: int, size: int) -> tuple[int, i
         if milter.daemon is None or pid is None:
             raise BenchError("the milter did not start")
         time.sleep(1.0)
-        rest = rss_kib(pid)
+        rest = status_kib(pid, "VmRSS")
         if direction == "inbound":
             mails = [big_mail(CUSTOMER, SUPPORT, size, i) for i in range(count)]
             send(stack.postfix.smtp_port, mails, CUSTOMER, SUPPORT, None)

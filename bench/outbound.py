@@ -55,6 +55,7 @@ from runloop import (
     measured,
     median,
     milter_for,
+    parse_configs,
     parse_sizes,
     print_command_and_machine,
     run_rounds,
@@ -346,14 +347,6 @@ def run_line(run: Run, round_no: int) -> str:
     )
 
 
-def parse_configs(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [c for c in chosen if c not in CONFIGS]
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
-    return [c for c in CONFIGS if c in chosen]
-
-
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int], int]:
     """The options, the reply sizes and the warm-up count; exits with a usage error on bad ones."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,7 +362,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[int
     parser.add_argument("--big", type=int, default=BIG, help=f"one reply of this size per round (default {BIG}; 0: no)")
     parser.add_argument("--customers", type=int, default=10, help="customer mailboxes the replies go to (default 10)")
     parser.add_argument(
-        "--configs", type=parse_configs, default=list(CONFIGS), help=f"of {','.join(CONFIGS)} (default: all)"
+        "--configs",
+        type=lambda text: parse_configs(text, CONFIGS),
+        default=list(CONFIGS),
+        help=f"of {','.join(CONFIGS)} (default: all)",
     )
     parser.add_argument(
         "--quiet-wait", type=float, default=30.0, help="seconds to wait for a quiet machine before a batch (30)"

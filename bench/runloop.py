@@ -113,15 +113,21 @@ def cpu_seconds(pid: int) -> float:
     return sum(user_system(pid))
 
 
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM of the process plus that of each of its worker processes."""
+def status_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status figure (VmRSS, VmHWM) of the process plus that of each of its worker processes."""
     total = 0
     for member in family(pid):
         try:
             lines = Path(f"/proc/{member}/status").read_text().splitlines()
         except OSError:
             continue
-        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
+        total += next((int(line.split()[1]) for line in lines if line.startswith(f"{field}:")), 0)
+    return total
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of the process plus that of each of its worker processes."""
+    total = status_kib(pid, "VmHWM")
     if not total:
         raise BenchError(f"no VmHWM in /proc/{pid}/status")
     return total
@@ -435,6 +441,15 @@ def text_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
 
 def markdown_table(rows: list[tuple[str, list[str]]], sizes: Sequence[int]) -> str:
     return markdown_grid("", [size_label(s) for s in sizes], rows)
+
+
+def parse_configs(text: str, known: Sequence[str]) -> list[str]:
+    """A comma-separated choice of configurations, in the order of ``known``."""
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in known]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown configurations {unknown}; choose from {','.join(known)}")
+    return [c for c in known if c in chosen]
 
 
 def parse_sizes(text: str) -> list[int]:
