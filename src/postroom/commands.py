@@ -168,6 +168,7 @@ def strip(headers: list[tuple[str, str]], body: bytes, replacements: list[str]) 
 _STATES = {"close": "closed", "reopen": "open", "pending": "pending"}
 TICKET_COMMANDS = frozenset(
     {"take", "takeover", "assign", "release", "close", "reopen", "pending", "priority", "tag", "untag", "canned"}
+    | {"remind"}
 )
 KNOWN = TICKET_COMMANDS | {"note", "away", "back"}
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2}))?$")
@@ -197,6 +198,7 @@ class Plan:
     away: bool = False
     away_until: float | None = None
     back: bool = False
+    remind: bool = False  # #remind or #pending until: a follow-up date, read back from the history
     replacements: list[str] = field(default_factory=list)  # per command line: "" removes it, canned text replaces
     events: list[tuple[str, str]] = field(default_factory=list)  # (event, detail) for the history
     ticket_lines: list[str] = field(default_factory=list)  # the lines of commands that change a ticket
@@ -212,6 +214,7 @@ class Plan:
                 self.remove_tags,
                 self.take,
                 self.takeover,
+                self.remind,
             )
         )
 
@@ -228,6 +231,38 @@ def _until(cmd: Command) -> float:
         return float(calendar.timegm(datetime(y, mo, d, hh, mm).timetuple()))
     except ValueError as exc:
         raise CommandError(cmd.line, f"not a date: {exc}") from None
+
+
+_IN_RE = re.compile(r"^(\d{1,3})([hdw])$", re.IGNORECASE)
+_UNIT = {"h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def followup_at(name: str, detail: str, at: float) -> float | None:
+    """When a ``#remind`` or ``#pending until`` given at ``at`` falls due (UTC seconds), or None if it names none.
+
+    ``#remind 3d`` (h, d or w after the mail), ``#remind 2026-12-01 [09:00]`` and ``#pending until 2026-12-01``;
+    dates are UTC like ``#away until``.
+    """
+    args = detail.split()
+    if name == "pending":
+        if not args or args[0].lower() != "until":
+            return None
+        args = args[1:]
+    elif name != "remind":
+        return None
+    m = _IN_RE.match(" ".join(args))
+    if m:
+        return at + int(m.group(1)) * _UNIT[m.group(2).lower()]
+    return _until(Command(name, tuple(args), detail))
+
+
+def _followup_or_error(cmd: Command) -> None:
+    usage = "write #remind 3d (h, d, w) or #remind YYYY-MM-DD [HH:MM], or #pending until YYYY-MM-DD [HH:MM] (UTC)"
+    try:
+        if followup_at(cmd.name, " ".join(cmd.args), 0.0) is None:
+            raise CommandError(cmd.line, usage)
+    except CommandError as exc:
+        raise CommandError(cmd.line, exc.reason if exc.reason.startswith("not a date") else usage) from None
 
 
 @dataclass(frozen=True)
@@ -300,6 +335,20 @@ def _set_state(p: Plan, cmd: Command, box: _Mailbox) -> str:
     return ""
 
 
+def _pending(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    p.state = _STATES[cmd.name]
+    if cmd.args:  # "#pending until DATE": a follow-up when the customer stays silent
+        _followup_or_error(cmd)
+        p.remind = True
+    return ""
+
+
+def _remind(p: Plan, cmd: Command, box: _Mailbox) -> str:
+    _followup_or_error(cmd)
+    p.remind = True
+    return ""
+
+
 def _priority(p: Plan, cmd: Command, box: _Mailbox) -> str:
     if len(cmd.args) != 1 or cmd.args[0].lower() not in PRIORITIES:
         raise CommandError(cmd.line, f"write #priority {'|'.join(PRIORITIES)}")
@@ -350,7 +399,8 @@ _MEANINGS: dict[str, Callable[[Plan, Command, _Mailbox], str]] = {
     "release": _release,
     "close": _set_state,
     "reopen": _set_state,
-    "pending": _set_state,
+    "pending": _pending,
+    "remind": _remind,
     "priority": _priority,
     "tag": _tags,
     "untag": _tags,

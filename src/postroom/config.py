@@ -86,6 +86,62 @@ class DatabaseConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 200
 
 
+# Business time as "90m" or "4h" (hours and minutes of opening hours); "" means no target.
+_BUSINESS_RE = re.compile(r"^(\d{1,5})([mh])$")
+
+
+def business_minutes(value: str) -> int:
+    """Minutes of a duration like "90m" or "4h"; 0 for ""; ValueError for anything else."""
+    if not value:
+        return 0
+    m = _BUSINESS_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a duration like 30m or 4h")
+    return int(m.group(1)) * (60 if m.group(2) == "h" else 1)
+
+
+def _duration(value: str) -> str:
+    business_minutes(value)
+    return value.strip()
+
+
+class SlaPolicy(_Section):
+    """Targets of one priority in one mailbox, in business time (the [hours] opening hours)."""
+
+    first_response: str = ""
+    next_response: str = ""
+    resolution: str = ""
+
+    _check = field_validator("first_response", "next_response", "resolution")(_duration)
+
+
+class SlaConfig(_Section):
+    """``postroom remind`` and ``postroom digest``: when to remind, escalate and report."""
+
+    remind_before: str = "1h"
+    unassigned_after: str = "2h"
+    lead_digest: Literal["daily", "weekly"] = "daily"
+
+    _check = field_validator("remind_before", "unassigned_after")(_duration)
+
+
+class MetricsConfig(_Section):
+    """Where the daemons serve Prometheus's /metrics; "" serves none."""
+
+    milter_listen: str = ""
+    smtpd_listen: str = ""
+
+    @field_validator("milter_listen", "smtpd_listen")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        if not value:
+            return value
+        m = re.match(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):(\d{1,5})$", value)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ValueError(f"{value!r} must be a loopback HOST:PORT such as 127.0.0.1:9151 or [::1]:9151")
+        return value
+
+
 class AgentConfig(_Section):
     address: str
     display_name: str = ""
@@ -118,6 +174,8 @@ class MailboxConfig(_Section):
     copy_replies: bool = True
     canned_dir: str = ""
     away_handover: Literal["inbox", "round-robin", "least-open"] = "inbox"
+    leads: list[str] = Field(default_factory=list)
+    sla: dict[Literal["low", "normal", "high", "urgent"], SlaPolicy] = Field(default_factory=dict)
 
     @field_validator("from_format")
     @classmethod
@@ -246,6 +304,8 @@ class Config(_Section):
     hours: HoursConfig = HoursConfig()
     autoreply: AutoReplyConfig = AutoReplyConfig()
     mailer: MailerConfig = MailerConfig()
+    sla: SlaConfig = SlaConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("dkim")
     @classmethod
@@ -270,9 +330,10 @@ class Config(_Section):
             if box.address in seen:
                 raise ValueError(f"mailboxes.{key}.address {box.address} is also mailboxes.{seen[box.address]}")
             seen[box.address] = key
-            for login in box.agents:
-                if login not in self.agents:
-                    raise ValueError(f"mailboxes.{key}.agents: unknown agent {login!r} (no [agents.{login}])")
+            for field_name in ("agents", "leads"):
+                for login in getattr(box, field_name):
+                    if login not in self.agents:
+                        raise ValueError(f"mailboxes.{key}.{field_name}: unknown agent {login!r} (no [agents.{login}])")
         return self
 
     # -- derived look-ups; computed on demand because a Config is small and frozen --

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from postroom import subject
+from postroom import notice, sla, subject
 from postroom.autoreply import AutoReplyPlan, plan_auto_reply
 from postroom.config import Config, MailboxConfig
 from postroom.log import message_logger
@@ -37,7 +37,7 @@ from postroom.mime import (
 from postroom.parts import Parts
 from postroom.rules import Decision, MessageFacts, evaluate
 from postroom.tickets import KEEP, Changes, NewTicket, Record, Ticket, recount
-from postroom.verdict import AddRecipient, Edit, Envelope, Outcome, RemoveRecipient, SetHeader, Verdict
+from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, Outcome, RemoveRecipient, SetHeader, Verdict
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,9 @@ def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     if not mailboxes:
         edits = strip_internal(message.headers)
         return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
+    ours = notice.ours(message, parts.store, [routed.box for routed in mailboxes])
+    if ours is not None:
+        return Outcome(Verdict.accept(summary=f"postroom notice {ours}"))
     mail = CustomerMail.read(message)
     return assemble(mail, [through_mailbox(Step(mail, routed, parts, now)) for routed in mailboxes])
 
@@ -143,6 +146,7 @@ def through_mailbox(step: Step) -> MailboxResult:
     decision = decide(step, new_ticket=thread.ticket is None)
     applied = apply_to_store(step, thread, decision)
     headers, recipient_edits = mailbox_edits(step, applied.ticket, decision)
+    headers += due_header(step, applied)
     return MailboxResult(step.routed, decision, applied, headers, recipient_edits, record(step, applied))
 
 
@@ -288,6 +292,15 @@ def mailbox_edits(step: Step, ticket: Ticket, decision: Decision) -> tuple[list[
     if ticket.owner in config.agents and not step.parts.store.away(box.address, [ticket.owner]):
         folder = config.agent_folder(ticket.owner)
     return headers, reroute(step.routed.rcpts, config.recipient_delimiter, folder)
+
+
+def due_header(step: Step, applied: Applied) -> list[Edit]:
+    """``X-Postroom-Due``: when the answer to this mail is due by the mailbox's SLA targets (none without one)."""
+    if applied.event == "duplicate":
+        return []
+    ticket, box = applied.ticket, step.routed.box
+    due = sla.answer_due(step.parts.config, box, ticket.priority, applied.event in ("opened", "linked"), step.now)
+    return [] if due is None else [AddHeader("X-Postroom-Due", f"{sla.iso(due)} ({box.tag} #{ticket.number})")]
 
 
 def record(step: Step, applied: Applied) -> Record:

@@ -23,6 +23,7 @@ from postroom.admin.common import (
     reload_runtime,
 )
 from postroom.admin.rules_cli import rules_group
+from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.dkim import generate, public_txt
 from postroom.history import migrate
 
@@ -234,6 +235,9 @@ def db_upgrade(config_path: Path) -> None:
 
 
 main.add_command(rules_group)
+main.add_command(remind_command)
+main.add_command(digest_command)
+main.add_command(stats_command)
 
 if __name__ == "__main__":
     sys.exit(main())

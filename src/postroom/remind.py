@@ -1,0 +1,205 @@
+"""``postroom remind``: reminders before a due time, escalations at a breach, unassigned tickets, follow-ups.
+
+Run by a timer every few minutes.  Each notice is sent once per due time: the history records it (event
+"notice", detail "<kind> <target> <due>") and a later run that finds the record sends nothing.  Notices never go
+to a customer: reminders and follow-ups go into the owner's folder of the shared mailbox (``support+Meier@``),
+escalations to the mailbox's leads, unassigned tickets into the team's inbox folder.  Every one is marked
+``Auto-Submitted: auto-generated`` and sent from the null sender, so no auto-responder answers and nothing bounces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import smtplib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from postroom import commands, sla
+from postroom.config import Config, MailboxConfig, business_minutes
+from postroom.mime import folder_address
+from postroom.notice import NOTICE_HEADER
+from postroom.tickets import Changes, Record, StoreUnavailable, TicketStore
+from postroom.timeline import Timeline
+
+log = logging.getLogger("postroom.remind")
+
+WHAT = {
+    "first_response": "first response",
+    "next_response": "next response",
+    "resolution": "resolution",
+    "unassigned": "assignment",
+    "followup": "follow-up",
+}
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: str  # reminder | escalation | unassigned | followup
+    target: str  # first_response | next_response | resolution | unassigned | followup
+    due: dt.datetime
+    ticket: Timeline
+    box: MailboxConfig
+    rcpts: tuple[str, ...]
+    into_mailbox: bool  # delivered into a folder of the shared mailbox (its Message-ID must be indexed)
+
+    @property
+    def detail(self) -> str:
+        return f"{self.kind} {self.target} {sla.iso(self.due)}"
+
+    @property
+    def mark(self) -> str:
+        return f"{self.box.tag} #{self.ticket.number}"
+
+
+def _folder(config: Config, box: MailboxConfig, owner: str) -> tuple[str, ...]:
+    folder = config.agent_folder(owner) if owner in config.agents else box.inbox_folder
+    return (folder_address(box.address, config.recipient_delimiter, folder),)
+
+
+def _leads(config: Config, box: MailboxConfig) -> tuple[tuple[str, ...], bool]:
+    if box.leads:
+        return tuple(config.agents[x].address for x in box.leads), False
+    return _folder(config, box, ""), True  # no leads: the team's inbox sees the breach
+
+
+def followup_due(t: Timeline) -> dt.datetime | None:
+    """The due time of the ticket's last #remind / #pending until, unless the customer has written since."""
+    for i in range(len(t.events) - 1, -1, -1):
+        e = t.events[i]
+        if e.kind in sla.CUSTOMER_EVENTS:
+            return None
+        if e.kind in ("remind", "pending"):
+            at = commands.followup_at(e.kind, e.detail, e.at.timestamp())
+            return None if at is None else dt.datetime.fromtimestamp(at, dt.UTC)
+    return None
+
+
+def plan(config: Config, timelines: list[Timeline], now: dt.datetime) -> list[Notice]:
+    """Every notice due at ``now`` that has not been sent yet."""
+    clock = sla.Clock(config.hours)
+    boxes = {b.address: b for b in config.mailboxes.values()}
+    out: list[Notice] = []
+    for t in timelines:
+        box = boxes.get(t.mailbox)
+        if box is None or t.state == "closed":
+            continue
+        out += _ticket_notices(config, box, t, clock, now)
+    return [n for n in out if not n.ticket.noticed(n.detail)]
+
+
+def _ticket_notices(
+    config: Config, box: MailboxConfig, t: Timeline, clock: sla.Clock, now: dt.datetime
+) -> list[Notice]:
+    out: list[Notice] = []
+    before = business_minutes(config.sla.remind_before)
+    pol = sla.policy(box, t.priority)
+    for d in sla.open_dues(config, box, t, clock):
+        if now >= d.at:
+            rcpts, into = _leads(config, box)
+            out.append(Notice("escalation", d.kind, d.at, t, box, rcpts, into))
+        elif t.owner and now >= clock.add(d.since, max(0, business_minutes(getattr(pol, d.kind)) - before)):
+            out.append(Notice("reminder", d.kind, d.at, t, box, _folder(config, box, t.owner), True))
+    after = business_minutes(config.sla.unassigned_after)
+    if not t.owner and t.state in ("new", "open") and after:
+        due = clock.add(t.created, after)
+        if now >= due:
+            out.append(Notice("unassigned", "unassigned", due, t, box, _folder(config, box, ""), True))
+    follow = followup_due(t)
+    if follow is not None and now >= follow:
+        out.append(Notice("followup", "followup", follow, t, box, _folder(config, box, t.owner), True))
+    return out
+
+
+def build(config: Config, n: Notice, now: dt.datetime, message_id: str) -> EmailMessage:
+    t = n.ticket
+    msg = EmailMessage()
+    msg["From"] = f"{n.box.tag} reminders <{n.box.address}>"
+    msg["To"] = ", ".join(n.rcpts)
+    titles = {
+        "reminder": f"{WHAT[n.target]} due {sla.local(config, n.due)}",
+        "escalation": f"{WHAT[n.target]} overdue since {sla.local(config, n.due)}",
+        "unassigned": f"nobody has taken it since {sla.local(config, t.created)}",
+        "followup": f"follow-up due {sla.local(config, n.due)}, no answer from the customer",
+    }
+    msg["Subject"] = f"[{n.mark}] {n.kind.capitalize()}: {titles[n.kind]}"
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = f"<{message_id}>"
+    msg["Auto-Submitted"] = "auto-generated"
+    msg[NOTICE_HEADER] = f"{n.kind} {t.number} ({n.mark})"
+    msg["X-Postroom-Due"] = f"{sla.iso(n.due)} ({n.mark})"
+    if t.first_message_id:
+        msg["In-Reply-To"] = f"<{t.first_message_id}>"
+        msg["References"] = f"<{t.first_message_id}>"
+    owner = config.agent_name(t.owner) if t.owner in config.agents else "nobody"
+    msg.set_content(
+        f"{n.mark}: {titles[n.kind]}.\n\n"
+        f"Customer: {t.customer}\nSubject:  {t.subject}\nOwner:    {owner}\nState:    {t.state}\n"
+        f"Priority: {t.priority}\nOpened:   {sla.local(config, t.created)}\n\n"
+        "Sent by postroom remind; answer the ticket as usual to stop these.\n"
+    )
+    return msg
+
+
+Sender = Callable[[str, tuple[str, ...], bytes], None]
+
+
+def smtp_sender(config: Config) -> Sender:
+    def send(mail_from: str, rcpts: tuple[str, ...], data: bytes) -> None:
+        with smtplib.SMTP(config.mailer.host, config.mailer.port, timeout=config.mailer.timeout_seconds) as smtp:
+            smtp.sendmail(mail_from, list(rcpts), data)
+
+    return send
+
+
+def send_all(
+    config: Config, notices: list[Notice], store: TicketStore, send: Sender, now: dt.datetime
+) -> tuple[list[Record], int]:
+    """Send each notice, then its history record; returns the records and how many could not be sent."""
+    records: list[Record] = []
+    failed = 0
+    for n in notices:
+        domain = n.box.address.rpartition("@")[2]
+        mid = f"postroom.notice.{uuid.uuid4().hex}@{domain}"
+        data = build(config, n, now, mid).as_bytes()
+        try:
+            if n.into_mailbox:
+                # Before sending: the milter lets the notice through only if its Message-ID is indexed.
+                store.touch(n.box.address, n.ticket.number, [mid], [], now.timestamp())
+            send("", n.rcpts, data)
+        except (OSError, smtplib.SMTPException, StoreUnavailable) as exc:
+            log.error("%s: %s not sent: %s", n.mark, n.detail, exc)
+            failed += 1
+            continue
+        state = n.ticket.state
+        if n.kind == "followup" and state == "pending":
+            # The customer stayed silent: the ticket is the owner's to act on again.
+            try:
+                state = store.update(n.box.address, n.ticket.number, Changes(state="open"), now.timestamp()).state
+            except (StoreUnavailable, KeyError) as exc:
+                log.warning("%s: follow-up sent, ticket left %s: %s", n.mark, state, exc)
+        log.info("%s: %s sent to %s", n.mark, n.detail, ", ".join(n.rcpts))
+        records.append(_record(n, mid, state, now))
+    return records, failed
+
+
+def _record(n: Notice, mid: str, state: str, now: dt.datetime) -> Record:
+    t = n.ticket
+    return Record(
+        mailbox=t.mailbox,
+        number=t.number,
+        event="notice",
+        at=now.timestamp(),
+        customer=t.customer,
+        ticket_subject=t.subject,
+        owner=t.owner,
+        state=state,
+        priority=t.priority,
+        message_id=mid,
+        direction="notice",
+        actor="postroom",
+        detail=n.detail,
+    )
