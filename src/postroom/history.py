@@ -428,6 +428,10 @@ class HistoryWriter:
             self._idle.clear()
             self._q.put(records)
 
+    def depth(self) -> int:
+        """Batches queued and not yet written (the metrics' history queue depth)."""
+        return self._q.qsize()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is written (tests, shutdown)."""
         if self._thread.is_alive():

@@ -9,7 +9,7 @@ hangs, a verdict that cannot be applied).
 
 from __future__ import annotations
 
-from postroom import replies
+from postroom import metrics, replies
 from postroom.config import Config
 from postroom.inbound import inbound
 from postroom.log import message_logger
@@ -31,6 +31,7 @@ def process(message: Message, parts: Parts, now: float) -> Outcome:
     try:
         return outbound(message, parts, now) if is_outbound else inbound(message, parts, now)
     except StoreUnavailable as exc:
+        metrics.REDIS_ERRORS.inc()
         log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
         return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
     except Exception:

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,9 @@ from postroom.admin.common import (
 )
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
+from postroom.config import Config
 from postroom.dkim import generate, public_txt
-from postroom.history import migrate
+from postroom.history import HistoryWriter, migrate
 
 if TYPE_CHECKING:
     from postroom.milter.adapter import Pipeline
@@ -74,7 +76,11 @@ def milter_command(config_path: Path) -> None:
                 new = reload_runtime(current.runtime, config_path)
                 return None if new is None else LocalPipeline(new)
 
-            run(LocalPipeline(runtime), reload=reload_local)
+            stop_metrics = _serve_metrics(runtime.config, runtime.config.metrics.milter_listen, runtime.history)
+            try:
+                run(LocalPipeline(runtime), reload=reload_local)
+            finally:
+                stop_metrics()
         return
     loaded = load_bundle_or_exit(config_path)
     if loaded.config.database.auto_migrate:
@@ -91,9 +97,11 @@ def milter_command(config_path: Path) -> None:
         # Each worker reads the new config before any mail that names its generation; a mail in flight keeps its own.
         return RemotePipeline(new.config, new.rules, pool, pool.reload(new))
 
+    stop_metrics = _serve_metrics(loaded.config, loaded.config.metrics.milter_listen, None)
     try:
         run(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
     finally:
+        stop_metrics()
         pool.close()
         log.info("postroom milter stopped")
 
@@ -131,7 +139,22 @@ def smtpd_command(config_path: Path) -> None:
     config = _load(config_path)
     plog.setup(config.milter.log_level)
     with daemon_runtime(config_path, "smtpd") as runtime:
-        run(runtime, reload=lambda current: reload_runtime(current, config_path))
+        stop_metrics = _serve_metrics(runtime.config, runtime.config.metrics.smtpd_listen, runtime.history)
+        try:
+            run(runtime, reload=lambda current: reload_runtime(current, config_path))
+        finally:
+            stop_metrics()
+
+
+def _serve_metrics(config: Config, listen: str, history: HistoryWriter | None) -> Callable[[], None]:
+    """/metrics for this daemon ([metrics]); a port already taken is logged and mail goes on without metrics."""
+    from postroom import metrics  # noqa: PLC0415
+
+    try:
+        return metrics.serve(config, listen, None if history is None else history.depth)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s (%s); running without /metrics", listen, exc)
+        return lambda: None
 
 
 main.add_command(snippets.postfix_snippet_command)

@@ -20,6 +20,7 @@ import Milter
 import milter
 
 from postroom import log as plog
+from postroom import metrics
 from postroom.body import Body
 from postroom.config import Config
 from postroom.milter.worker import Handled, LocalPipeline, skipped_body
@@ -155,12 +156,15 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             client_addr=self.client_addr,
         )
         message = Message(envelope, self.headers, body=skipped_body if self.body_skipped else self.spool)
+        started = time.perf_counter()
         try:
             handled = pipeline.handle(message, time.time())
         except Exception:
             # No worker answered (it died or hung): the same policy as a crash inside the pipeline.
             log.exception("the pipeline did not answer; policy %s", self._policy(pipeline.config))
+            metrics.observe(bool(self.auth_login), self._policy(pipeline.config), time.perf_counter() - started)
             return self._apply_failed(pipeline.config)
+        metrics.observe(bool(self.auth_login), metrics.verdict_label(handled.verdict), time.perf_counter() - started)
         try:
             rc = self._apply(handled.verdict)
         except Exception:

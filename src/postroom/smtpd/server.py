@@ -27,7 +27,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from postroom import __version__, replies
+from postroom import __version__, metrics, replies
 from postroom import log as plog
 from postroom.config import SmtpdConfig
 from postroom.pipeline import Message
@@ -238,8 +238,10 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
         )
         message = Message(envelope, raw.headers, body=lambda: raw.body)
         # The same calls as the milter's (milter/adapter.py): both adapters run the pipeline with the same parts.
+        started = time.perf_counter()
         outcome = rt.handle(message, time.time())
         verdict = outcome.verdict
+        metrics.observe(bool(who.login), metrics.verdict_label(verdict), time.perf_counter() - started)
         refused = refusal(verdict)
         if refused is not None:
             return refused
