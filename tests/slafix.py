@@ -18,9 +18,9 @@ SLA = {
 }
 
 
-def sla_config(**changes: dict[str, Any]) -> Config:
-    """The shipped example with Mon-Fri 09-17 UTC, the targets above and schulze as the support lead."""
-    data = load_config(example_config_path(), environ={}).model_dump()
+def sla_config(base: Config | None = None, **changes: dict[str, Any]) -> Config:
+    """``base`` (the shipped example) with Mon-Fri 09-17 UTC, the targets above and schulze as the support lead."""
+    data = (base or load_config(example_config_path(), environ={})).model_dump()
     data["hours"] = {**data["hours"], **HOURS, "holidays": []}
     data["mailboxes"]["support"] |= {"sla": SLA, "leads": ["schulze"]}
     for section, values in changes.items():

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from postroom.admin.cli import main
+from postroom.admin.common import redis_store
 from postroom.config import to_toml
 from postroom.stats import percentile
-from postroom.admin.common import redis_store
 from postroom.store import NewTicket
 
 from .slafix import BOX, at, sla_config, write_history
