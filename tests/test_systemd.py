@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
-DAEMONS = {"milter": SYSTEMD_DIR / "postroom-milter.service", "smtpd": SYSTEMD_DIR / "postroom-smtpd.service"}
+# The daemons and the timer-driven commands: each service is checked the same way.
+DAEMONS = {name: SYSTEMD_DIR / f"postroom-{name}.service" for name in ("milter", "smtpd", "remind", "digest")}
+TIMERS = {name: SYSTEMD_DIR / f"postroom-{name}.timer" for name in ("remind", "digest")}
 per_unit = pytest.mark.parametrize("daemon", sorted(DAEMONS))
 CONFIG = "/etc/postroom/postroom.toml"
 MAX_EXPOSURE = 2.0
@@ -137,3 +139,20 @@ def test_exec_start_runs_the_daemon_with_config(daemon: str) -> None:
     assert Path(argv[0]).is_absolute(), argv
     assert Path(argv[0]).name == "postroom", argv
     assert argv[1:] == [daemon, "--config", CONFIG], argv
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", sorted(TIMERS))
+def test_timer_verifies_and_starts_its_service(tmp_path: Path, name: str) -> None:
+    timer = TIMERS[name].read_text(encoding="utf-8")
+    assert ("Timer", "Unit", f"postroom-{name}.service") in [(s, k, v) for s, k, v, _ in _directives(timer)]
+    assert ("Service", "Type", "oneshot") in [(s, k, v) for s, k, v, _ in _directives(DAEMONS[name].read_text())]
+    (tmp_path / TIMERS[name].name).write_text(timer, encoding="utf-8")
+    service = DAEMONS[name].read_text(encoding="utf-8")
+    argv, _ = _exec_start(service)
+    (tmp_path / DAEMONS[name].name).write_text(
+        service.replace(argv[0], str(_installed_postroom(tmp_path)), 1), encoding="utf-8"
+    )
+    proc = _run("verify", "--man=no", "--recursive-errors=no", str(tmp_path / TIMERS[name].name))
+    assert proc.returncode == 0, _show(proc)
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if f"postroom-{name}" in line], _show(proc)
