@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from postroom.config import ConfigError, example_config_path, load_config, parse_config, to_toml
+from postroom.config import (
+    ConfigError,
+    MailboxConfig,
+    SlaPolicy,
+    example_config_path,
+    load_config,
+    parse_config,
+    to_toml,
+)
 
 
 def test_example_config_loads_with_the_documented_team() -> None:
@@ -23,10 +31,13 @@ def test_example_config_loads_with_the_documented_team() -> None:
 
 def test_every_key_of_the_schema_is_in_the_example() -> None:
     data = tomllib.loads(example_config_path().read_text())
-    for section in ("milter", "smtpd", "redis", "database", "hours", "autoreply", "mailer"):
+    for section in ("milter", "smtpd", "redis", "database", "hours", "autoreply", "mailer", "sla", "metrics"):
         model = type(getattr(load_config(example_config_path(), environ={}), section))
         assert set(data[section]) == set(model.model_fields), section
     assert "rules_file" in data
+    support = data["mailboxes"]["support"]
+    assert set(support) == set(MailboxConfig.model_fields)
+    assert set(support["sla"]["normal"]) == set(SlaPolicy.model_fields)
 
 
 def test_environment_overrides(tmp_path: Path) -> None:
@@ -55,6 +66,14 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ),
         ("[mailboxes.support]\naddress = 'support@example.test'\n", "mailboxes.support.tag: Field required"),
         ("[milter\n", "not valid TOML"),
+        ("[sla]\nremind_before = '1 hour'\n", "sla.remind_before: Value error, '1 hour' is not a duration like 30m"),
+        (
+            "[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\n[mailboxes.s.sla.normal]\nfirst_response = '4'\n",
+            "mailboxes.s.sla.normal.first_response",
+        ),
+        ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\n[mailboxes.s.sla.asap]\n", "mailboxes.s.sla.asap"),
+        ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\nleads = ['boss']\n", "leads: unknown agent 'boss'"),
+        ("[metrics]\nmilter_listen = '0.0.0.0:9151'\n", "must be a loopback HOST:PORT"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, toml: str, expected: str) -> None:
