@@ -49,10 +49,16 @@ def test_demo_plays_the_story_and_ends_with_the_ticket_table_and_folders(tmp_pat
     assert re.search(
         r"alice@bigcorp.example\s+│ Printer on fire\s+│ meier\s+│ open\s+│ high\s+│ key-account", rows["1"]
     )
-    assert re.search(r"bob@customer.test\s+│ Invoice wrong\s+│ unassigned\s+│ new\s+│ normal", rows["2"])
+    # Meier took Bob's ticket with "#take" and "#remind 2d".
+    assert re.search(r"bob@customer.test\s+│ Invoice wrong\s+│ meier\s+│ open\s+│ normal", rows["2"])
+    # One reminder (the follow-up Bob's silence fires) and one lead digest with its chart.
+    assert "followup (followup) for Support #2 to support+Meier@example.test" in out
+    assert re.search(r"lands in support@example.test/Meier as \[Support #2\] Followup: follow-up due", out)
+    assert "lands in schulze@example.test/INBOX as Support daily figures: backlog 2" in out
+    assert "parts: multipart/alternative, text/plain, multipart/related, text/html, image/png" in out
     tree = out[out.index("Maildir folders in") :]
     assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 messages\)", tree)
-    assert re.search(r"support@example.test\n.*INBOX \(1 messages\)\n.*Meier \(3 messages\)", tree)
+    assert re.search(r"support@example.test\n.*INBOX \(1 messages\)\n.*Meier \(5 messages\)", tree)
     assert "everything it started is stopped" in out
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "demo" / "maildir" / "support@example.test" / "Meier" / "new").is_dir()

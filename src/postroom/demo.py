@@ -11,6 +11,7 @@ demo shows is what an admin gets; only Redis, the database and the rules file ar
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import smtplib
@@ -28,9 +29,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from postroom import digest, remind, timeline
 from postroom.admin.common import daemon_runtime
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
 from postroom.dkim import dns_answer, public_txt
+from postroom.history import make_engine
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
 from postroom_testbed import RedisServer, StackError, free_port
@@ -110,7 +113,7 @@ def _mail(sender: str, to: str, subject: str, body: str, in_reply_to: str = "") 
 class Story:
     """Two customers, a rule, Meier's reply, Mueller's refused one and the customer's answer, over real SMTP."""
 
-    STEPS = 5
+    STEPS = 8
 
     def __init__(self, server: DevServer, runtime: Runtime, console: Console) -> None:
         self.server = server
@@ -119,6 +122,7 @@ class Story:
         self.console = console
         self.maildirs = server.maildirs
         self.step = 0
+        self.bob = EmailMessage()  # Bob's mail as filed, set by run()
 
     def submit(self, msg: EmailMessage, login: str = "") -> None:
         """One SMTP session: AUTH when an agent sends, as a mail client on the submission port does."""
@@ -150,7 +154,7 @@ class Story:
         c.print(f"    the rule 'key account' routes it to Meier: X-Postroom-Owner: {first['X-Postroom-Owner']}")
         with self.doing("Bob writes to support@"):
             self.submit(_mail(BOB, SUPPORT, "Invoice wrong", "Invoice 42 is wrong.\n"))
-        self.landed(SUPPORT, "INBOX")
+        self.bob = self.landed(SUPPORT, "INBOX")
 
         with self.doing("Meier replies from his own mail client (SMTP AUTH as meier)"):
             reply = _mail(
@@ -178,6 +182,44 @@ class Story:
             self.submit(_mail(ALICE, SUPPORT, f"AW: {got['Subject']}", "Thank you!\n", str(got["Message-ID"])))
         answer = self.landed(SUPPORT, meier)
         c.print(f"    X-Postroom-Owner: {answer['X-Postroom-Owner']}")
+        c.print(f"    X-Postroom-Due: {answer['X-Postroom-Due']}  (the next response, in business hours)")
+
+        with self.doing("Meier takes Bob's ticket and asks to be reminded in 2 days (#take, #remind 2d)"):
+            note = _mail("meier@example.test", SUPPORT, f"Re: {self.bob['Subject']}", "#take\n#remind 2d\n")
+            note["In-Reply-To"] = str(self.bob["Message-ID"])
+            self.submit(note, login="meier")
+        self.landed(SUPPORT, meier)
+
+    def later(self, runtime: Runtime) -> None:
+        """Two days on: ``postroom remind`` and ``postroom digest`` as their timers would run them (``--now``)."""
+        c = self.console
+        assert runtime.history is not None
+        runtime.history.flush()
+        now = dt.datetime.now(dt.UTC) + dt.timedelta(days=2, minutes=1)
+        engine = make_engine(self.config.database.url)
+        send = remind.smtp_sender(self.config)
+        with self.doing("Two days later Bob has not answered: postroom remind --now +2d"):
+            notices = remind.plan(self.config, timeline.load(engine), now)
+            records, _ = remind.send_all(self.config, notices, self.store, send, now)
+            runtime.history.submit(records)
+        for n in notices:
+            c.print(f"    {n.kind} ({n.target}) for {n.mark} to {', '.join(n.rcpts)}")
+        meier = self.config.agent_folder("meier")
+        self.landed(SUPPORT, meier)
+        runtime.history.flush()
+        with self.doing("postroom digest --now +2d: every agent's tickets, the lead's figures"):
+            mails = digest.digests(self.config, timeline.load(engine), now)
+            for d in mails:
+                send("", (d.to,), remind.wire(digest.message(d, now)))
+        engine.dispose()
+        lead = self.config.agents["schulze"].address
+        got = self.landed(lead, "INBOX")
+        plain = got.get_body(("plain",))
+        kinds = [p.get_content_type() for p in got.walk()]
+        c.print(f"    parts: {', '.join(kinds)}")
+        if plain is not None:
+            for line in plain.get_content().splitlines()[:7]:
+                c.print(f"    | {line}", soft_wrap=True)
 
     def dkim_result(self, owner: str) -> str:
         """Verify the newest mail's signature against the example key's DNS record, as a receiver would."""
@@ -232,6 +274,7 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
             console.print(f"work folder {root}; Redis {redis.url}; SMTP {server.host}:{server.port}")
             story = Story(server, runtime, console)
             story.run()
+            story.later(runtime)
             story.summary()
             if keep:
                 console.print(

@@ -10,6 +10,7 @@ escalations to the mailbox's leads, unassigned tickets into the team's inbox fol
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import logging
 import smtplib
 import uuid
@@ -147,6 +148,12 @@ def build(config: Config, n: Notice, now: dt.datetime, message_id: str) -> Email
 Sender = Callable[[str, tuple[str, ...], bytes], None]
 
 
+def wire(msg: EmailMessage) -> bytes:
+    """The message as SMTP carries it: CRLF line ends (smtplib sends bytes unchanged, and a server that reads
+    bare LF as no line end at all sees one line longer than RFC 5321 allows)."""
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
 def smtp_sender(config: Config) -> Sender:
     def send(mail_from: str, rcpts: tuple[str, ...], data: bytes) -> None:
         with smtplib.SMTP(config.mailer.host, config.mailer.port, timeout=config.mailer.timeout_seconds) as smtp:
@@ -164,7 +171,7 @@ def send_all(
     for n in notices:
         domain = n.box.address.rpartition("@")[2]
         mid = f"postroom.notice.{uuid.uuid4().hex}@{domain}"
-        data = build(config, n, now, mid).as_bytes()
+        data = wire(build(config, n, now, mid))
         try:
             if n.into_mailbox:
                 # Before sending: the milter lets the notice through only if its Message-ID is indexed.

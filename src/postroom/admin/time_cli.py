@@ -102,7 +102,7 @@ def digest_command(config_path: Path, now_text: str | None, dry_run: bool) -> No
             click.echo(f"{d.to}: {d.subject}")
             continue
         try:
-            send("", (d.to,), digest.message(d, now).as_bytes())
+            send("", (d.to,), remind.wire(digest.message(d, now)))
         except OSError as exc:
             log.error("digest to %s not sent: %s", d.to, exc)
             failed += 1
