@@ -124,7 +124,7 @@ class TicketCollector(Collector):
         clock = sla.Clock(self.config.hours)
         try:
             engine = make_engine(self.config.database.url)
-            timelines = timeline.load(engine)
+            timelines = timeline.load(engine, open_only=True)
             engine.dispose()
         except SQLAlchemyError as exc:
             log.warning("metrics: history unavailable (%s): no SLA figures in this scrape", exc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import select, true
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -65,13 +65,14 @@ class Timeline:
         return state
 
 
-def load(engine: Engine, mailbox: str | None = None) -> list[Timeline]:
-    """Every ticket (of one mailbox or all), with its events in the order they happened."""
+def load(engine: Engine, *, open_only: bool = False) -> list[Timeline]:
+    """Every ticket with its events in the order they happened; ``open_only``: only tickets not closed.
+
+    ``postroom remind`` and the metrics need only the open tickets, which stay few while the history grows.
+    """
+    wanted = TicketRow.state != "closed" if open_only else true()
     with Session(engine) as session:
-        query = select(TicketRow)
-        if mailbox is not None:
-            query = query.where(TicketRow.mailbox == mailbox)
-        rows = session.scalars(query.order_by(TicketRow.id)).all()
+        rows = session.scalars(select(TicketRow).where(wanted).order_by(TicketRow.id)).all()
         by_id = {
             r.id: Timeline(
                 r.mailbox, r.number, r.customer, r.subject, r.owner, r.state, r.priority, aware(r.created_at)
@@ -79,9 +80,10 @@ def load(engine: Engine, mailbox: str | None = None) -> list[Timeline]:
             for r in rows
         }
         events = session.execute(
-            select(EventRow.ticket_id, EventRow.kind, EventRow.actor, EventRow.detail, EventRow.at).order_by(
-                EventRow.at, EventRow.id
-            )
+            select(EventRow.ticket_id, EventRow.kind, EventRow.actor, EventRow.detail, EventRow.at)
+            .join(TicketRow, TicketRow.id == EventRow.ticket_id)
+            .where(wanted)
+            .order_by(EventRow.at, EventRow.id)
         )
         for ticket_id, kind, actor, detail, at in events:
             t = by_id.get(ticket_id)
@@ -89,7 +91,8 @@ def load(engine: Engine, mailbox: str | None = None) -> list[Timeline]:
                 t.events.append(Event(kind, actor, detail, aware(at)))
         messages = session.execute(
             select(MessageRow.ticket_id, MessageRow.message_id)
-            .where(MessageRow.message_id != "")
+            .join(TicketRow, TicketRow.id == MessageRow.ticket_id)
+            .where(wanted, MessageRow.message_id != "")
             .order_by(MessageRow.at.desc(), MessageRow.id.desc())
         )
         for ticket_id, message_id in messages:

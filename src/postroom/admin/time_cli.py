@@ -41,11 +41,11 @@ NOW_OPTION = click.option(
 DRY_RUN_OPTION = click.option("--dry-run", is_flag=True, help="Print what would be sent; send and record nothing.")
 
 
-def _timelines(config: Config) -> list[timeline.Timeline]:
+def _timelines(config: Config, *, open_only: bool = False) -> list[timeline.Timeline]:
     try:
         if config.database.auto_migrate:
             migrate(config.database.url)
-        return timeline.load(make_engine(config.database.url))
+        return timeline.load(make_engine(config.database.url), open_only=open_only)
     except SQLAlchemyError as exc:
         click.echo(f"history database: {exc}", err=True)
         raise SystemExit(EXIT_SERVICE) from None
@@ -65,7 +65,7 @@ def remind_command(config_path: Path, now_text: str | None, dry_run: bool) -> No
     config = load_or_exit(config_path)
     plog.setup(config.milter.log_level)
     now = _moment(now_text, "--now")
-    notices = remind.plan(config, _timelines(config), now)
+    notices = remind.plan(config, _timelines(config, open_only=True), now)
     if dry_run:
         for n in notices:
             click.echo(f"{n.mark}: {n.detail} -> {', '.join(n.rcpts)}")
