@@ -16,7 +16,7 @@ from postroom.commands import CommandError, followup_at
 from postroom.pipeline import Message, process
 from postroom.store import NewTicket
 from postroom.timeline import Event, Timeline
-from postroom.verdict import Envelope, RemoveHeader
+from postroom.verdict import AddHeader, Envelope, RemoveHeader
 from tests.fakes import MemoryStore
 
 from .slafix import BOX, sla_config
@@ -142,7 +142,7 @@ def test_new_ticket_mail_carries_its_due_time() -> None:
         [("From", "alice@customer.test"), ("Subject", "Help"), ("Message-ID", "<m@c>")],
     )
     out = process(mail, config, store, t("2026-11-27T16:30").timestamp())
-    due = [e.value for e in out.verdict.edits if getattr(e, "name", "") == "X-Postroom-Due"]  # type: ignore[attr-defined]
+    due = [e.value for e in out.verdict.edits if isinstance(e, AddHeader) and e.name == "X-Postroom-Due"]
     assert due == ["2026-11-30T10:30:00Z (Support #1)"]  # 2h of opening time: 30 min on Friday, 90 on Monday
 
 
@@ -176,9 +176,9 @@ def test_lead_digest_is_plain_and_html_with_the_chart_inline() -> None:
     (mail,) = digest.lead_digest(config, config.mailboxes["support"], [tl], t("2026-11-24T00:00"), 1)
     msg = digest.message(mail, t("2026-11-24T00:00"))
     assert msg.get_content_type() == "multipart/alternative"
-    plain, related = msg.get_payload()  # type: ignore[misc]
+    plain, related = msg.iter_parts()
     assert plain.get_content_type() == "text/plain" and related.get_content_type() == "multipart/related"
-    html, image = related.get_payload()
+    html, image = related.iter_parts()
     cid = str(image["Content-ID"]).strip("<>")
     assert f'src="cid:{cid}"' in html.get_content()
     assert msg["Auto-Submitted"] == "auto-generated" and msg["To"] == "schulze@example.test"
