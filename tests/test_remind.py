@@ -6,20 +6,28 @@ from __future__ import annotations
 import datetime as dt
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom import chart, commands, digest, remind
+from postroom.admin.cli import main
 from postroom.commands import CommandError, followup_at
+from postroom.config import to_toml
+from postroom.history import make_engine
 from postroom.pipeline import Message, process
 from postroom.store import NewTicket
-from postroom.timeline import Event, Timeline
+from postroom.testbed import free_port
+from postroom.timeline import Event, Timeline, load
 from postroom.verdict import AddHeader, Envelope, RemoveHeader
 from tests.fakes import MemoryStore
 
-from .slafix import BOX, sla_config
+from .slafix import BOX, sla_config, write_history
+
+NO_ENV = {"POSTROOM_REDIS_URL": None, "POSTROOM_DATABASE_URL": None, "POSTROOM_MILTER_SOCKET": None}
 
 UTC = dt.UTC
 
@@ -183,3 +191,24 @@ def test_lead_digest_is_plain_and_html_with_the_chart_inline() -> None:
     assert f'src="cid:{cid}"' in html.get_content()
     assert msg["Auto-Submitted"] == "auto-generated" and msg["To"] == "schulze@example.test"
     assert "First response, median (business min)  60.0" in plain.get_content()
+
+
+def test_a_notice_postfix_does_not_take_is_not_recorded_and_tried_again(
+    tmp_path: Path, sqlite_url: str, redis_url: str
+) -> None:
+    config = sla_config(database={"url": sqlite_url}, redis={"url": redis_url}, mailer={"port": free_port()})
+    path = tmp_path / "postroom.toml"
+    path.write_text(to_toml(config))
+    write_history(sqlite_url)
+    args = ["remind", "--config", str(path), "--now", "2026-11-24T16:30:00Z"]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"], env=NO_ENV)
+    assert dry.exit_code == 0 and "Support #2: escalation next_response 2026-11-24T16:00:00Z" in dry.output
+    failed = CliRunner().invoke(main, args, env=NO_ENV)
+    assert failed.exit_code == 1, failed.output  # nobody listens on the mailer port
+    assert "0 notices sent" in failed.output
+    engine = make_engine(sqlite_url)
+    assert all(e.kind != "notice" for tl in load(engine) for e in tl.events)
+    again = CliRunner().invoke(main, [*args, "--dry-run"], env=NO_ENV)  # still due: the next run tries again
+    notices = [line for line in dry.output.splitlines() if line.startswith("Support #")]
+    assert notices and [line for line in again.output.splitlines() if line.startswith("Support #")] == notices
+    engine.dispose()
