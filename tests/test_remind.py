@@ -9,12 +9,14 @@ import zlib
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom import chart, commands, digest, remind
 from postroom.admin.cli import main
+from postroom.admin.common import redis_store
 from postroom.commands import CommandError, followup_at
 from postroom.config import to_toml
 from postroom.history import make_engine
@@ -212,3 +214,32 @@ def test_a_notice_postfix_does_not_take_is_not_recorded_and_tried_again(
     notices = [line for line in dry.output.splitlines() if line.startswith("Support #")]
     assert notices and [line for line in again.output.splitlines() if line.startswith("Support #")] == notices
     engine.dispose()
+
+
+def test_two_runs_at_once_send_a_notice_once(redis_url: str) -> None:
+    """Two hosts running the timer in the same minute: the Redis claim lets one of them send."""
+    config = sla_config(redis={"url": redis_url})
+    store = redis_store(config)
+    ticket = store.open(BOX, NewTicket("alice@customer.test", "Help", ("alice@customer.test",), ()), 0.0)
+    tl = timeline(("opened", "2026-11-23T10:00", ""))
+    tl.number = ticket.number
+    now = t("2026-11-23T12:30")
+    sent: list[tuple[str, ...]] = []
+    claims = remind.RedisClaims(redis.Redis.from_url(redis_url), config.redis.key_prefix)
+    for _ in range(2):  # both runs read the history before either recorded anything
+        notices = remind.plan(config, [tl], now)
+        records, failed = remind.send_all(
+            config, notices, store, lambda _f, rcpts, _d: sent.append(rcpts), now, claims=claims
+        )
+    assert sent == [("schulze@example.test",)]
+
+    def refuse(_f: str, _r: tuple[str, ...], _d: bytes) -> None:
+        raise OSError("connection refused")
+
+    later = t("2026-11-23T13:30")
+    tl.events.append(Event("followup", "", "", t("2026-11-23T12:35")))
+    tl.events.insert(1, Event("reply", "meier", "", t("2026-11-23T11:00")))
+    notices = remind.plan(config, [tl], later)
+    assert remind.send_all(config, notices, store, refuse, later, claims=claims) == ([], len(notices))
+    records, failed = remind.send_all(config, notices, store, lambda *_: None, later, claims=claims)
+    assert (len(records), failed) == (len(notices), 0)  # a failed send gave its claim back

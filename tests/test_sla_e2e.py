@@ -77,6 +77,16 @@ def notices(d: Deployment, address: str, folder: str, mark: str, wanted: int = 0
         time.sleep(0.2)
 
 
+def arrived(d: Deployment, address: str, subject: str) -> list[EmailMessage]:
+    """The mails in ``address``'s INBOX whose subject contains ``subject``, once there is one (up to 20 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        found = [m for m in d.stack.wait_for(address, "INBOX", 1) if subject in str(m["Subject"])]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def counter(d: Deployment) -> int:
     return int(d.redis_client().get(f"postroom:{{{SUPPORT}}}:counter") or 0)
 
@@ -143,7 +153,7 @@ def test_digests_arrive_with_the_figures_of_a_known_history(d: Deployment, tmp_p
     write_history(url)
     config = sla_config(d.config, database={"url": url}, sla={"lead_digest": "weekly"})
     assert "2 digests sent" in run(tmp_path, config, "digest", "--now", "2026-11-30T00:00:00Z")
-    lead = [m for m in d.stack.wait_for(LEAD, "INBOX", 1) if "weekly figures" in str(m["Subject"])]
+    lead = arrived(d, LEAD, "weekly figures")
     assert len(lead) == 1
     plain = lead[0].get_body(("plain",))
     html = lead[0].get_body(("html",))
@@ -159,8 +169,7 @@ def test_digests_arrive_with_the_figures_of_a_known_history(d: Deployment, tmp_p
     cid = str(images[0]["Content-ID"]).strip("<>")
     assert f"cid:{cid}" in html.get_content()
     assert images[0].get_content().startswith(b"\x89PNG\r\n\x1a\n")
-    agent = d.stack.wait_for("meier@example.test", "INBOX", 1)
-    mine = [m for m in agent if str(m["Subject"]).startswith("Your tickets")]
+    mine = arrived(d, "meier@example.test", "Your tickets")
     assert len(mine) == 1
     body = mine[0].get_body(("plain",))
     assert body is not None and "#2" in body.get_content() and "#1 " not in body.get_content()

@@ -36,6 +36,7 @@ from postroom.dkim import dns_answer, public_txt
 from postroom.history import make_engine
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
+from postroom.store.redis import RedisStore
 from postroom_testbed import RedisServer, StackError, free_port
 
 SUPPORT = "support@example.test"
@@ -200,7 +201,10 @@ class Story:
         send = remind.smtp_sender(self.config)
         with self.doing("Two days later Bob has not answered: postroom remind --now +2d"):
             notices = remind.plan(self.config, timeline.load(engine), now)
-            records, _ = remind.send_all(self.config, notices, self.store, send, now)
+            store = self.store
+            assert isinstance(store, RedisStore)  # the daemon's own: the claims share its client and pool
+            claims = remind.RedisClaims(store.client, self.config.redis.key_prefix)
+            records, _ = remind.send_all(self.config, notices, store, send, now, claims=claims)
             runtime.history.submit(records)
         for n in notices:
             c.print(f"    {n.kind} ({n.target}) for {n.mark} to {', '.join(n.rcpts)}")

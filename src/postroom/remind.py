@@ -18,11 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Protocol
+
+import redis
 
 from postroom import commands, sla
 from postroom.config import Config, MailboxConfig, business_minutes
 from postroom.mime import folder_address
 from postroom.notice import NOTICE_HEADER
+from postroom.store.keyspace import key_base
 from postroom.tickets import Changes, Record, StoreUnavailable, TicketStore
 from postroom.timeline import Timeline
 
@@ -146,6 +150,41 @@ def build(config: Config, n: Notice, now: dt.datetime, message_id: str) -> Email
 
 
 Sender = Callable[[str, tuple[str, ...], bytes], None]
+# A claim outlives any run; the history, which keeps the notice for good, is what later runs read.
+CLAIM_SECONDS = 30 * 86400
+
+
+class Claims(Protocol):
+    """Who sends a notice: of two runs at once (two hosts with the timer) only the one that claims it."""
+
+    def claim(self, n: Notice) -> bool: ...
+
+    def release(self, n: Notice) -> None: ...
+
+
+class RedisClaims:
+    """One key per notice (``postroom:{support@...}:notice:17:<kind>:<target>:<due>``), set if absent."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._r = client
+        self._prefix = prefix
+
+    def key(self, n: Notice) -> str:
+        return f"{key_base(self._prefix, n.box.address)}notice:{n.ticket.number}:{n.detail.replace(' ', ':')}"
+
+    def claim(self, n: Notice) -> bool:
+        try:
+            return bool(self._r.set(self.key(n), "1", nx=True, ex=CLAIM_SECONDS))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def release(self, n: Notice) -> None:
+        try:
+            self._r.delete(self.key(n))
+        except redis.RedisError as exc:
+            log.warning(
+                "%s: claim of %s kept (%s): not retried for %d days", n.mark, n.detail, exc, CLAIM_SECONDS // 86400
+            )
 
 
 def wire(msg: EmailMessage) -> bytes:
@@ -163,9 +202,9 @@ def smtp_sender(config: Config) -> Sender:
 
 
 def send_all(
-    config: Config, notices: list[Notice], store: TicketStore, send: Sender, now: dt.datetime
+    config: Config, notices: list[Notice], store: TicketStore, send: Sender, now: dt.datetime, *, claims: Claims
 ) -> tuple[list[Record], int]:
-    """Send each notice, then its history record; returns the records and how many could not be sent."""
+    """Send each notice this run claims, then its history record; returns the records and how many failed."""
     records: list[Record] = []
     failed = 0
     for n in notices:
@@ -173,12 +212,21 @@ def send_all(
         mid = f"postroom.notice.{uuid.uuid4().hex}@{domain}"
         data = wire(build(config, n, now, mid))
         try:
+            if not claims.claim(n):
+                log.info("%s: %s sent by another run", n.mark, n.detail)
+                continue
+        except StoreUnavailable as exc:
+            log.error("%s: %s not sent: %s", n.mark, n.detail, exc)
+            failed += 1
+            continue
+        try:
             if n.into_mailbox:
                 # Before sending: the milter lets the notice through only if its Message-ID is indexed.
                 store.touch(n.box.address, n.ticket.number, [mid], [], now.timestamp())
             send("", n.rcpts, data)
         except (OSError, smtplib.SMTPException, StoreUnavailable) as exc:
             log.error("%s: %s not sent: %s", n.mark, n.detail, exc)
+            claims.release(n)  # the next run tries again
             failed += 1
             continue
         state = n.ticket.state

@@ -70,7 +70,9 @@ def remind_command(config_path: Path, now_text: str | None, dry_run: bool) -> No
         for n in notices:
             click.echo(f"{n.mark}: {n.detail} -> {', '.join(n.rcpts)}")
         return
-    records, failed = remind.send_all(config, notices, redis_store(config), remind.smtp_sender(config), now)
+    store = redis_store(config)
+    claims = remind.RedisClaims(store.client, config.redis.key_prefix)
+    records, failed = remind.send_all(config, notices, store, remind.smtp_sender(config), now, claims=claims)
     try:
         with Session(make_engine(config.database.url)) as session, session.begin():
             write(session, records)
