@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from postroom.config import Config, example_config_path, load_config, parse_config
-from postroom.history import Record, make_engine, migrate, write
+from postroom.history import make_engine, migrate, write
+from postroom.tickets import Record
 
 BOX = "support@example.test"
 HOURS = {"timezone": "UTC", **{d: "09:00-17:00" for d in ("monday", "tuesday", "wednesday", "thursday", "friday")}}

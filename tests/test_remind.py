@@ -21,11 +21,11 @@ from postroom.commands import CommandError, followup_at
 from postroom.config import to_toml
 from postroom.history import make_engine
 from postroom.pipeline import Message, process
-from postroom.store import NewTicket
-from postroom.testbed import free_port
+from postroom.store.memory import MemoryStore
+from postroom.tickets import NewTicket
 from postroom.timeline import Event, Timeline, load
 from postroom.verdict import AddHeader, Envelope, RemoveHeader
-from tests.fakes import MemoryStore
+from postroom_testbed import free_port
 
 from .slafix import BOX, sla_config, write_history
 

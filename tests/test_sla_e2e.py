@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from postroom.admin.cli import main
 from postroom.config import Config, parse_config, to_toml
-from postroom.testbed import ADAPTERS, Deployment, deploy, free_port
+from postroom_testbed import ADAPTERS, Deployment, deploy, free_port
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.slafix import sla_config, write_history
 from tests.test_commands_e2e import note, wait_event

@@ -14,7 +14,7 @@ from postroom.admin.cli import main
 from postroom.admin.common import redis_store
 from postroom.config import to_toml
 from postroom.stats import percentile
-from postroom.store import NewTicket
+from postroom.tickets import NewTicket
 
 from .slafix import BOX, at, sla_config, write_history
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.config import Config
 from postroom.mime import STATUS_HEADER
@@ -112,6 +111,8 @@ class TicketCollector(Collector):
         return [family]
 
     def _overdue(self) -> Iterable[GaugeMetricFamily]:
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415  (the mail path loads no SQL driver)
+
         from postroom import sla, timeline  # noqa: PLC0415
         from postroom.history import make_engine  # noqa: PLC0415
 

@@ -11,9 +11,13 @@ import datetime as dt
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from postroom.config import WEEKDAYS, Config, HoursConfig, MailboxConfig, SlaPolicy, business_minutes, parse_opening
-from postroom.timeline import Timeline
+
+if TYPE_CHECKING:
+    # The mail path computes X-Postroom-Due from here and must not load SQL (tests/test_layers.py).
+    from postroom.timeline import Timeline
 
 # A clock with opening hours that never come (every day a holiday) must not loop for ever.
 _MAX_DAYS = 3660
