@@ -200,4 +200,5 @@ def test_metrics_parse_and_move_with_the_mails(d: Deployment) -> None:
     assert after[key] == before.get(key, 0) + 3
     assert after[latency] == before.get(latency, 0) + 3
     assert any(name == "postroom_open_tickets" for name, _ in after)
+    assert ("postroom_sla_breached_tickets", (("mailbox", "Support"),)) in after
     assert ("postroom_redis_errors_total", ()) in after
