@@ -38,6 +38,12 @@ class Figures:
     _first: list[float] = field(default_factory=list, repr=False)
     _resolution: list[float] = field(default_factory=list, repr=False)
 
+    def add(self, other: Figures) -> None:
+        for name in ("opened", "closed", "backlog", "unassigned", "overdue", "breaches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._first += other._first
+        self._resolution += other._resolution
+
     def finish(self) -> Figures:
         self.first_response_median, self.first_response_p90 = _summary(self._first)
         self.resolution_median, self.resolution_p90 = _summary(self._resolution)
@@ -82,7 +88,9 @@ def _keys(t: Timeline, box: MailboxConfig | None, tags: Tags) -> dict[str, list[
     }
 
 
-def _add(f: Figures, config: Config, box: MailboxConfig | None, t: Timeline, p: Period, *, clock: sla.Clock) -> None:
+def _one(config: Config, box: MailboxConfig | None, t: Timeline, p: Period, clock: sla.Clock) -> Figures:
+    """One ticket's share of the figures, computed once and added to the total and to each of its groups."""
+    f = Figures()
     f.opened += t.created in p
     closed = t.closed_at
     f.closed += closed in p and t.state_at(p.end) == "closed"
@@ -96,6 +104,7 @@ def _add(f: Figures, config: Config, box: MailboxConfig | None, t: Timeline, p: 
     f._first += [clock.between(d.since, d.met) for d in dues if d.kind == "first_response" and d.met and d.met in p]
     if closed in p and closed is not None and t.state_at(p.end) == "closed":
         f._resolution.append(clock.between(t.created, closed))
+    return f
 
 
 def figures(
@@ -113,10 +122,11 @@ def figures(
         if t.created >= period.end:
             continue
         box = boxes.get(t.mailbox)
-        _add(total, config, box, t, period, clock=clock)
+        share = _one(config, box, t, period, clock)
+        total.add(share)
         for group, keys in _keys(t, box, tags or {}).items():
             for key in keys:
-                _add(groups[group].setdefault(key, Figures()), config, box, t, period, clock=clock)
+                groups[group].setdefault(key, Figures()).add(share)
     return {
         "period": {"start": sla.iso(period.start), "end": sla.iso(period.end)},
         "total": total.finish().as_dict(),
