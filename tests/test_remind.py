@@ -243,3 +243,16 @@ def test_two_runs_at_once_send_a_notice_once(redis_url: str) -> None:
     assert remind.send_all(config, notices, store, refuse, later, claims=claims) == ([], len(notices))
     records, failed = remind.send_all(config, notices, store, lambda *_: None, later, claims=claims)
     assert (len(records), failed) == (len(notices), 0)  # a failed send gave its claim back
+
+
+def test_breached_tickets_are_counted_for_the_metrics(redis_url: str) -> None:
+    config = sla_config(redis={"url": redis_url})
+    late = timeline(("opened", "2026-11-23T10:00", ""))  # first response due 12:00
+    answered = timeline(("opened", "2026-11-23T10:00", ""), ("reply", "2026-11-23T10:30", ""))
+    waiting = timeline(("opened", "2026-11-23T10:00", ""), state="pending")
+    counts = remind.breached(config, [late, answered, waiting], t("2026-11-23T12:00"))
+    assert counts == {"support@example.test": 1}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    remind.publish_breached(client, "postroom", counts)
+    assert client.get(remind.breached_key("postroom", BOX)) == "1"
+    assert 0 < client.ttl(remind.breached_key("postroom", BOX)) <= remind.BREACHED_SECONDS

@@ -186,7 +186,8 @@ def _scrape(d: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     }
 
 
-def test_metrics_parse_and_move_with_the_mails(d: Deployment) -> None:
+def test_metrics_parse_and_move_with_the_mails(d: Deployment, tmp_path: Path) -> None:
+    run(tmp_path, d.config, "remind", "--now", later(3 * 24 * 60))  # counts the breached tickets for the metrics
     key = ("postroom_mails_total", (("path", "inbound"), ("verdict", "accept")))
     latency = ("postroom_pipeline_seconds_count", (("path", "inbound"),))
     before = _scrape(d)
@@ -200,5 +201,5 @@ def test_metrics_parse_and_move_with_the_mails(d: Deployment) -> None:
     assert after[key] == before.get(key, 0) + 3
     assert after[latency] == before.get(latency, 0) + 3
     assert any(name == "postroom_open_tickets" for name, _ in after)
-    assert ("postroom_sla_breached_tickets", (("mailbox", "Support"),)) in after
+    assert after[("postroom_sla_breached_tickets", (("mailbox", "Support"),))] >= 1  # test 1's ticket at least
     assert ("postroom_redis_errors_total", ()) in after

@@ -1,8 +1,9 @@
 """Prometheus metrics of the milter and the after-queue filter, served on ``[metrics]`` on a loopback address.
 
 The adapters count every mail by path and verdict and time the pipeline; Redis errors are counted where the
-pipeline meets them.  Open tickets (Redis) and tickets past a due time (the history) are read when Prometheus
-scrapes, at most every ``_CACHE_SECONDS``, so a busy scraper costs Redis and SQL nothing more.
+pipeline meets them.  Open tickets are read from Redis when Prometheus scrapes, at most every ``_CACHE_SECONDS``,
+so a busy scraper costs Redis nothing more.  Tickets past a due time are what the last ``postroom remind`` run
+counted and left in Redis: working them out from the history here would cost the daemon's mail threads CPU.
 
 With ``[milter] workers`` >= 1 the pipeline runs in worker processes: mails, verdicts and latency are still
 counted by the milter process, but ``postroom_redis_errors_total`` only counts what the milter process itself met.
@@ -10,16 +11,19 @@ counted by the milter process, but ``postroom_redis_errors_total`` only counts w
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from postroom.store.redis import RedisStore
 
 from postroom.config import Config
 from postroom.mime import STATUS_HEADER
@@ -79,6 +83,15 @@ class TicketCollector(Collector):
     def __init__(self, config: Config) -> None:
         self.config = config
         self._cache = _Cached(self._read)
+        self._store: RedisStore | None = None
+
+    def store(self) -> RedisStore:
+        """One client and pool for every scrape (made at the first, so a daemon starts without Redis)."""
+        if self._store is None:
+            from postroom.admin.common import redis_store  # noqa: PLC0415  (admin imports the daemons' parts)
+
+            self._store = redis_store(self.config)
+        return self._store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield from self._cache.get()
@@ -87,7 +100,6 @@ class TicketCollector(Collector):
         return [*self._open(), *self._overdue()]
 
     def _open(self) -> Iterable[GaugeMetricFamily]:
-        from postroom.admin.common import redis_store  # noqa: PLC0415  (admin imports the daemons' parts)
         from postroom.tickets import StoreUnavailable  # noqa: PLC0415
 
         family = GaugeMetricFamily(
@@ -96,7 +108,7 @@ class TicketCollector(Collector):
             labels=["mailbox", "state", "owner"],
         )
         try:
-            store = redis_store(self.config)
+            store = self.store()
             tally = Tally(
                 (box.tag, t.state, t.owner or "unassigned")
                 for box in self.config.mailboxes.values()
@@ -111,32 +123,24 @@ class TicketCollector(Collector):
         return [family]
 
     def _overdue(self) -> Iterable[GaugeMetricFamily]:
-        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415  (the mail path loads no SQL driver)
+        import redis  # noqa: PLC0415
 
-        from postroom import sla, timeline  # noqa: PLC0415
-        from postroom.history import make_engine  # noqa: PLC0415
+        from postroom.remind import breached_key  # noqa: PLC0415
 
         family = GaugeMetricFamily(
             "postroom_sla_breached_tickets",
-            "Open tickets past a due time (SLA breach), by mailbox.",
+            "Open tickets past a due time (SLA breach), by mailbox, as the last postroom remind run counted them.",
             labels=["mailbox"],
         )
-        now = dt.datetime.now(dt.UTC)
-        clock = sla.Clock(self.config.hours)
+        prefix = self.config.redis.key_prefix
         try:
-            engine = make_engine(self.config.database.url)
-            timelines = timeline.load(engine, open_only=True)
-            engine.dispose()
-        except SQLAlchemyError as exc:
-            log.warning("metrics: history unavailable (%s): no SLA figures in this scrape", exc)
+            for box in self.config.mailboxes.values():
+                count = self.store().client.get(breached_key(prefix, box.address))
+                if count is not None:
+                    family.add_metric([box.tag], float(count))
+        except redis.RedisError as exc:
+            log.warning("metrics: Redis unavailable (%s): no SLA figures in this scrape", exc)
             return []
-        for box in self.config.mailboxes.values():
-            late = sum(
-                1
-                for t in timelines
-                if t.mailbox == box.address and any(d.at <= now for d in sla.open_dues(self.config, box, t, clock))
-            )
-            family.add_metric([box.tag], late)
         return [family]
 
 

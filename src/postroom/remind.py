@@ -119,6 +119,34 @@ def _ticket_notices(
     return out
 
 
+# The metrics read what the last run counted; a count older than this (remind stopped) is gone, not shown stale.
+BREACHED_SECONDS = 3600
+
+
+def breached_key(prefix: str, mailbox: str) -> str:
+    return f"{key_base(prefix, mailbox)}sla:breached"
+
+
+def breached(config: Config, timelines: list[Timeline], now: dt.datetime) -> dict[str, int]:
+    """Open tickets past a due time, per mailbox address: ``postroom_sla_breached_tickets`` of the metrics."""
+    clock = sla.Clock(config.hours)
+    counts = dict.fromkeys((b.address for b in config.mailboxes.values()), 0)
+    for t in timelines:
+        box = next((b for b in config.mailboxes.values() if b.address == t.mailbox), None)
+        if box is not None and any(d.at <= now for d in sla.open_dues(config, box, t, clock)):
+            counts[box.address] += 1
+    return counts
+
+
+def publish_breached(client: redis.Redis, prefix: str, counts: dict[str, int]) -> None:
+    """Hand the counts to the daemons' /metrics through Redis: they need not read the history themselves."""
+    try:
+        for mailbox, count in counts.items():
+            client.set(breached_key(prefix, mailbox), count, ex=BREACHED_SECONDS)
+    except redis.RedisError as exc:
+        log.warning("SLA breach counts not published for the metrics: %s", exc)
+
+
 def build(config: Config, n: Notice, now: dt.datetime, message_id: str) -> EmailMessage:
     t = n.ticket
     msg = EmailMessage()

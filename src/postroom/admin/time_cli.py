@@ -65,12 +65,14 @@ def remind_command(config_path: Path, now_text: str | None, dry_run: bool) -> No
     config = load_or_exit(config_path)
     plog.setup(config.milter.log_level)
     now = _moment(now_text, "--now")
-    notices = remind.plan(config, _timelines(config, open_only=True), now)
+    timelines = _timelines(config, open_only=True)
+    notices = remind.plan(config, timelines, now)
     if dry_run:
         for n in notices:
             click.echo(f"{n.mark}: {n.detail} -> {', '.join(n.rcpts)}")
         return
     store = redis_store(config)
+    remind.publish_breached(store.client, config.redis.key_prefix, remind.breached(config, timelines, now))
     claims = remind.RedisClaims(store.client, config.redis.key_prefix)
     records, failed = remind.send_all(config, notices, store, remind.smtp_sender(config), now, claims=claims)
     try:
