@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from postroom import metrics
 from postroom.mime import STATUS_HEADER
+from postroom.parts import Parts
 from postroom.pipeline import Message, process
 from postroom.replies import S451_TEMPORARY_FAILURE
 from postroom.store.memory import MemoryStore
@@ -32,7 +33,7 @@ def test_a_dead_redis_is_counted() -> None:
         Envelope(mail_from="<a@customer.test>", rcpts=["<support@example.test>"], queue_id="Q9"),
         [("From", "a@customer.test"), ("Subject", "Hi"), ("Message-ID", "<m9@c>")],
     )
-    out = process(mail, sla_config(), store, 0.0)
+    out = process(mail, Parts(sla_config(), store), 0.0)
     assert metrics.verdict_label(out.verdict) == "degraded"
     assert metrics.REGISTRY.get_sample_value("postroom_redis_errors_total") == before + 1
 

@@ -20,6 +20,7 @@ from postroom.admin.common import redis_store
 from postroom.commands import CommandError, followup_at
 from postroom.config import to_toml
 from postroom.history import make_engine
+from postroom.parts import Parts
 from postroom.pipeline import Message, process
 from postroom.store.memory import MemoryStore
 from postroom.tickets import NewTicket
@@ -137,9 +138,9 @@ def test_our_notice_passes_the_pipeline_untouched_a_forged_one_is_ticketed() -> 
     store = MemoryStore()
     ticket = store.open(BOX, NewTicket("alice@customer.test", "Help", ("alice@customer.test",), ()), 0.0)
     store.touch(BOX, ticket.number, ["postroom.notice.abc@example.test"], [], 0.0)
-    ours = process(_notice_mail(store, "postroom.notice.abc@example.test", ticket.number), config, store, 1.0)
+    ours = process(_notice_mail(store, "postroom.notice.abc@example.test", ticket.number), Parts(config, store), 1.0)
     assert ours.verdict.edits == () and ours.records == []
-    forged = process(_notice_mail(store, "guess@evil.test", ticket.number), config, store, 1.0)
+    forged = process(_notice_mail(store, "guess@evil.test", ticket.number), Parts(config, store), 1.0)
     assert [r.event for r in forged.records] == ["opened"]  # a stranger's copy is customer mail like any other
     assert RemoveHeader("X-Postroom-Notice") in forged.verdict.edits
 
@@ -151,7 +152,7 @@ def test_new_ticket_mail_carries_its_due_time() -> None:
         Envelope(mail_from="<alice@customer.test>", rcpts=["<support@example.test>"], queue_id="Q2"),
         [("From", "alice@customer.test"), ("Subject", "Help"), ("Message-ID", "<m@c>")],
     )
-    out = process(mail, config, store, t("2026-11-27T16:30").timestamp())
+    out = process(mail, Parts(config, store), t("2026-11-27T16:30").timestamp())
     due = [e.value for e in out.verdict.edits if isinstance(e, AddHeader) and e.name == "X-Postroom-Due"]
     assert due == ["2026-11-30T10:30:00Z (Support #1)"]  # 2h of opening time: 30 min on Friday, 90 on Monday
 
