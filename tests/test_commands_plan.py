@@ -29,7 +29,14 @@ def refusal(text: str) -> commands.CommandError:
 
 def test_every_known_command_has_a_meaning() -> None:
     for name in sorted(commands.KNOWN):
-        args = {"assign": " meier", "priority": " high", "tag": " x", "untag": " x", "canned": " bye"}.get(name, "")
+        args = {
+            "assign": " meier",
+            "priority": " high",
+            "tag": " x",
+            "untag": " x",
+            "canned": " bye",
+            "remind": " 3d",
+        }.get(name, "")
         assert plan(f"#{name}{args}\n").events == [(name, args.strip())], name
 
 
@@ -96,7 +103,7 @@ def test_the_first_bad_line_refuses_the_whole_mail() -> None:
 
 @given(st.lists(st.sampled_from(sorted(commands.KNOWN - {"away", "back", "canned", "assign"})), max_size=8))
 def test_one_replacement_and_one_event_per_line(names: list[str]) -> None:
-    args = {"priority": " low", "tag": " t", "untag": " t"}
+    args = {"priority": " low", "tag": " t", "untag": " t", "remind": " 2026-12-01"}
     text = "".join(f"#{n}{args.get(n, '')}\n" for n in names)
     p = plan(text)
     assert len(p.replacements) == len(p.events) == len(names)

@@ -80,13 +80,14 @@ class _Cached:
 class TicketCollector(Collector):
     """Open tickets by mailbox, state and owner (Redis) and tickets past a due time by mailbox (history)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: RedisStore | None = None) -> None:
         self.config = config
         self._cache = _Cached(self._read)
-        self._store: RedisStore | None = None
+        self._store = store
 
     def store(self) -> RedisStore:
-        """One client and pool for every scrape (made at the first, so a daemon starts without Redis)."""
+        """The daemon's own store (one pool per process), or one made at the first scrape where there is none
+        (the milter process with workers)."""
         if self._store is None:
             from postroom.admin.common import redis_store  # noqa: PLC0415  (admin imports the daemons' parts)
 
@@ -149,13 +150,18 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def serve(config: Config, listen: str, history_depth: Callable[[], int] | None = None) -> Callable[[], None]:
+def serve(
+    config: Config,
+    listen: str,
+    history_depth: Callable[[], int] | None = None,
+    store: RedisStore | None = None,
+) -> Callable[[], None]:
     """Start /metrics on ``listen`` (HOST:PORT) in a thread; returns the function that stops it."""
     if not listen:
         return lambda: None
     if history_depth is not None:
         HISTORY_DEPTH.set_function(lambda: float(history_depth()))
-    collector = TicketCollector(config)
+    collector = TicketCollector(config, store)
     REGISTRY.register(collector)
     host, port = parse_listen(listen)
     server, thread = start_http_server(port, host, registry=REGISTRY)

@@ -27,7 +27,9 @@ from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config
 from postroom.dkim import generate, public_txt
-from postroom.history import HistoryWriter, migrate
+from postroom.history import migrate
+from postroom.runtime import Runtime
+from postroom.store.redis import RedisStore
 
 if TYPE_CHECKING:
     from postroom.milter.adapter import Pipeline
@@ -76,7 +78,7 @@ def milter_command(config_path: Path) -> None:
                 new = reload_runtime(current.runtime, config_path)
                 return None if new is None else LocalPipeline(new)
 
-            stop_metrics = _serve_metrics(runtime.config, runtime.config.metrics.milter_listen, runtime.history)
+            stop_metrics = _serve_metrics(runtime, runtime.config.metrics.milter_listen)
             try:
                 run(LocalPipeline(runtime), reload=reload_local)
             finally:
@@ -97,7 +99,7 @@ def milter_command(config_path: Path) -> None:
         # Each worker reads the new config before any mail that names its generation; a mail in flight keeps its own.
         return RemotePipeline(new.config, new.rules, pool, pool.reload(new))
 
-    stop_metrics = _serve_metrics(loaded.config, loaded.config.metrics.milter_listen, None)
+    stop_metrics = _serve_metrics(loaded.config, loaded.config.metrics.milter_listen)
     try:
         run(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
     finally:
@@ -139,19 +141,26 @@ def smtpd_command(config_path: Path) -> None:
     config = _load(config_path)
     plog.setup(config.milter.log_level)
     with daemon_runtime(config_path, "smtpd") as runtime:
-        stop_metrics = _serve_metrics(runtime.config, runtime.config.metrics.smtpd_listen, runtime.history)
+        stop_metrics = _serve_metrics(runtime, runtime.config.metrics.smtpd_listen)
         try:
             run(runtime, reload=lambda current: reload_runtime(current, config_path))
         finally:
             stop_metrics()
 
 
-def _serve_metrics(config: Config, listen: str, history: HistoryWriter | None) -> Callable[[], None]:
-    """/metrics for this daemon ([metrics]); a port already taken is logged and mail goes on without metrics."""
+def _serve_metrics(daemon: Runtime | Config, listen: str) -> Callable[[], None]:
+    """/metrics for this daemon ([metrics]), on the daemon's own Redis store and history writer where it has them
+    (the milter process with workers has neither); a port already taken is logged and mail goes on without metrics.
+    """
     from postroom import metrics  # noqa: PLC0415
 
+    if isinstance(daemon, Config):
+        config, store, depth = daemon, None, None
+    else:
+        config, store = daemon.config, daemon.parts.store
+        depth = None if daemon.history is None else daemon.history.depth
     try:
-        return metrics.serve(config, listen, None if history is None else history.depth)
+        return metrics.serve(config, listen, depth, store if isinstance(store, RedisStore) else None)
     except OSError as exc:
         log.error("metrics: cannot listen on %s (%s); running without /metrics", listen, exc)
         return lambda: None
