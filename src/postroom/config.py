@@ -176,6 +176,7 @@ class MailboxConfig(_Section):
     away_handover: Literal["inbox", "round-robin", "least-open"] = "inbox"
     leads: list[str] = Field(default_factory=list)
     sla: dict[Literal["low", "normal", "high", "urgent"], SlaPolicy] = Field(default_factory=dict)
+    done_folder: Annotated[str, Field(pattern=FOLDER_RE.pattern)] = "Done"
 
     @field_validator("from_format")
     @classmethod
@@ -291,6 +292,16 @@ class MailerConfig(_Section):
     attempts: Annotated[int, Field(ge=1, le=20)] = 3
 
 
+class ImapConfig(_Section):
+    """postroom's own IMAP access (a Dovecot master user) and the imapsieve hook (``postroom imap-event``)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 143
+    master_user: Annotated[str, Field(pattern=LOGIN_RE.pattern)] = "postroom"
+    master_password_file: str = "/etc/postroom/imap-master.secret"
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
 class Config(_Section):
     milter: MilterConfig = MilterConfig()
     smtpd: SmtpdConfig = SmtpdConfig()
@@ -306,6 +317,7 @@ class Config(_Section):
     mailer: MailerConfig = MailerConfig()
     sla: SlaConfig = SlaConfig()
     metrics: MetricsConfig = MetricsConfig()
+    imap: ImapConfig = ImapConfig()
 
     @field_validator("dkim")
     @classmethod
@@ -361,6 +373,10 @@ class Config(_Section):
     def agent_folder(self, login: str) -> str:
         agent = self.agents[login]
         return agent.folder or login.capitalize()
+
+    def mailbox_agents(self, box: MailboxConfig) -> list[str]:
+        """Who works (and, through Dovecot's ACLs, sees) a mailbox: its ``agents``, or every agent when empty."""
+        return list(box.agents) or list(self.agents)
 
     def agent_name(self, login: str) -> str:
         agent = self.agents[login]
