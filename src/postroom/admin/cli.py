@@ -14,7 +14,7 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
-from postroom.admin import snippets, tickets
+from postroom.admin import dovecot, snippets, tickets
 from postroom.admin.common import (
     CONFIG_OPTION,
     daemon_runtime,
@@ -167,7 +167,9 @@ def _serve_metrics(daemon: Runtime | Config, listen: str) -> Callable[[], None]:
 
 
 main.add_command(snippets.postfix_snippet_command)
-main.add_command(snippets.dovecot_snippet_command)
+main.add_command(dovecot.dovecot_snippet_command)
+main.add_command(dovecot.imap_event_command)
+main.add_command(dovecot.imap_event_followup_command)
 main.add_command(tickets.tickets_group)
 
 

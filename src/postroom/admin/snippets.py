@@ -168,17 +168,3 @@ def postfix_snippet_command(config_path: Path, mode: str) -> None:
     content_filter recipe.  See docs/deploy-milter.md and docs/deploy-after-queue.md.
     """
     click.echo(postfix_snippet(load_or_exit(config_path), mode), nl=False)
-
-
-@click.command("dovecot-snippet")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Take the delimiter and list the agents' folders from this config file.",
-)
-def dovecot_snippet_command(config_path: Path | None) -> None:
-    """Print the Dovecot lines that file support+Meier@ into the folder Meier of the shared mailbox."""
-    config = load_or_exit(config_path) if config_path is not None else None
-    click.echo(dovecot_snippet(config), nl=False)
