@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,13 @@ class Dovecot:
     passwd-file, so Postfix can check staff credentials without them having a mailbox.
     """
 
-    def __init__(self, workdir: Path, users: Sequence[MailUser], logins: Sequence[Login] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        users: Sequence[MailUser],
+        logins: Sequence[Login] = (),
+        extra_config: Callable[[Dovecot], str] | None = None,
+    ) -> None:
         names = [u.address.lower() for u in users] + [login.name.lower() for login in logins]
         for user in users:
             _check_field("address", user.address)
@@ -135,6 +141,9 @@ class Dovecot:
         self.auth_port = free_port()
         # Shows up in the process titles ("dovecot-postroom-stack-xyz/lmtp"), telling stacks apart.
         self.instance_name = "dovecot-" + re.sub(r"[^A-Za-z0-9-]", "-", workdir.name)
+        # Appended to the config on every start, made from this instance (its ports and mail dir are known then):
+        # e.g. what `postroom dovecot-snippet` prints.
+        self.extra_config = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -235,7 +244,8 @@ service auth {{
         _mkdir(self.mail_dir)
         # LMTP and IMAP run as the virtual mail uid and create the users' homes in here.
         os.chown(self.mail_dir, VMAIL_UID, VMAIL_GID)
-        self.config_path.write_text(self.config_text())
+        extra = self.extra_config(self) if self.extra_config is not None else ""
+        self.config_path.write_text(self.config_text() + extra)
         self.passwd_path.write_text(self.passwd_text())
         # The auth process runs as the unprivileged "dovecot" user and must read it.
         self.passwd_path.chmod(0o644)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage, Message
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +79,7 @@ class Stack:
         filter: str | None = None,  # shadows the builtin: the word Postfix's documentation uses
         filter_port: int | None = None,
         reinject_port: int | None = None,
+        dovecot_extra: Callable[[Dovecot], str] | None = None,
     ) -> None:
         if filter not in (None, "after-queue"):
             raise ValueError(f'filter must be None or "after-queue", not {filter!r}')
@@ -95,6 +96,7 @@ class Stack:
         self.milter_default_action = milter_default_action
         self.main_cf = dict(main_cf or {})
         self.parent_dir = parent_dir
+        self.dovecot_extra = dovecot_extra
         self._root: Path | None = None
         self._redis: RedisServer | None = None
         self._dovecot: Dovecot | None = None
@@ -176,7 +178,7 @@ class Stack:
                 raise StackError(f"temp dir {root} is too long for unix socket paths; pass a shorter parent_dir")
             _live_stacks.add(self)
             self._redis = RedisServer(root)
-            self._dovecot = Dovecot(root, self.users, self.logins)
+            self._dovecot = Dovecot(root, self.users, self.logins, self.dovecot_extra)
             self._redis.start()
             # Dovecot first: a port clash makes it pick new ports, which Postfix must know.
             self._dovecot.start()

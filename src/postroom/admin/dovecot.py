@@ -278,8 +278,17 @@ def write_files(config: Config, layout: Layout) -> list[Path]:
     show_default=True,
     help="Dovecot mail location of a shared mailbox's own mail; {address}, {local} and {domain} are filled in.",
 )
+@click.option(
+    "--python",
+    "python",
+    default=sys.executable,
+    show_default="this interpreter",
+    help="The Python that runs postroom imap-event as Dovecot's mail user (which must be able to run it).",
+)
 @click.option("--write", is_flag=True, help="Write postroom.conf and the files it names into --dir.")
-def dovecot_snippet_command(config_path: Path | None, directory: Path, mail_location: str, write: bool) -> None:
+def dovecot_snippet_command(
+    config_path: Path | None, directory: Path, mail_location: str, python: str, write: bool
+) -> None:
     """Print the Dovecot configuration of the shared mailboxes: agents log in with their own credentials.
 
     Each shared mailbox is shown to its agents (mailboxes.*.agents; empty: every agent) as a public namespace
@@ -297,7 +306,7 @@ def dovecot_snippet_command(config_path: Path | None, directory: Path, mail_loca
     for token in re.findall(r"{(\w*)}", mail_location):
         if token not in ("address", "local", "domain"):
             raise fail(f"--mail-location: unknown placeholder {{{token}}}; use {{address}}, {{local}}, {{domain}}")
-    layout = Layout(directory.resolve(), mail_location, config_path.resolve())
+    layout = Layout(directory.resolve(), mail_location, config_path.resolve(), python)
     if not write:
         click.echo(dovecot_config(config, layout), nl=False)
         return

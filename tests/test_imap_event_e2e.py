@@ -1,0 +1,303 @@
+"""Agents' own IMAP logins and move-to-claim, end to end through real Dovecot, Postfix, Redis and the milter.
+
+Dovecot runs what `postroom dovecot-snippet --write` wrote (public namespace per mailbox, ACLs, master user,
+IMAPSieve running `postroom imap-event` as the mail user); agents move mail with imaplib's MOVE and COPY; the
+result is read back with `postroom tickets show` and in the headers of the ticket's next mail.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import smtplib
+import sysconfig
+import time
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from postroom.admin.cli import main
+from postroom.config import Config, example_config_path, load_config, parse_config, to_toml, with_changes
+from postroom_testbed.dovecot import VMAIL_UID
+from postroom_testbed import Dovecot, Login, MailUser, MilterDaemon, Stack, config_for_stack
+
+pytestmark = pytest.mark.e2e
+
+ALICE = "alice@customer.test"
+PASSWORDS = {"meier": "meier-pw", "mueller": "mueller-pw", "schulze": "schulze-pw"}
+# One mailbox per rival policy; schulze is an agent of the config but of none of them.
+BOXES = {"support": ("Support", "reject"), "sales": ("Sales", "warn"), "billing": ("Billing", "allow")}
+
+
+def team_config() -> Config:
+    data = load_config(example_config_path(), environ={}).model_dump()
+    data["mailboxes"] = {
+        key: {**data["mailboxes"]["support"], "address": f"{key}@example.test", "tag": tag, "on_rival_reply": policy}
+        for key, (tag, policy) in BOXES.items()
+    }
+    for box in data["mailboxes"].values():
+        box["agents"] = ["meier", "mueller"]
+    return parse_config(data, "<team>", environ={})
+
+
+def python_for_mail_user(root: Path) -> str:
+    """An interpreter Dovecot's mail user can run: Debian's, on this checkout and the venv's packages.
+
+    The venv's own interpreter may live in root's home, which uid 5000 cannot enter; production installs
+    postroom where the mail user can run it.
+    """
+    path = root / "python-for-vmail"
+    paths = f"{Path(__file__).resolve().parents[1] / 'src'}:{sysconfig.get_paths()['purelib']}"
+    path.write_text(f'#!/bin/sh\nPYTHONPATH="{paths}" exec /usr/bin/python3 "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+class Team:
+    def __init__(self, stack: Stack, config: Config, config_path: Path) -> None:
+        self.stack = stack
+        self.config = config
+        self.config_path = config_path
+
+    def deliver(self, box: str, subject: str, *, in_reply_to: str = "", folder: str = "INBOX") -> EmailMessage:
+        """A customer's mail through Postfix and the milter; returns it as it landed in ``folder``."""
+        msg = EmailMessage()
+        msg["From"] = f"Alice <{ALICE}>"
+        msg["To"] = f"{box}@example.test"
+        msg["Subject"] = subject
+        msg["Message-ID"] = make_msgid(idstring=uuid.uuid4().hex[:8], domain="customer.test")
+        if in_reply_to:
+            msg["In-Reply-To"] = msg["References"] = in_reply_to
+        msg.set_content("Hello.\n")
+        self.stack.send(msg, mail_from=ALICE, rcpts=[f"{box}@example.test"])
+        return self.wait(box, folder, str(msg["Message-ID"]))
+
+    def wait(self, box: str, folder: str, message_id: str, timeout: float = 20.0) -> EmailMessage:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.stack.fetch(f"{box}@example.test", folder) if m["Message-ID"] == message_id]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{message_id} not in {box}/{folder} after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def imap(self, login: str) -> imaplib.IMAP4:
+        imap = imaplib.IMAP4("127.0.0.1", self.stack.dovecot.imap_port, timeout=30)
+        imap.login(login, PASSWORDS[login])
+        return imap
+
+    def move(self, login: str, source: str, message_id: str, dest: str, command: str = "MOVE") -> None:
+        """``login`` drags the mail from ``source`` to ``dest`` as their client would (folder names as they see them)."""
+        imap = self.imap(login)
+        try:
+            assert imap.select(f'"{source}"')[0] == "OK"
+            _s, data = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{message_id}"')
+            uids = data[0].split()
+            assert len(uids) == 1, f"{message_id} in {source}: {data}"
+            status, detail = imap.uid(command, uids[0].decode(), f'"{dest}"')
+            assert status == "OK", detail
+        finally:
+            imap.logout()
+
+    def show(self, box: str, number: int) -> dict[str, Any]:
+        res = CliRunner().invoke(
+            main, ["tickets", "show", str(number), "--mailbox", box, "--json", "--config", str(self.config_path)]
+        )
+        assert res.exit_code == 0, res.output
+        shown: dict[str, Any] = json.loads(res.output)
+        return shown
+
+    def events(self, box: str, number: int) -> list[tuple[str, str]]:
+        return [(e["kind"], e["actor"]) for e in self.show(box, number)["events"]]
+
+
+def _snippet_writer(holder: dict[str, Any], config: Config) -> Any:
+    def extra(dovecot: Dovecot) -> str:
+        stack: Stack = holder["stack"]
+        workdir = stack.root / "postroom"
+        workdir.mkdir(exist_ok=True)
+        # imap-event runs as the mail user and writes the SQLite history too.
+        workdir.chmod(0o777)
+        secret = stack.root / "imap-master.secret"
+        secret.write_text("master-secret\n")
+        secret.chmod(0o644)  # the mail user's imap-event logs in as the master user to move mail back
+        preliminary = with_changes(
+            config,
+            {
+                "redis": {"url": stack.redis.url},
+                "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
+                "imap": {"port": dovecot.imap_port, "master_password_file": str(secret)},
+            },
+        )
+        config_path = workdir / "postroom.toml"
+        config_path.write_text(to_toml(preliminary))
+        holder["config"] = preliminary
+        args = ["dovecot-snippet", "--config", str(config_path), "--dir", str(stack.root / "dovecot-postroom")]
+        args += ["--mail-location", f"maildir:{dovecot.mail_dir}/{{address}}/Maildir"]
+        args += ["--python", python_for_mail_user(stack.root), "--write"]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        holder["snippet"] = res.output
+        return f"!include {stack.root / 'dovecot-postroom' / 'postroom.conf'}\n"
+
+    return extra
+
+
+@pytest.fixture(scope="module")
+def team() -> Iterator[Team]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for Postfix and Dovecot")
+    base = team_config()
+    users = [MailUser(f"{key}@example.test") for key in BOXES] + [MailUser(ALICE)]
+    logins = [Login(name, pw) for name, pw in PASSWORDS.items()]
+    holder: dict[str, Any] = {}
+    stack = Stack(users=users, logins=logins, milter="auto", dovecot_extra=_snippet_writer(holder, base))
+    holder["stack"] = stack
+    with stack:
+        workdir = stack.root / "postroom"
+        config = config_for_stack(holder["config"], stack, workdir)
+        daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
+        daemon.start()
+        try:
+            db = workdir / "history.sqlite3"
+            os.chown(db, VMAIL_UID, -1)  # SQLite gives its -wal and -shm files the database file's owner
+            db.chmod(0o666)
+            yield Team(stack, config, daemon.config_path)
+        finally:
+            daemon.stop()
+
+
+def number(msg: EmailMessage, tag: str) -> int:
+    value = str(msg["X-Postroom-Ticket"])
+    assert value.endswith(f"({tag})"), value
+    return int(value.split()[0])
+
+
+def folders(imap: imaplib.IMAP4) -> set[str]:
+    _s, data = imap.list('""', '"*"')
+    return {item.decode().rsplit(' "/" ', 1)[1].strip('"') for item in data if isinstance(item, bytes)}
+
+
+def test_agents_log_in_with_their_own_password_and_see_the_team_inbox(team: Team) -> None:
+    first = team.deliver("support", "Printer on fire")
+    for login in ("meier", "mueller"):
+        imap = team.imap(login)
+        try:
+            seen = folders(imap)
+            # The agents' folders and Done exist (auto = subscribe) before any mail was filed into them.
+            assert {"Support", "Support/Meier", "Support/Mueller", "Support/Done"} <= seen, seen
+            assert imap.select('"Support"')[0] == "OK"
+            _s, data = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{first["Message-ID"]}"')
+            assert data[0], f"{login} does not see the customer's mail in Support"
+            _s, subscribed = imap.lsub('""', '"Support/*"')
+            assert any(b"Support/Meier" in s for s in subscribed if isinstance(s, bytes)), subscribed
+        finally:
+            imap.logout()
+    outsider = team.imap("schulze")
+    try:
+        assert not any(f.startswith("Support") for f in folders(outsider))
+        assert outsider.select('"Support"')[0] == "NO"
+    finally:
+        outsider.logout()
+    with pytest.raises(imaplib.IMAP4.error):
+        imaplib.IMAP4("127.0.0.1", team.stack.dovecot.imap_port).login("meier", "mueller-pw")
+
+
+def test_move_into_an_agents_folder_assigns_and_later_mail_follows(team: Team) -> None:
+    first = team.deliver("support", "Invoice wrong")
+    n = number(first, "Support")
+    team.move("meier", "Support", str(first["Message-ID"]), "Support/Meier")
+    shown = team.show("support", n)
+    assert (shown["owner"], shown["state"]) == ("meier", "open")
+    assert ("assign", "meier") in team.events("support", n)
+    later = team.deliver("support", "Re: Invoice wrong", in_reply_to=str(first["Message-ID"]), folder="Meier")
+    assert str(later["X-Postroom-Owner"]) == f"meier (Support #{n})"
+
+
+def test_done_closes_and_inbox_releases(team: Team) -> None:
+    first = team.deliver("support", "Password reset")
+    n = number(first, "Support")
+    mid = str(first["Message-ID"])
+    team.move("mueller", "Support", mid, "Support/Mueller")
+    team.move("mueller", "Support/Mueller", mid, "Support/Done", command="COPY")
+    assert team.show("support", n)["state"] == "closed"
+    assert ("close", "mueller") in team.events("support", n)
+    team.move("mueller", "Support/Mueller", mid, "Support")
+    shown = team.show("support", n)
+    assert (shown["owner"], shown["state"]) == ("", "open")
+    assert ("release", "mueller") in team.events("support", n)
+    later = team.deliver("support", "Re: Password reset", in_reply_to=mid)
+    assert str(later["X-Postroom-Owner"]) == f"unassigned (Support #{n})"
+    assert str(later["X-Postroom-State"]) == f"open (Support #{n})"
+
+
+def test_reject_moves_a_rivals_ticket_back_and_leaves_a_note(team: Team) -> None:
+    first = team.deliver("support", "Refund please")
+    n = number(first, "Support")
+    mid = str(first["Message-ID"])
+    team.move("meier", "Support", mid, "Support/Meier")
+    team.move("mueller", "Support/Meier", mid, "Support/Mueller")
+    assert team.show("support", n)["owner"] == "meier"
+    assert ("move_rejected", "mueller") in team.events("support", n)
+    team.wait("support", "Meier", mid)  # moved back by postroom's master user
+    deadline = time.monotonic() + 20
+    while not (notes := team.stack.find_raw("support@example.test", f"Support #{n}] not moved", "Mueller")):
+        assert time.monotonic() < deadline, "no note in Mueller's folder"
+        time.sleep(0.2)
+    assert b"belongs to Meier" in notes[0]
+    assert not team.stack.find_raw("support@example.test", mid, "Mueller")
+    later = team.deliver("support", "Re: Refund please", in_reply_to=mid, folder="Meier")
+    assert str(later["X-Postroom-Owner"]) == f"meier (Support #{n})"
+
+
+def test_warn_applies_the_move_and_tells_the_owner(team: Team) -> None:
+    first = team.deliver("sales", "Quote")
+    n = number(first, "Sales")
+    mid = str(first["Message-ID"])
+    team.move("meier", "Sales", mid, "Sales/Meier")
+    team.move("mueller", "Sales/Meier", mid, "Sales/Mueller")
+    assert team.show("sales", n)["owner"] == "mueller"
+    assert ("rival_move_warn", "mueller") in team.events("sales", n)
+    deadline = time.monotonic() + 20
+    while not team.stack.find_raw("sales@example.test", f"Sales #{n}] moved by mueller", "Meier"):
+        assert time.monotonic() < deadline, "no note in Meier's folder"
+        time.sleep(0.2)
+    later = team.deliver("sales", "Re: Quote", in_reply_to=mid, folder="Mueller")
+    assert str(later["X-Postroom-Owner"]) == f"mueller (Sales #{n})"
+
+
+def test_allow_applies_the_move_silently(team: Team) -> None:
+    first = team.deliver("billing", "Dunning")
+    n = number(first, "Billing")
+    mid = str(first["Message-ID"])
+    team.move("meier", "Billing", mid, "Billing/Meier")
+    team.move("mueller", "Billing/Meier", mid, "Billing/Mueller")
+    assert team.show("billing", n)["owner"] == "mueller"
+    assert [k for k, _a in team.events("billing", n) if k == "rival_move_warn"] == []
+    later = team.deliver("billing", "Re: Dunning", in_reply_to=mid, folder="Mueller")
+    assert str(later["X-Postroom-Owner"]) == f"mueller (Billing #{n})"
+
+
+def test_mail_that_bypassed_postroom_gets_a_ticket_when_moved(team: Team) -> None:
+    # Delivered straight over LMTP, as mail is while the milter is down: no ticket, no X-Postroom headers.
+    mid = make_msgid(idstring=uuid.uuid4().hex[:8], domain="customer.test")
+    raw = f"From: Alice <{ALICE}>\r\nTo: support@example.test\r\nSubject: While you were down\r\n"
+    raw += f"Message-ID: {mid}\r\n\r\nHello.\r\n"
+    with smtplib.LMTP("127.0.0.1", team.stack.dovecot.lmtp_port) as lmtp:
+        lmtp.sendmail(ALICE, ["support@example.test"], raw.encode())
+    team.wait("support", "INBOX", mid)
+    team.move("meier", "Support", mid, "Support/Meier")
+    later = team.deliver("support", "Re: While you were down", in_reply_to=mid, folder="Meier")
+    n = number(later, "Support")
+    assert str(later["X-Postroom-Owner"]) == f"meier (Support #{n})"
+    events = team.events("support", n)
+    assert events[0] == ("opened", ALICE) and ("assign", "meier") in events
+
