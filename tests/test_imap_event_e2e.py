@@ -95,7 +95,7 @@ class Team:
         return imap
 
     def move(self, login: str, source: str, message_id: str, dest: str, command: str = "MOVE") -> None:
-        """``login`` drags the mail from ``source`` to ``dest`` as their client would (folder names as they see them)."""
+        """``login`` drags the mail from ``source`` to ``dest`` in their client (folders named as they see them)."""
         imap = self.imap(login)
         try:
             assert imap.select(f'"{source}"')[0] == "OK"
@@ -178,7 +178,7 @@ def team() -> Iterator[Team]:
 def number(msg: EmailMessage, tag: str) -> int:
     value = str(msg["X-Postroom-Ticket"])
     assert value.endswith(f"({tag})"), value
-    return int(value.split()[0])
+    return int(value.split(maxsplit=1)[0])
 
 
 def folders(imap: imaplib.IMAP4) -> set[str]:
