@@ -300,4 +300,3 @@ def test_mail_that_bypassed_postroom_gets_a_ticket_when_moved(team: Team) -> Non
     assert str(later["X-Postroom-Owner"]) == f"meier (Support #{n})"
     events = team.events("support", n)
     assert events[0] == ("opened", ALICE) and ("assign", "meier") in events
-

@@ -28,21 +28,22 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 from sqlalchemy.orm import Session
 
 from postroom.config import Config, MailboxConfig
-from postroom.history import Record, make_engine, migrate, write
+from postroom.history import make_engine, migrate, write
 from postroom.mime import Message
 from postroom.pipeline import inbound
-from postroom.store import KEEP, Changes, RedisStore, Ticket
+from postroom.store.redis import RedisStore
+from postroom.tickets import KEEP, Changes, Record, Ticket, TicketStore
 from postroom.verdict import Envelope
 
 log = logging.getLogger("postroom.imap_event")
@@ -183,7 +184,7 @@ def record_history(config: Config, records: list[Record]) -> None:
 
 
 def _ticket_of(
-    config: Config, store: RedisStore, t: Target, headers: list[tuple[str, str]], now: float
+    config: Config, store: MoveStore, t: Target, headers: list[tuple[str, str]], now: float
 ) -> tuple[Ticket, list[Record]]:
     """The mail's ticket; a mail without one goes through the inbound pipeline, which threads or opens one."""
     number = ticket_number(headers, t.box)
@@ -252,8 +253,24 @@ class _Move:
         return self.config.agent_folder(self.rival) if self.rival in self.config.agents else "INBOX"
 
 
-def handle(config: Config, config_path: Path, event: Event, now: float) -> str:
-    """Apply one move; returns what happened, for the log.  May start the IMAP follow-up."""
+class MoveStore(TicketStore, Protocol):
+    def ticket(self, mailbox: str, number: int) -> Ticket | None: ...
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What a move does besides Redis: history records, and the IMAP follow-up (a detached process)."""
+
+    record: Callable[[list[Record]], None]
+    followup: Callable[[Followup], None]
+
+
+def effects_for(config: Config, config_path: Path) -> Effects:
+    return Effects(lambda records: record_history(config, records), lambda f: start_followup(config_path, f))
+
+
+def handle(config: Config, store: MoveStore, effects: Effects, event: Event, now: float) -> str:
+    """Apply one move; returns what happened, for the log."""
     t = target(config, event.folder)
     if t is None:
         return f"{event.folder}: not a folder of a shared mailbox"
@@ -261,25 +278,46 @@ def handle(config: Config, config_path: Path, event: Event, now: float) -> str:
     if wanted.kind == "none":
         return f"{event.folder}: a folder postroom gives no meaning"
     actor = config.agent_for_login(event.user) or event.user
-    store = store_for(config)
     ticket, records = _ticket_of(config, store, t, event.headers, now)
     decision = decide(ticket, wanted, actor)
-    move = _Move(config, t, ticket, decision.rival, actor, _first(event.headers, "message-id").strip())
     where = f"moved into {event.folder}"
-    if decision.rival and t.box.on_rival_reply == "reject":
+    applied = None
+    for _attempt in range(2):
+        if not decision.changes or (decision.rival and t.box.on_rival_reply == "reject"):
+            break
+        applied = _apply(store, ticket, decision, actor, now)
+        if applied is not None:
+            break
+        # Another agent claimed it between our read and our claim: theirs now, by the same rule as a reply.
+        ticket = store.ticket(t.box.address, ticket.number) or ticket
+        decision = decide(ticket, wanted, actor)
+    move = _Move(config, t, ticket, decision.rival, actor, _first(event.headers, "message-id").strip())
+    if applied is None and decision.rival and t.box.on_rival_reply == "reject":
         records.append(_event(ticket, "move_rejected", now, actor, f"{where}; it belongs to {decision.rival}"))
-        record_history(config, records)
-        start_followup(config_path, _rejected(move))
+        effects.record(records)
+        effects.followup(_rejected(move))
         return f"{move.mark}: {where} by {actor} refused, it belongs to {decision.rival}"
-    if decision.changes:
-        ticket = store.update(t.box.address, ticket.number, decision.changes, now)
+    if applied is not None:
+        ticket = applied
         detail = where if not decision.rival else f"{where}; it belonged to {decision.rival}"
         records.append(_event(ticket, decision.event, now, actor, detail))
-    if decision.rival and t.box.on_rival_reply == "warn":
+    if applied is not None and decision.rival and t.box.on_rival_reply == "warn":
         records.append(_event(ticket, "rival_move_warn", now, actor, f"{where}; the owner was {decision.rival}"))
-        start_followup(config_path, _warned(move, ticket))
-    record_history(config, records)
+        effects.followup(_warned(move, ticket))
+    effects.record(records)
     return f"{move.mark}: {decision.event or 'unchanged'} ({where} by {actor}), owner {ticket.owner or 'unassigned'}"
+
+
+def _apply(store: MoveStore, ticket: Ticket, decision: Decision, actor: str, now: float) -> Ticket | None:
+    """Change the ticket; None when an unowned ticket was claimed by someone else first (the claim is atomic)."""
+    if decision.event != "assign":
+        return store.update(ticket.mailbox, ticket.number, decision.changes, now)
+    # Forced where the move may take the ticket from its owner (the actor's own ticket, or warn/allow).
+    force = bool(ticket.owner) and (ticket.owner == actor or bool(decision.rival))
+    claim = store.claim(ticket.mailbox, ticket.number, decision.changes.owner, now, force=force)
+    if not claim.won:
+        return None
+    return claim.ticket
 
 
 def _event(ticket: Ticket, event: str, now: float, actor: str, detail: str) -> Record:

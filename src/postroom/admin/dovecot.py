@@ -333,7 +333,9 @@ def imap_event_command(config_path: Path, folder: str, user: str) -> None:
     headers = imap_event.read_headers(sys.stdin.buffer)
     try:
         event = imap_event.Event(folder, user, headers)
-        log.info("%s", imap_event.handle(config, config_path.resolve(), event, time.time()))
+        effects = imap_event.effects_for(config, config_path.resolve())
+        store = imap_event.store_for(config)
+        log.info("%s", imap_event.handle(config, store, effects, event, time.time()))
     except Exception:
         log.exception("could not apply the move of a mail into %s by %s", folder, user)
 
