@@ -12,6 +12,7 @@ import json
 import os
 import smtplib
 import sysconfig
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -300,3 +301,54 @@ def test_mail_that_bypassed_postroom_gets_a_ticket_when_moved(team: Team) -> Non
     assert str(later["X-Postroom-Owner"]) == f"meier (Support #{n})"
     events = team.events("support", n)
     assert events[0] == ("opened", ALICE) and ("assign", "meier") in events
+
+
+def test_two_agents_dragging_one_mail_at_once_one_wins(team: Team) -> None:
+    first = team.deliver("support", "Both want it")
+    n = number(first, "Support")
+    mid = str(first["Message-ID"])
+    sessions = {login: team.imap(login) for login in ("meier", "mueller")}
+    uids = {}
+    for login, imap in sessions.items():
+        assert imap.select('"Support"')[0] == "OK"
+        uids[login] = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{mid}"')[1][0].decode()
+    start = threading.Barrier(2)
+
+    def drag(login: str) -> None:
+        start.wait()
+        sessions[login].uid("COPY", uids[login], f'"Support/{login.capitalize()}"')
+
+    threads = [threading.Thread(target=drag, args=(login,)) for login in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for imap in sessions.values():
+        imap.logout()
+    owner = team.show("support", n)["owner"]
+    loser = "mueller" if owner == "meier" else "meier"
+    assert owner in ("meier", "mueller")
+    kinds = team.events("support", n)
+    assert ("assign", owner) in kinds and ("move_rejected", loser) in kinds
+    assert ("assign", loser) not in kinds
+
+
+def test_a_move_back_that_fails_is_in_the_ticket_history(team: Team) -> None:
+    first = team.deliver("support", "Master password rotated")
+    n = number(first, "Support")
+    mid = str(first["Message-ID"])
+    team.move("meier", "Support", mid, "Support/Meier")
+    secret = Path(team.config.imap.master_password_file)
+    good = secret.read_text()
+    secret.write_text("not-the-master-password\n")
+    try:
+        team.move("mueller", "Support/Meier", mid, "Support/Mueller")
+        deadline = time.monotonic() + 20
+        while ("imap_followup_failed", "postroom") not in team.events("support", n):
+            assert time.monotonic() < deadline, team.events("support", n)
+            time.sleep(0.3)
+    finally:
+        secret.write_text(good)
+    detail = next(e["detail"] for e in team.show("support", n)["events"] if e["kind"] == "imap_followup_failed")
+    assert "moving it back into Meier" in detail
+    team.wait("support", "Mueller", mid)  # where mueller left it: the move back could not be made

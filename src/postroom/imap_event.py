@@ -210,6 +210,7 @@ class Followup:
     """IMAP work after the hook: move the mail back and/or leave a note (as the master user)."""
 
     mailbox: str  # the shared mailbox's address: the user the master user logs in as
+    number: int  # the ticket
     message_id: str
     dropped_in: str  # folder (the mailbox user's name for it) the agent dropped the mail into
     move_to: str  # "" leaves the mail where it is
@@ -329,6 +330,7 @@ def _event(ticket: Ticket, event: str, now: float, actor: str, detail: str) -> R
 def _rejected(m: _Move) -> Followup:
     return Followup(
         mailbox=m.target.box.address,
+        number=m.ticket.number,
         message_id=m.message_id,
         dropped_in=m.target.folder,
         move_to=m.home(),
@@ -346,6 +348,7 @@ def _rejected(m: _Move) -> Followup:
 def _warned(m: _Move, now: Ticket) -> Followup:
     return Followup(
         mailbox=m.target.box.address,
+        number=m.ticket.number,
         message_id=m.message_id,
         dropped_in=m.target.folder,
         move_to="",
@@ -438,3 +441,15 @@ def run_followup(config: Config, f: Followup, wait: float = FOLLOWUP_WAIT_SECOND
         if status != "OK":
             raise imaplib.IMAP4.error(f"APPEND into {f.note_folder} failed: {detail!r}")
     return f"{moved}note in {f.note_folder}: {f.note_subject}"
+
+
+def record_failed_followup(config: Config, f: Followup, why: str, now: float) -> None:
+    """Put a follow-up that could not be done into the ticket's history (``postroom tickets show`` shows it)."""
+    try:
+        ticket = store_for(config).ticket(f.mailbox, f.number)
+        if ticket is not None:
+            what = f"moving it back into {f.move_to} and " if f.move_to else ""
+            detail = f"{what}the note in {f.note_folder} failed: {why}"
+            record_history(config, [_event(ticket, "imap_followup_failed", now, config.imap.master_user, detail)])
+    except Exception:
+        log.exception("could not record the failed IMAP follow-up of %s #%d", f.mailbox, f.number)

@@ -250,9 +250,14 @@ def write_files(config: Config, layout: Layout) -> list[Path]:
     )
     written = [layout.conf, layout.acl, layout.master_users, layout.sieve, layout.bin_dir / SIEVE_PROGRAM]
     if result.returncode == 0:
+        compiled.chmod(0o644)  # read by the IMAP processes, which run as the mail user
         written.append(compiled)
     else:
-        click.echo(f"note: sievec could not compile {layout.sieve} ({result.stderr.strip()}); Dovecot will", err=True)
+        click.echo(
+            f"note: sievec could not compile {layout.sieve} ({result.stderr.strip()}); Dovecot compiles it in memory"
+            f" each time instead; run sievec -c /etc/dovecot/dovecot.conf {layout.sieve} once it is included",
+            err=True,
+        )
     return written
 
 
@@ -329,13 +334,15 @@ def imap_event_command(config_path: Path, folder: str, user: str) -> None:
     from postroom import imap_event  # noqa: PLC0415  (the mail path does not need it)
 
     config = load_or_exit(config_path)
-    logging.basicConfig(level=logging.INFO, format="postroom imap-event: %(message)s", stream=sys.stderr)
+    # Dovecot logs whatever the program writes to stderr as an error: say only what went wrong there; what a
+    # move did is in the ticket's history.
+    logging.basicConfig(level=logging.WARNING, format="postroom imap-event: %(message)s", stream=sys.stderr)
     headers = imap_event.read_headers(sys.stdin.buffer)
     try:
         event = imap_event.Event(folder, user, headers)
         effects = imap_event.effects_for(config, config_path.resolve())
         store = imap_event.store_for(config)
-        log.info("%s", imap_event.handle(config, store, effects, event, time.time()))
+        log.debug("%s", imap_event.handle(config, store, effects, event, time.time()))
     except Exception:
         log.exception("could not apply the move of a mail into %s by %s", folder, user)
 
@@ -348,10 +355,11 @@ def imap_event_followup_command(config_path: Path, followup_json: str) -> None:
     from postroom import imap_event  # noqa: PLC0415
 
     config = load_or_exit(config_path)
-    logging.basicConfig(level=logging.INFO, format="postroom imap-event: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="postroom imap-event: %(message)s", stream=sys.stderr)
     followup = imap_event.Followup(**json.loads(followup_json))
     try:
-        log.info("%s", imap_event.run_followup(config, followup))
-    except (OSError, imaplib.IMAP4.error) as exc:
-        log.error("IMAP follow-up for %s failed: %s", followup.mailbox, exc)
+        log.debug("%s", imap_event.run_followup(config, followup))
+    except (OSError, IndexError, imaplib.IMAP4.error) as exc:
+        # Nobody reads this process's output (it is detached from Dovecot): the ticket's history tells.
+        imap_event.record_failed_followup(config, followup, f"{exc.__class__.__name__}: {exc}", time.time())
         raise SystemExit(1) from None
