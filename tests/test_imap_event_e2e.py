@@ -11,7 +11,6 @@ import imaplib
 import json
 import os
 import smtplib
-import sysconfig
 import threading
 import time
 import uuid
@@ -24,10 +23,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from postroom import testbed_imap
 from postroom.admin.cli import main
-from postroom.config import Config, example_config_path, load_config, parse_config, to_toml, with_changes
-from postroom_testbed.dovecot import VMAIL_UID
-from postroom_testbed import Dovecot, Login, MailUser, MilterDaemon, Stack, config_for_stack
+from postroom.config import Config, example_config_path, load_config, parse_config
 
 pytestmark = pytest.mark.e2e
 
@@ -48,24 +46,11 @@ def team_config() -> Config:
     return parse_config(data, "<team>", environ={})
 
 
-def python_for_mail_user(root: Path) -> str:
-    """An interpreter Dovecot's mail user can run: Debian's, on this checkout and the venv's packages.
-
-    The venv's own interpreter may live in root's home, which uid 5000 cannot enter; production installs
-    postroom where the mail user can run it.
-    """
-    path = root / "python-for-vmail"
-    paths = f"{Path(__file__).resolve().parents[1] / 'src'}:{sysconfig.get_paths()['purelib']}"
-    path.write_text(f'#!/bin/sh\nPYTHONPATH="{paths}" exec /usr/bin/python3 "$@"\n')
-    path.chmod(0o755)
-    return str(path)
-
-
 class Team:
-    def __init__(self, stack: Stack, config: Config, config_path: Path) -> None:
-        self.stack = stack
-        self.config = config
-        self.config_path = config_path
+    def __init__(self, team: testbed_imap.Team) -> None:
+        self.stack = team.deployment.stack
+        self.config = team.deployment.config
+        self.config_path = team.deployment.daemon.config_path
 
     def deliver(self, box: str, subject: str, *, in_reply_to: str = "", folder: str = "INBOX") -> EmailMessage:
         """A customer's mail through Postfix and the milter; returns it as it landed in ``folder``."""
@@ -120,60 +105,12 @@ class Team:
         return [(e["kind"], e["actor"]) for e in self.show(box, number)["events"]]
 
 
-def _snippet_writer(holder: dict[str, Any], config: Config) -> Any:
-    def extra(dovecot: Dovecot) -> str:
-        stack: Stack = holder["stack"]
-        workdir = stack.root / "postroom"
-        workdir.mkdir(exist_ok=True)
-        # imap-event runs as the mail user and writes the SQLite history too.
-        workdir.chmod(0o777)
-        secret = stack.root / "imap-master.secret"
-        secret.write_text("master-secret\n")
-        secret.chmod(0o644)  # the mail user's imap-event logs in as the master user to move mail back
-        preliminary = with_changes(
-            config,
-            {
-                "redis": {"url": stack.redis.url},
-                "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
-                "imap": {"port": dovecot.imap_port, "master_password_file": str(secret)},
-            },
-        )
-        config_path = workdir / "postroom.toml"
-        config_path.write_text(to_toml(preliminary))
-        holder["config"] = preliminary
-        args = ["dovecot-snippet", "--config", str(config_path), "--dir", str(stack.root / "dovecot-postroom")]
-        args += ["--mail-location", f"maildir:{dovecot.mail_dir}/{{address}}/Maildir"]
-        args += ["--python", python_for_mail_user(stack.root), "--write"]
-        res = CliRunner().invoke(main, args)
-        assert res.exit_code == 0, res.output
-        holder["snippet"] = res.output
-        return f"!include {stack.root / 'dovecot-postroom' / 'postroom.conf'}\n"
-
-    return extra
-
-
 @pytest.fixture(scope="module")
 def team() -> Iterator[Team]:
     if os.geteuid() != 0:
         pytest.skip("needs root for Postfix and Dovecot")
-    base = team_config()
-    users = [MailUser(f"{key}@example.test") for key in BOXES] + [MailUser(ALICE)]
-    logins = [Login(name, pw) for name, pw in PASSWORDS.items()]
-    holder: dict[str, Any] = {}
-    stack = Stack(users=users, logins=logins, milter="auto", dovecot_extra=_snippet_writer(holder, base))
-    holder["stack"] = stack
-    with stack:
-        workdir = stack.root / "postroom"
-        config = config_for_stack(holder["config"], stack, workdir)
-        daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
-        daemon.start()
-        try:
-            db = workdir / "history.sqlite3"
-            os.chown(db, VMAIL_UID, -1)  # SQLite gives its -wal and -shm files the database file's owner
-            db.chmod(0o666)
-            yield Team(stack, config, daemon.config_path)
-        finally:
-            daemon.stop()
+    with testbed_imap.deploy_team(team_config(), PASSWORDS, [ALICE]) as deployed:
+        yield Team(deployed)
 
 
 def number(msg: EmailMessage, tag: str) -> int:
