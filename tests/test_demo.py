@@ -85,5 +85,8 @@ def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
     assert re.search(r"alice@customer.test\s+│ Printer on fire\s+│ meier\s+│ open", rows["1"])
     assert re.search(r"mallory@customer.test\s+│ send me the invoice\s+│ unassigned", rows["3"])
     assert re.search(r"│ 1\s+│$", rows["4"])  # the forward is linked to ticket 1
-    assert "INBOX (4 messages)" in out and "Meier (1 messages)" in out
+    # Meier took ticket 1 by dragging its mail into Support/Meier over IMAP, logged in with his own password.
+    assert "drags it into Support/Meier: ticket #1 is now meier's" in out
+    assert re.search(r"│ meier\s+│ meier-[0-9a-f]{6}\s+│ 127\.0\.0\.1:\d+\s+│ 127\.0\.0\.1:\d+\s+│ Support", out)
+    assert "INBOX (3 messages)" in out and "Meier (2 messages)" in out
     assert "everything it started is stopped" in out

@@ -6,7 +6,11 @@ for Thunderbird or swaks).  The demo uses the shipped example config, so what it
 
 from __future__ import annotations
 
+import email
+import email.policy
+import imaplib
 import os
+import secrets
 import time
 import uuid
 from email.message import EmailMessage
@@ -17,8 +21,10 @@ from rich.table import Table
 from rich.tree import Tree
 
 from postroom.config import example_config_path, load_config
+from postroom.imap_event import namespace_prefix
 from postroom.store.redis import RedisStore
-from postroom_testbed import Deployment, StackError, deploy
+from postroom.testbed_imap import Team, deploy_team
+from postroom_testbed import Deployment, StackError
 
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
 
@@ -37,23 +43,26 @@ def _mail(sender: str, subject: str, body: str, in_reply_to: str = "") -> EmailM
 
 
 class Story:
-    def __init__(self, d: Deployment, console: Console) -> None:
+    def __init__(self, team: Team, console: Console) -> None:
+        d = team.deployment
+        self.team = team
         self.d = d
         self.console = console
         self.box = d.config.mailboxes["support"]
         self.store = RedisStore.from_url(
             d.config.redis.url, key_prefix=d.config.redis.key_prefix, message_index_days=1, timeout=2
         )
-        self.counts: dict[str, int] = {}
 
     def send(self, step: str, msg: EmailMessage, folder: str = "INBOX") -> EmailMessage:
         sender = str(msg["From"]).split("<")[1].rstrip(">")
         with self.console.status(f"{step} ..."):
             self.d.stack.send(msg, mail_from=sender, rcpts=[self.box.address])
-            want = self.counts.get(folder, 0) + 1
-            got = self.d.stack.wait_for(self.box.address, folder, want)
-            self.counts[folder] = want
-        delivered = next(m for m in got if m["Message-ID"] == msg["Message-ID"])
+            deadline = time.monotonic() + 20
+            while not (got := self.d.stack.find_raw(self.box.address, str(msg["Message-ID"]), folder)):
+                if time.monotonic() > deadline:
+                    raise StackError(f"{msg['Message-ID']} did not reach {self.box.address}/{folder} in 20 s")
+                time.sleep(0.1)
+        delivered = email.message_from_bytes(got[0].replace(b"\r\n", b"\n"), policy=email.policy.default)
         self.console.print(f"[bold green]✓[/] {step}")
         self.console.print(f"    lands in [cyan]{self.box.address}/{folder}[/] as [bold]{delivered['Subject']}[/]")
         self.console.print(f"    X-Postroom-Owner: {delivered['X-Postroom-Owner']}")
@@ -65,8 +74,12 @@ class Story:
         got = self.send("Alice writes to support@", first)
         n = int(str(got["X-Postroom-Ticket"]).split()[0])
         self.send("Bob writes to support@", _mail("bob@customer.test", "Invoice wrong", "Invoice 42 is wrong.\n"))
-        self.store.assign(self.box.address, n, "meier", time.time())
-        c.print(f"[bold green]✓[/] Meier takes ticket #{n} (what his first reply will do)")
+        self.drag("meier", str(first["Message-ID"]), self.d.config.agent_folder("meier"))
+        owner = self.store.ticket(self.box.address, n)
+        c.print(
+            f"[bold green]✓[/] Meier, logged in to IMAP as meier, drags it into {namespace_prefix(self.box)}/"
+            f"{self.d.config.agent_folder('meier')}: ticket #{n} is now {owner.owner if owner else '?'}'s"
+        )
         self.send(
             "Alice answers; her mail client dropped the ticket token",
             _mail("alice@customer.test", "AW: Printer on fire", "It is still burning.\n", str(first["Message-ID"])),
@@ -80,6 +93,19 @@ class Story:
             "Alice forwards the old thread: a new ticket, linked to the old one",
             _mail("alice@customer.test", f"WG: [Support #{n}] Printer on fire", "For our facility manager.\n"),
         )
+
+    def drag(self, login: str, message_id: str, folder: str) -> None:
+        """What Thunderbird does when the agent drags a mail from the team's INBOX into a folder."""
+        prefix = namespace_prefix(self.box)
+        imap = imaplib.IMAP4("127.0.0.1", self.d.stack.dovecot.imap_port, timeout=30)
+        try:
+            imap.login(login, self.team.passwords[login])
+            imap.select(f'"{prefix}"')
+            _status, found = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{message_id}"')
+            imap.uid("MOVE", found[0].decode(), f'"{prefix}/{folder}"')
+        finally:
+            imap.logout()
+        # postroom imap-event runs inside the MOVE; Redis has the owner once the command has returned.
 
     def summary(self) -> None:
         table = Table(title=f"Tickets of {self.box.address}")
@@ -95,6 +121,24 @@ class Story:
         self.console.print(tree)
 
 
+def _access(team: Team, console: Console) -> None:
+    """How to point Thunderbird (or swaks) at the stack: ports and every agent's own password."""
+    d = team.deployment
+    table = Table(title="Log in as an agent (IMAP and submission: plain text on loopback, no TLS)")
+    for col in ("agent", "password", "IMAP", "submission (AUTH)", "sees"):
+        table.add_column(col)
+    for login in d.config.agents:
+        boxes = [namespace_prefix(b) for b in d.config.mailboxes.values() if login in d.config.mailbox_agents(b)]
+        table.add_row(
+            login,
+            team.passwords[login],
+            f"127.0.0.1:{d.stack.dovecot.imap_port}",
+            f"127.0.0.1:{d.stack.postfix.submission_port}",
+            ", ".join(boxes) or "(no shared mailbox)",
+        )
+    console.print(table)
+
+
 def run(keep: bool = False, console: Console | None = None) -> int:
     console = console or Console()
     if os.geteuid() != 0:
@@ -104,27 +148,34 @@ def run(keep: bool = False, console: Console | None = None) -> int:
         )
         return 2
     config = load_config(example_config_path(), environ={})
+    passwords = {login: f"{login}-{secrets.token_hex(3)}" for login in config.agents}
     console.rule("postroom demo --postfix: a private Postfix + Dovecot + Redis with the postroom milter")
     try:
-        with deploy(config, CUSTOMERS) as d:
+        with deploy_team(config, passwords, CUSTOMERS) as team:
+            d = team.deployment
             console.print(f"work folder {d.stack.root}; milter log {d.milter.log_path}")
-            story = Story(d, console)
+            _access(team, console)
+            story = Story(team, console)
             story.run()
             story.summary()
             if keep:
-                console.print(
-                    f"\nRunning until Ctrl-C.  SMTP 127.0.0.1:{d.stack.postfix.smtp_port}, "
-                    f"IMAP 127.0.0.1:{d.stack.dovecot.imap_port} (user support@example.test, password secret)\n"
-                    f"  swaks --server 127.0.0.1:{d.stack.postfix.smtp_port} --to support@example.test "
-                    "--from carol@customer.test"
-                )
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+                _wait(d, console)
     except StackError as exc:
         console.print(f"[red]the demo stack failed:[/] {exc}")
         return 1
     console.print("[bold]demo finished; everything it started is stopped[/]")
     return 0
+
+
+def _wait(d: Deployment, console: Console) -> None:
+    console.print(
+        f"\nRunning until Ctrl-C.  In Thunderbird: an IMAP account on 127.0.0.1:{d.stack.dovecot.imap_port} and"
+        f" SMTP 127.0.0.1:{d.stack.postfix.submission_port}, user meier with the password above, no encryption:"
+        " the folder Support is the team's INBOX, Support/Meier his.\n"
+        f"  swaks --server 127.0.0.1:{d.stack.postfix.smtp_port} --to support@example.test --from carol@customer.test"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
