@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom.admin.cli import main
-from postroom.admin.dovecot import Layout, acl_text, dovecot_config
+from postroom.admin.dovecot import DEFAULT_DIR, DEFAULT_LOCATION, Layout, acl_text, dovecot_config
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
 from postroom.imap_event import (
     Effects,
@@ -223,3 +223,11 @@ def test_snippet_command_errors_are_the_admins_not_tracebacks(tmp_path: Path) ->
     assert CliRunner().invoke(main, ["dovecot-snippet", "--write"]).exit_code == 2
     good = CliRunner().invoke(main, ["dovecot-snippet", "--config", str(path), "--dir", str(tmp_path)])
     assert good.exit_code == 0 and f"acl = vfile:{tmp_path}/acl" in good.output
+
+
+def test_the_deployment_guide_quotes_what_dovecot_snippet_prints() -> None:
+    config = load_config(example_config_path(), environ={})
+    layout = Layout(DEFAULT_DIR, DEFAULT_LOCATION, Path("/etc/postroom/postroom.toml"), "/opt/postroom/bin/python")
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "deploy-milter.md").read_text()
+    assert dovecot_config(config, layout) in guide, "docs/deploy-milter.md is out of step with dovecot-snippet"
+    assert acl_text(config) in guide, "docs/deploy-milter.md is out of step with the ACL file dovecot-snippet writes"

@@ -191,9 +191,10 @@ def demo_command(keep: bool, workdir: Path | None, postfix: bool) -> None:
     a development SMTP server on 127.0.0.1 that runs every mail through postroom's pipeline and files it into
     Maildir folders.  Agents log in with AUTH, password "demo".  Everything it started is stopped at the end.
 
-    With --postfix: the inbound story through a private Postfix, Dovecot and Redis with the real milter; needs
-    root and the Debian packages postfix, dovecot-imapd, dovecot-lmtpd and redis-server (`./dev demo` installs
-    them).
+    With --postfix: the inbound story through a private Postfix, Dovecot and Redis with the real milter, Dovecot
+    configured by `postroom dovecot-snippet` (each agent logs in with their own password, printed at the start;
+    Meier takes a ticket by dragging its mail into Support/Meier); needs root and the Debian packages postfix,
+    dovecot-imapd, dovecot-lmtpd, dovecot-sieve and redis-server (`./dev demo` installs them).
     """
     # rich, aiosmtpd and the testbed only for the demo.
     if postfix:
