@@ -231,3 +231,15 @@ def test_the_deployment_guide_quotes_what_dovecot_snippet_prints() -> None:
     guide = (Path(__file__).resolve().parents[1] / "docs" / "deploy-milter.md").read_text()
     assert dovecot_config(config, layout) in guide, "docs/deploy-milter.md is out of step with dovecot-snippet"
     assert acl_text(config) in guide, "docs/deploy-milter.md is out of step with the ACL file dovecot-snippet writes"
+
+
+def test_snippet_refuses_folders_that_would_mean_two_things(tmp_path: Path) -> None:
+    data = team().model_dump()
+    data["mailboxes"]["sales"] = {**data["mailboxes"]["support"], "address": "sales@example.test", "tag": "support"}
+    data["agents"]["schulze"]["folder"] = "Done"
+    path = tmp_path / "postroom.toml"
+    path.write_text(to_toml(parse_config(data, "<test>", environ={})))
+    res = CliRunner().invoke(main, ["dovecot-snippet", "--config", str(path)])
+    assert res.exit_code == 2, res.output
+    assert "mailboxes.sales and mailboxes.support would both be the folder support" in res.output
+    assert "agent schulze's folder Done is also done_folder" in res.output

@@ -106,6 +106,25 @@ def _namespace(config: Config, key: str, box: MailboxConfig, layout: Layout) -> 
     return "\n".join(lines)
 
 
+def problems(config: Config) -> list[str]:
+    """What would make the IMAP side ambiguous: two mailboxes shown as one folder, an agent folder named like a
+    folder that already means something else."""
+    found: list[str] = []
+    seen: dict[str, str] = {}
+    for key, box in config.mailboxes.items():
+        prefix = namespace_prefix(box)
+        if prefix.lower() in seen:
+            found.append(f"mailboxes.{key} and mailboxes.{seen[prefix.lower()]} would both be the folder {prefix}")
+        seen[prefix.lower()] = key
+        special = {"INBOX": "the mailbox's INBOX", box.done_folder: "done_folder", box.inbox_folder: "inbox_folder"}
+        for login in config.mailbox_agents(box):
+            folder = config.agent_folder(login)
+            if folder in special or folder.upper() == "INBOX":
+                what = special.get(folder, "the mailbox's INBOX")
+                found.append(f"mailboxes.{key}: agent {login}'s folder {folder} is also {what}")
+    return found
+
+
 def acl_text(config: Config) -> str:
     """The global ACL file: a mailbox's agents get every right on it and its folders; nobody else any."""
     lines = ["# Written by postroom dovecot-snippet: <mailbox pattern> <identifier> <rights>."]
@@ -308,6 +327,9 @@ def dovecot_snippet_command(
         click.echo(dovecot_snippet(None), nl=False)
         return
     config = load_or_exit(config_path)
+    trouble = problems(config)
+    if trouble:
+        raise fail("\n".join(f"{config_path}: {p}" for p in trouble))
     for token in re.findall(r"{(\w*)}", mail_location):
         if token not in ("address", "local", "domain"):
             raise fail(f"--mail-location: unknown placeholder {{{token}}}; use {{address}}, {{local}}, {{domain}}")
