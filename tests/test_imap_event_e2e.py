@@ -268,6 +268,12 @@ def test_two_agents_dragging_one_mail_at_once_one_wins(team: Team) -> None:
     kinds = team.events("support", n)
     assert ("assign", owner) in kinds and ("move_rejected", loser) in kinds
     assert ("assign", loser) not in kinds
+    # The loser copied rather than moved: postroom removes the copy instead of filing the mail twice.
+    deadline = time.monotonic() + 20
+    while team.stack.find_raw("support@example.test", mid, loser.capitalize()):
+        assert time.monotonic() < deadline, f"the refused copy is still in {loser.capitalize()}"
+        time.sleep(0.2)
+    assert len(team.stack.find_raw("support@example.test", mid, owner.capitalize())) == 1
 
 
 def test_a_move_back_that_fails_is_in_the_ticket_history(team: Team) -> None:

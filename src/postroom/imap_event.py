@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
@@ -243,11 +242,11 @@ class _Move:
 
     @property
     def seen_as(self) -> str:
-        return f"{namespace_prefix(self.target.box)}/{self.target.folder}"
+        prefix = namespace_prefix(self.target.box)
+        return prefix if self.target.folder == "INBOX" else f"{prefix}/{self.target.folder}"
 
-    def since(self) -> str:
-        name = self.config.agent_name(self.rival) if self.rival in self.config.agents else self.rival
-        return f"{name} since {datetime.fromtimestamp(self.ticket.updated, UTC):%Y-%m-%d %H:%M} UTC"
+    def owner_name(self) -> str:
+        return self.config.agent_name(self.rival) if self.rival in self.config.agents else self.rival
 
     def home(self) -> str:
         """The rival's folder, in the mailbox user's names."""
@@ -335,10 +334,10 @@ def _rejected(m: _Move) -> Followup:
         dropped_in=m.target.folder,
         move_to=m.home(),
         note_folder=m.target.folder,
-        note_subject=f"{m.mark} not moved: it belongs to {m.since()}",
+        note_subject=f"{m.mark} not moved: it belongs to {m.owner_name()}",
         note_body=(
             f"{m.actor} moved a mail of {m.mark} into {m.seen_as}.\n"
-            f"The ticket belongs to {m.since()}, and this mailbox refuses moves of another\n"
+            f"The ticket belongs to {m.owner_name()}, and this mailbox refuses moves of another\n"
             f'agent\'s ticket (on_rival_reply = "reject"), so postroom moved the mail back into {m.home()}.\n'
             "To take the ticket over, answer the customer with the first line #takeover, or ask the owner.\n"
         ),
@@ -424,16 +423,40 @@ def note_message(config: Config, f: Followup) -> bytes:
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
+def _send_back(imap: imaplib.IMAP4, f: Followup, uids: list[bytes]) -> str:
+    """Move the dropped mail into the owner's folder; if it is there already (the agent copied rather than moved
+    it), remove the copy instead, so the owner's folder does not get it twice."""
+    already = imap.status(imap_quote(f.move_to), "(MESSAGES)")[0] == "OK" and _in_folder(imap, f)
+    imap.select(imap_quote(f.dropped_in))
+    numbers = b",".join(uids).decode()
+    if already:
+        imap.uid("STORE", numbers, "+FLAGS.SILENT", r"(\Deleted)")
+        status, detail = imap.uid("EXPUNGE", numbers)
+        what = f"removed the copy in {f.dropped_in} ({f.move_to} has the mail)"
+    else:
+        status, detail = imap.uid("MOVE", numbers, imap_quote(f.move_to))
+        what = f"moved the mail from {f.dropped_in} back into {f.move_to}"
+    if status != "OK":
+        raise imaplib.IMAP4.error(f"{what} failed: {detail!r}")
+    return what + "; "
+
+
+def _in_folder(imap: imaplib.IMAP4, f: Followup) -> bool:
+    status, _ = imap.select(imap_quote(f.move_to), readonly=True)
+    if status != "OK":
+        return False
+    _s, data = imap.uid("SEARCH", "HEADER", "Message-ID", imap_quote(f.message_id))
+    imap.close()
+    return bool(data and data[0])
+
+
 def run_followup(config: Config, f: Followup, wait: float = FOLLOWUP_WAIT_SECONDS) -> str:
     with master_login(config, f.mailbox) as imap:
         moved = ""
         if f.move_to:
             uids = _find(imap, f.dropped_in, f.message_id, time.monotonic() + wait)
             if uids:
-                status, detail = imap.uid("MOVE", b",".join(uids).decode(), imap_quote(f.move_to))
-                if status != "OK":
-                    raise imaplib.IMAP4.error(f"MOVE into {f.move_to} failed: {detail!r}")
-                moved = f"moved {len(uids)} mail(s) from {f.dropped_in} back into {f.move_to}; "
+                moved = _send_back(imap, f, uids)
             else:
                 moved = f"{f.message_id or 'a mail without Message-ID'} not found in {f.dropped_in}; "
         stamp = imaplib.Time2Internaldate(time.time())
