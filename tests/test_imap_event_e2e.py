@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from postroom import testbed_imap
 from postroom.admin.cli import main
 from postroom.config import Config, example_config_path, load_config, parse_config
+from postroom_testbed import imap as testbed_imap
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from rich.tree import Tree
 from postroom.config import example_config_path, load_config
 from postroom.imap_event import namespace_prefix
 from postroom.store.redis import RedisStore
-from postroom.testbed_imap import Team, deploy_team
 from postroom_testbed import Deployment, StackError
+from postroom_testbed.imap import Team, deploy_team
 
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
 
