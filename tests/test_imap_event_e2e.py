@@ -75,6 +75,22 @@ class Team:
                 raise AssertionError(f"{message_id} not in {box}/{folder} after {timeout:.0f}s")
             time.sleep(0.2)
 
+    def claimed(self, box: str, subject: str, login: str) -> tuple[int, str]:
+        """A new ticket, taken by ``login`` dragging it into their folder: (number, Message-ID)."""
+        first = self.deliver(box, subject)
+        tag = self.config.mailboxes[box].tag
+        mid = str(first["Message-ID"])
+        self.move(login, tag, mid, f"{tag}/{login.capitalize()}")
+        return number(first, tag), mid
+
+    def note(self, box: str, text: str, folder: str, timeout: float = 20.0) -> list[bytes]:
+        """Wait for postroom's note (written by its IMAP follow-up after the move) in ``folder``."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.stack.find_raw(f"{box}@example.test", text, folder)):
+            assert time.monotonic() < deadline, f"no note {text!r} in {box}/{folder}"
+            time.sleep(0.2)
+        return found
+
     def imap(self, login: str) -> imaplib.IMAP4:
         imap = imaplib.IMAP4("127.0.0.1", self.stack.dovecot.imap_port, timeout=30)
         imap.login(login, PASSWORDS[login])
@@ -178,18 +194,12 @@ def test_done_closes_and_inbox_releases(team: Team) -> None:
 
 
 def test_reject_moves_a_rivals_ticket_back_and_leaves_a_note(team: Team) -> None:
-    first = team.deliver("support", "Refund please")
-    n = number(first, "Support")
-    mid = str(first["Message-ID"])
-    team.move("meier", "Support", mid, "Support/Meier")
+    n, mid = team.claimed("support", "Refund please", "meier")
     team.move("mueller", "Support/Meier", mid, "Support/Mueller")
     assert team.show("support", n)["owner"] == "meier"
     assert ("move_rejected", "mueller") in team.events("support", n)
     team.wait("support", "Meier", mid)  # moved back by postroom's master user
-    deadline = time.monotonic() + 20
-    while not (notes := team.stack.find_raw("support@example.test", f"Support #{n}] not moved", "Mueller")):
-        assert time.monotonic() < deadline, "no note in Mueller's folder"
-        time.sleep(0.2)
+    notes = team.note("support", f"Support #{n}] not moved", "Mueller")
     assert b"belongs to Meier" in notes[0]
     assert not team.stack.find_raw("support@example.test", mid, "Mueller")
     later = team.deliver("support", "Re: Refund please", in_reply_to=mid, folder="Meier")
@@ -197,26 +207,17 @@ def test_reject_moves_a_rivals_ticket_back_and_leaves_a_note(team: Team) -> None
 
 
 def test_warn_applies_the_move_and_tells_the_owner(team: Team) -> None:
-    first = team.deliver("sales", "Quote")
-    n = number(first, "Sales")
-    mid = str(first["Message-ID"])
-    team.move("meier", "Sales", mid, "Sales/Meier")
+    n, mid = team.claimed("sales", "Quote", "meier")
     team.move("mueller", "Sales/Meier", mid, "Sales/Mueller")
     assert team.show("sales", n)["owner"] == "mueller"
     assert ("rival_move_warn", "mueller") in team.events("sales", n)
-    deadline = time.monotonic() + 20
-    while not team.stack.find_raw("sales@example.test", f"Sales #{n}] moved by mueller", "Meier"):
-        assert time.monotonic() < deadline, "no note in Meier's folder"
-        time.sleep(0.2)
+    team.note("sales", f"Sales #{n}] moved by mueller", "Meier")
     later = team.deliver("sales", "Re: Quote", in_reply_to=mid, folder="Mueller")
     assert str(later["X-Postroom-Owner"]) == f"mueller (Sales #{n})"
 
 
 def test_allow_applies_the_move_silently(team: Team) -> None:
-    first = team.deliver("billing", "Dunning")
-    n = number(first, "Billing")
-    mid = str(first["Message-ID"])
-    team.move("meier", "Billing", mid, "Billing/Meier")
+    n, mid = team.claimed("billing", "Dunning", "meier")
     team.move("mueller", "Billing/Meier", mid, "Billing/Mueller")
     assert team.show("billing", n)["owner"] == "mueller"
     assert [k for k, _a in team.events("billing", n) if k == "rival_move_warn"] == []

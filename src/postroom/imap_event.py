@@ -41,7 +41,6 @@ from postroom.config import Config, MailboxConfig
 from postroom.history import make_engine, migrate, write
 from postroom.mime import Message
 from postroom.pipeline import inbound
-from postroom.store.redis import RedisStore
 from postroom.tickets import KEEP, Changes, Record, Ticket, TicketStore
 from postroom.verdict import Envelope
 
@@ -160,15 +159,6 @@ def _first(headers: list[tuple[str, str]], wanted: str) -> str:
 
 
 # -- applying it --------------------------------------------------------------------------------------------------
-
-
-def store_for(config: Config) -> RedisStore:
-    return RedisStore.from_url(
-        config.redis.url,
-        key_prefix=config.redis.key_prefix,
-        message_index_days=config.redis.message_index_days,
-        timeout=config.redis.timeout_seconds,
-    )
 
 
 def record_history(config: Config, records: list[Record]) -> None:
@@ -466,10 +456,10 @@ def run_followup(config: Config, f: Followup, wait: float = FOLLOWUP_WAIT_SECOND
     return f"{moved}note in {f.note_folder}: {f.note_subject}"
 
 
-def record_failed_followup(config: Config, f: Followup, why: str, now: float) -> None:
+def record_failed_followup(config: Config, store: MoveStore, f: Followup, why: str, now: float) -> None:
     """Put a follow-up that could not be done into the ticket's history (``postroom tickets show`` shows it)."""
     try:
-        ticket = store_for(config).ticket(f.mailbox, f.number)
+        ticket = store.ticket(f.mailbox, f.number)
         if ticket is not None:
             what = f"moving it back into {f.move_to} and " if f.move_to else ""
             detail = f"{what}the note in {f.note_folder} failed: {why}"

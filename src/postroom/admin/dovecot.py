@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit
+from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit, redis_store
 from postroom.admin.snippets import dovecot_snippet
 from postroom.config import Config, MailboxConfig
 from postroom.imap_event import namespace_prefix
@@ -363,7 +363,7 @@ def imap_event_command(config_path: Path, folder: str, user: str) -> None:
     try:
         event = imap_event.Event(folder, user, headers)
         effects = imap_event.effects_for(config, config_path.resolve())
-        store = imap_event.store_for(config)
+        store = redis_store(config)
         log.debug("%s", imap_event.handle(config, store, effects, event, time.time()))
     except Exception:
         log.exception("could not apply the move of a mail into %s by %s", folder, user)
@@ -383,5 +383,6 @@ def imap_event_followup_command(config_path: Path, followup_json: str) -> None:
         log.debug("%s", imap_event.run_followup(config, followup))
     except (OSError, IndexError, imaplib.IMAP4.error) as exc:
         # Nobody reads this process's output (it is detached from Dovecot): the ticket's history tells.
-        imap_event.record_failed_followup(config, followup, f"{exc.__class__.__name__}: {exc}", time.time())
+        why = f"{exc.__class__.__name__}: {exc}"
+        imap_event.record_failed_followup(config, redis_store(config), followup, why, time.time())
         raise SystemExit(1) from None
