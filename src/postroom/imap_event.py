@@ -18,6 +18,7 @@ process (``postroom imap-event-followup``) that logs in as the master user once 
 
 from __future__ import annotations
 
+import argparse
 import email.parser
 import email.policy
 import email.utils
@@ -35,12 +36,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
-from sqlalchemy.orm import Session
-
-from postroom.config import Config, MailboxConfig
-from postroom.history import make_engine, migrate, write
+from postroom.config import Config, ConfigError, MailboxConfig, load_config
 from postroom.mime import Message
-from postroom.pipeline import inbound
 from postroom.tickets import KEEP, Changes, Record, Ticket, TicketStore
 from postroom.verdict import Envelope
 
@@ -162,8 +159,14 @@ def _first(headers: list[tuple[str, str]], wanted: str) -> str:
 
 
 def record_history(config: Config, records: list[Record]) -> None:
-    if config.database.auto_migrate:
-        migrate(config.database.url)
+    # Imported here, like the pipeline below: Dovecot starts this program for every drag and the agent's client
+    # waits for it, so a move that means nothing does not pay for SQLAlchemy and the rules.
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from postroom.history import make_engine, write  # noqa: PLC0415
+
+    # No migration here (Alembic alone costs more than the rest of a move): the daemons and `postroom db
+    # upgrade` bring the schema up to date; an outdated one is an error in Dovecot's log.
     engine = make_engine(config.database.url)
     try:
         with Session(engine) as session, session.begin():
@@ -180,6 +183,8 @@ def _ticket_of(
     found = store.ticket(t.box.address, number) if number is not None else None
     if found is not None:
         return found, []
+    from postroom.pipeline import inbound  # noqa: PLC0415  (only for mail that has no ticket)
+
     sender = email.utils.parseaddr(_first(headers, "return-path"))[1]
     message = Message(Envelope(mail_from=sender, rcpts=[t.box.address]), headers)
     outcome = inbound(message, config, store, now)
@@ -466,3 +471,50 @@ def record_failed_followup(config: Config, store: MoveStore, f: Followup, why: s
             record_history(config, [_event(ticket, "imap_followup_failed", now, config.imap.master_user, detail)])
     except Exception:
         log.exception("could not record the failed IMAP follow-up of %s #%d", f.mailbox, f.number)
+
+
+# -- the program Dovecot runs ---------------------------------------------------------------------------------
+
+
+def run_event(config: Config, config_path: Path, folder: str, user: str, stream: BinaryIO) -> None:
+    """Read the mail Dovecot pipes in and apply the move; a failure is logged to stderr, never raised: the
+    agent's move itself always stands."""
+    headers = read_headers(stream)
+    try:
+        from postroom.store.redis import RedisStore  # noqa: PLC0415
+
+        store = RedisStore.from_url(
+            config.redis.url,
+            key_prefix=config.redis.key_prefix,
+            message_index_days=config.redis.message_index_days,
+            timeout=config.redis.timeout_seconds,
+        )
+        log.debug(
+            "%s", handle(config, store, effects_for(config, config_path), Event(folder, user, headers), time.time())
+        )
+    except Exception:
+        log.exception("could not apply the move of a mail into %s by %s", folder, user)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m postroom.imap_event --config FILE FOLDER USER``: what ``postroom imap-event`` does, without
+    loading the rest of the command (the program Dovecot starts for every drag)."""
+    parser = argparse.ArgumentParser(prog="python -m postroom.imap_event", description=main.__doc__)
+    parser.add_argument("--config", type=Path, default=Path("/etc/postroom/postroom.toml"))
+    parser.add_argument("folder")
+    parser.add_argument("user")
+    args = parser.parse_args(argv)
+    # Dovecot logs whatever the program writes to stderr as an error: say only what went wrong there; what a
+    # move did is in the ticket's history.
+    logging.basicConfig(level=logging.WARNING, format="postroom imap-event: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    run_event(config, args.config.resolve(), args.folder, args.user, sys.stdin.buffer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -155,7 +155,7 @@ def wrapper_text(layout: Layout) -> str:
     return (
         "#!/bin/sh\n"
         "# Written by postroom dovecot-snippet; Dovecot runs it as the mail user with MAILBOX USER and the mail.\n"
-        f'exec "{layout.python}" -m postroom imap-event --config "{layout.config_path}" "$@"\n'
+        f'exec "{layout.python}" -m postroom.imap_event --config "{layout.config_path}" "$@"\n'
     )
 
 
@@ -356,17 +356,8 @@ def imap_event_command(config_path: Path, folder: str, user: str) -> None:
     from postroom import imap_event  # noqa: PLC0415  (the mail path does not need it)
 
     config = load_or_exit(config_path)
-    # Dovecot logs whatever the program writes to stderr as an error: say only what went wrong there; what a
-    # move did is in the ticket's history.
     logging.basicConfig(level=logging.WARNING, format="postroom imap-event: %(message)s", stream=sys.stderr)
-    headers = imap_event.read_headers(sys.stdin.buffer)
-    try:
-        event = imap_event.Event(folder, user, headers)
-        effects = imap_event.effects_for(config, config_path.resolve())
-        store = redis_store(config)
-        log.debug("%s", imap_event.handle(config, store, effects, event, time.time()))
-    except Exception:
-        log.exception("could not apply the move of a mail into %s by %s", folder, user)
+    imap_event.run_event(config, config_path.resolve(), folder, user, sys.stdin.buffer)
 
 
 @click.command("imap-event-followup", hidden=True)
