@@ -184,11 +184,19 @@ def test_done_closes_and_inbox_releases(team: Team) -> None:
     team.move("mueller", "Support/Mueller", mid, "Support/Done", command="COPY")
     assert team.show("support", n)["state"] == "closed"
     assert ("close", "mueller") in team.events("support", n)
+    # The customer writes again: the closed ticket is open again, still Mueller's, in his folder.
+    again = team.deliver("support", "Re: Password reset", in_reply_to=mid, folder="Mueller")
+    assert str(again["X-Postroom-State"]) == f"open (Support #{n})"
+    assert str(again["X-Postroom-Owner"]) == f"mueller (Support #{n})"
+    deadline = time.monotonic() + 20  # the milter writes its history in batches, off the mail path
+    while "reopened" not in [kind for kind, _actor in team.events("support", n)]:
+        assert time.monotonic() < deadline, team.events("support", n)
+        time.sleep(0.2)
     team.move("mueller", "Support/Mueller", mid, "Support")
     shown = team.show("support", n)
     assert (shown["owner"], shown["state"]) == ("", "open")
     assert ("release", "mueller") in team.events("support", n)
-    later = team.deliver("support", "Re: Password reset", in_reply_to=mid)
+    later = team.deliver("support", "Re: Re: Password reset", in_reply_to=mid)
     assert str(later["X-Postroom-Owner"]) == f"unassigned (Support #{n})"
     assert str(later["X-Postroom-State"]) == f"open (Support #{n})"
 
