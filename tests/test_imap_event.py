@@ -255,3 +255,12 @@ def test_snippet_refuses_folders_that_would_mean_two_things(tmp_path: Path) -> N
     assert res.exit_code == 2, res.output
     assert "mailboxes.sales and mailboxes.support would both be the folder support" in res.output
     assert "agent schulze's folder Done is also done_folder" in res.output
+
+
+def test_a_mailbox_without_agents_is_every_agents() -> None:
+    data = load_config(example_config_path(), environ={}).model_dump()
+    del data["mailboxes"]["support"]["agents"]
+    config = parse_config(data, "<test>", environ={})
+    # One list for the reply path, the rules and the IMAP side alike.
+    assert config.mailboxes["support"].agents == ["meier", "mueller", "schulze"]
+    assert parse_config(config.model_dump(), "<again>", environ={}) == config

@@ -335,6 +335,20 @@ class Config(_Section):
                 raise ValueError(f"agent login {login!r} must match {LOGIN_RE.pattern}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _every_agent_by_default(cls, data: Any) -> Any:
+        # A mailbox without agents is worked (and, through Dovecot's ACLs, seen) by every agent: filled in here,
+        # once, so the reply path, the rules and the IMAP side all read the same list.
+        if not isinstance(data, dict) or not isinstance(data.get("mailboxes"), dict):
+            return data
+        logins = list(data["agents"]) if isinstance(data.get("agents"), dict) else []
+        boxes = {
+            key: {**box, "agents": logins} if isinstance(box, dict) and not box.get("agents") else box
+            for key, box in data["mailboxes"].items()
+        }
+        return {**data, "mailboxes": boxes}
+
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
         seen: dict[str, str] = {}
@@ -373,10 +387,6 @@ class Config(_Section):
     def agent_folder(self, login: str) -> str:
         agent = self.agents[login]
         return agent.folder or login.capitalize()
-
-    def mailbox_agents(self, box: MailboxConfig) -> list[str]:
-        """Who works (and, through Dovecot's ACLs, sees) a mailbox: its ``agents``, or every agent when empty."""
-        return list(box.agents) or list(self.agents)
 
     def agent_name(self, login: str) -> str:
         agent = self.agents[login]

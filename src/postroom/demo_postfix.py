@@ -128,7 +128,7 @@ def _access(team: Team, console: Console) -> None:
     for col in ("agent", "password", "IMAP", "submission (AUTH)", "sees"):
         table.add_column(col)
     for login in d.config.agents:
-        boxes = [namespace_prefix(b) for b in d.config.mailboxes.values() if login in d.config.mailbox_agents(b)]
+        boxes = [namespace_prefix(b) for b in d.config.mailboxes.values() if login in b.agents]
         table.add_row(
             login,
             team.passwords[login],

@@ -86,7 +86,7 @@ def intent(config: Config, t: Target) -> Intent:
         return Intent("release")
     if t.folder == t.box.done_folder:
         return Intent("close")
-    for login in config.mailbox_agents(t.box):
+    for login in t.box.agents:
         if config.agent_folder(login) == t.folder:
             return Intent("assign", login)
     return Intent("none")

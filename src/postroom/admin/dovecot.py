@@ -81,7 +81,7 @@ def _location(layout: Layout, box: MailboxConfig) -> str:
 
 
 def _folders(config: Config, box: MailboxConfig) -> list[str]:
-    folders = [config.agent_folder(login) for login in config.mailbox_agents(box)]
+    folders = [config.agent_folder(login) for login in box.agents]
     extra = [f for f in (box.inbox_folder, box.done_folder) if f]
     return list(dict.fromkeys([*extra, *folders]))
 
@@ -91,7 +91,7 @@ def _namespace(config: Config, key: str, box: MailboxConfig, layout: Layout) -> 
     name = re.sub(r"[^A-Za-z0-9_]", "_", key)
     # INDEXPVT: each agent keeps their own \Seen flags, so one agent reading a mail does not hide it from the rest.
     lines = [
-        f"# {box.address}: agents {', '.join(config.mailbox_agents(box))} see it as {prefix}, {prefix}/<folder>",
+        f"# {box.address}: agents {', '.join(box.agents)} see it as {prefix}, {prefix}/<folder>",
         f"namespace postroom_{name} {{",
         "  type = public",
         "  separator = /",
@@ -117,7 +117,7 @@ def problems(config: Config) -> list[str]:
             found.append(f"mailboxes.{key} and mailboxes.{seen[prefix.lower()]} would both be the folder {prefix}")
         seen[prefix.lower()] = key
         special = {"INBOX": "the mailbox's INBOX", box.done_folder: "done_folder", box.inbox_folder: "inbox_folder"}
-        for login in config.mailbox_agents(box):
+        for login in box.agents:
             folder = config.agent_folder(login)
             if folder in special or folder.upper() == "INBOX":
                 what = special.get(folder, "the mailbox's INBOX")
@@ -130,7 +130,7 @@ def acl_text(config: Config) -> str:
     lines = ["# Written by postroom dovecot-snippet: <mailbox pattern> <identifier> <rights>."]
     for box in config.mailboxes.values():
         prefix = namespace_prefix(box)
-        for login in config.mailbox_agents(box):
+        for login in box.agents:
             lines.append(f"{prefix} user={login} {AGENT_RIGHTS}")
             lines.append(f"{prefix}/* user={login} {AGENT_RIGHTS}")
     # postroom's master user works in each shared mailbox's private namespace (INBOX, Meier, ...).
