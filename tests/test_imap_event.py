@@ -264,3 +264,14 @@ def test_a_mailbox_without_agents_is_every_agents() -> None:
     # One list for the reply path, the rules and the IMAP side alike.
     assert config.mailboxes["support"].agents == ["meier", "mueller", "schulze"]
     assert parse_config(config.model_dump(), "<again>", environ={}) == config
+
+
+@given(st.text(max_size=80))
+def test_any_folder_name_maps_to_one_mailbox_folder_or_none(folder: str) -> None:
+    config = team()
+    hit = target(config, folder)
+    if hit is None:
+        assert folder != "Support" and not folder.startswith("Support/")
+    else:
+        assert folder in ("Support", f"Support/{hit.folder}")
+        intent(config, hit)  # every folder has a meaning or none, never an error
