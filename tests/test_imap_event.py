@@ -221,8 +221,8 @@ def test_snippet_has_a_namespace_acls_and_hooks_per_mailbox(tmp_path: Path) -> N
     assert "imapsieve_mailbox1_name = Support\n" in text and "imapsieve_mailbox2_name = Support/*\n" in text
     assert "lmtp_save_to_detail_mailbox = yes" in text and "master = yes" in text
     acl = acl_text(config)
-    assert "Support/* user=meier lrwstipekx" in acl and "user=schulze" not in acl
-    assert "* user=postroom lrwstipekx" in acl
+    assert "Support/* user=meier lrwstipek\n" in acl and "user=schulze" not in acl
+    assert "* user=postroom lrwstipekx\n" in acl
     everyone = acl_text(team(agents=[]))
     assert all(f"Support user={a} " in everyone for a in ("meier", "mueller", "schulze"))
 

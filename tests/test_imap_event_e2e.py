@@ -304,3 +304,13 @@ def test_a_move_back_that_fails_is_in_the_ticket_history(team: Team) -> None:
     detail = next(e["detail"] for e in team.show("support", n)["events"] if e["kind"] == "imap_followup_failed")
     assert "moving it back into Meier" in detail
     team.wait("support", "Mueller", mid)  # where mueller left it: the move back could not be made
+
+
+def test_agents_cannot_delete_the_team_folders(team: Team) -> None:
+    imap = team.imap("meier")
+    try:
+        status, _detail = imap.delete('"Support/Mueller"')
+        assert status == "NO"
+        assert "Support/Mueller" in folders(imap)
+    finally:
+        imap.logout()

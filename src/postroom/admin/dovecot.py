@@ -36,9 +36,9 @@ from postroom.imap_event import namespace_prefix
 
 log = logging.getLogger("postroom.imap_event")
 
-# Every right but "a" (administer: change the ACLs themselves): read, write flags, insert (move in), expunge
-# (move out), create folders.  RFC 4314 letters as Dovecot spells them.
-AGENT_RIGHTS = "lrwstipekx"
+# Read, keep flags, move in (insert, post) and out (delete flag, expunge), create folders; not "x" (delete a
+# folder: Support/Meier with its mail) nor "a" (change the ACLs).  RFC 4314 letters as Dovecot spells them.
+AGENT_RIGHTS = "lrwstipek"
 SIEVE_PROGRAM = "postroom-imap-event"
 DEFAULT_DIR = Path("/etc/dovecot/postroom")
 DEFAULT_LOCATION = "maildir:/var/vmail/{address}/Maildir"
@@ -134,7 +134,7 @@ def acl_text(config: Config) -> str:
             lines.append(f"{prefix} user={login} {AGENT_RIGHTS}")
             lines.append(f"{prefix}/* user={login} {AGENT_RIGHTS}")
     # postroom's master user works in each shared mailbox's private namespace (INBOX, Meier, ...).
-    lines.append(f"* user={config.imap.master_user} {AGENT_RIGHTS}")
+    lines.append(f"* user={config.imap.master_user} {AGENT_RIGHTS}x")
     return "\n".join(lines) + "\n"
 
 
