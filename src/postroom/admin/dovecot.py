@@ -126,7 +126,7 @@ def problems(config: Config) -> list[str]:
 
 
 def acl_text(config: Config) -> str:
-    """The global ACL file: a mailbox's agents get every right on it and its folders; nobody else any."""
+    """The global ACL file: a mailbox's agents may work in it and its folders (not delete them); nobody else sees it."""
     lines = ["# Written by postroom dovecot-snippet: <mailbox pattern> <identifier> <rights>."]
     for box in config.mailboxes.values():
         prefix = namespace_prefix(box)
