@@ -151,8 +151,10 @@ def test_agents_log_in_with_their_own_password_and_see_the_team_inbox(team: Team
             assert imap.select('"Support"')[0] == "OK"
             _s, data = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{first["Message-ID"]}"')
             assert data[0], f"{login} does not see the customer's mail in Support"
-            _s, subscribed = imap.lsub('""', '"Support/*"')
-            assert any(b"Support/Meier" in s for s in subscribed if isinstance(s, bytes)), subscribed
+            # Thunderbird shows only subscribed folders: the team INBOX and every folder below it are.
+            _s, subscribed = imap.lsub('""', '"*"')
+            names = {s.decode().rsplit(' "/" ', 1)[1].strip('"') for s in subscribed if isinstance(s, bytes)}
+            assert {"Support", "Support/Meier", "Support/Mueller", "Support/Done"} <= names, names
         finally:
             imap.logout()
     outsider = team.imap("schulze")

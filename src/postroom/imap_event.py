@@ -461,6 +461,20 @@ def run_followup(config: Config, f: Followup, wait: float = FOLLOWUP_WAIT_SECOND
     return f"{moved}note in {f.note_folder}: {f.note_subject}"
 
 
+def subscribe_team_inboxes(config: Config) -> list[str]:
+    """Subscribe every shared mailbox's own INBOX, as its agents see it, on the mailbox's shared subscription
+    list (the master user's session has the public namespaces too); logging in also creates the INBOX."""
+    done = []
+    for box in config.mailboxes.values():
+        prefix = namespace_prefix(box)
+        with master_login(config, box.address) as imap:
+            status, detail = imap.subscribe(imap_quote(prefix))
+            if status != "OK":
+                raise imaplib.IMAP4.error(f"SUBSCRIBE {prefix} as {box.address}: {detail!r}")
+        done.append(f"{box.address}: {prefix} subscribed for its agents")
+    return done
+
+
 def record_failed_followup(config: Config, store: MoveStore, f: Followup, why: str, now: float) -> None:
     """Put a follow-up that could not be done into the ticket's history (``postroom tickets show`` shows it)."""
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from postroom.config import Config, to_toml, with_changes
+from postroom.imap_event import subscribe_team_inboxes
 from postroom_testbed import Deployment, Dovecot, Login, MailUser, MilterDaemon, Stack, config_for_stack
 from postroom_testbed.dovecot import VMAIL_UID
 
@@ -104,6 +105,7 @@ def deploy_team(base: Config, passwords: Mapping[str, str], customers: Sequence[
         config = config_for_stack(writer.config, stack, workdir)
         daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
         daemon.start()
+        subscribe_team_inboxes(config)  # what the admin runs once: `postroom imap-subscribe`
         try:
             db = workdir / "history.sqlite3"
             os.chown(db, VMAIL_UID, -1)  # SQLite gives its -wal and -shm files the database file's owner

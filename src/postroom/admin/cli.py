@@ -169,6 +169,7 @@ def _serve_metrics(daemon: Runtime | Config, listen: str) -> Callable[[], None]:
 main.add_command(snippets.postfix_snippet_command)
 main.add_command(dovecot.dovecot_snippet_command)
 main.add_command(dovecot.imap_event_command)
+main.add_command(dovecot.imap_subscribe_command)
 main.add_command(dovecot.imap_event_followup_command)
 main.add_command(tickets.tickets_group)
 

@@ -90,6 +90,8 @@ def _namespace(config: Config, key: str, box: MailboxConfig, layout: Layout) -> 
     prefix = namespace_prefix(box)
     name = re.sub(r"[^A-Za-z0-9_]", "_", key)
     # INDEXPVT: each agent keeps their own \Seen flags, so one agent reading a mail does not hide it from the rest.
+    # subscriptions = yes: one list for the whole team, kept in the mailbox itself; `postroom imap-subscribe`
+    # puts the mailbox's own INBOX ("Support") on it once, the folders below it are subscribed automatically.
     lines = [
         f"# {box.address}: agents {', '.join(box.agents)} see it as {prefix}, {prefix}/<folder>",
         f"namespace postroom_{name} {{",
@@ -97,7 +99,7 @@ def _namespace(config: Config, key: str, box: MailboxConfig, layout: Layout) -> 
         "  separator = /",
         f"  prefix = {prefix}/",
         f"  location = {_location(layout, box)}:INDEXPVT=~/postroom-index/{name}",
-        "  subscriptions = no",
+        "  subscriptions = yes",
         "  list = children",
     ]
     for folder in _folders(config, box):
@@ -340,6 +342,26 @@ def dovecot_snippet_command(
     for path in write_files(config, layout):
         click.echo(f"wrote {path}")
     click.echo(f"now add to dovecot.conf:  !include {layout.conf}   and reload Dovecot")
+
+
+@click.command("imap-subscribe")
+@CONFIG_OPTION
+def imap_subscribe_command(config_path: Path) -> None:
+    """Subscribe each shared mailbox's INBOX ("Support") for the whole team, once Dovecot runs the snippet.
+
+    Mail clients such as Thunderbird show only subscribed folders.  The folders below it (Support/Meier,
+    Support/Done) are subscribed by Dovecot itself; the mailbox's own INBOX is not, and the subscriptions of a
+    shared mailbox are one list for all its agents: postroom subscribes it as the master user.  Run it again
+    after adding a mailbox.
+    """
+    from postroom import imap_event  # noqa: PLC0415
+
+    config = load_or_exit(config_path)
+    try:
+        for line in imap_event.subscribe_team_inboxes(config):
+            click.echo(line)
+    except (OSError, IndexError, imaplib.IMAP4.error) as exc:
+        raise fail(f"IMAP as the master user at {config.imap.host}:{config.imap.port} failed: {exc}") from None
 
 
 @click.command("imap-event")
