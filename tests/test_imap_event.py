@@ -275,3 +275,14 @@ def test_any_folder_name_maps_to_one_mailbox_folder_or_none(folder: str) -> None
     else:
         assert folder in ("Support", f"Support/{hit.folder}")
         intent(config, hit)  # every folder has a meaning or none, never an error
+
+
+def test_imap_subscribe_without_dovecot_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
+    data = team().model_dump()
+    data["imap"] = {**data["imap"], "port": 1, "master_password_file": str(secret)}
+    path = tmp_path / "postroom.toml"
+    path.write_text(to_toml(parse_config(data, "<test>", environ={})))
+    res = CliRunner().invoke(main, ["imap-subscribe", "--config", str(path)])
+    assert res.exit_code == 2 and "IMAP as the master user at 127.0.0.1:1 failed" in res.output
