@@ -162,7 +162,10 @@ def test_two_agents_claiming_at_once_one_wins_and_the_other_is_the_rival() -> No
 
 
 def test_a_mail_without_a_ticket_gets_one_then_the_move(store: MoveStore) -> None:
-    config, out = team(), Recorded()
+    # Acknowledgements on: a mail found late gets its ticket, never a late acknowledgement (nor an error).
+    data = team().model_dump()
+    data["autoreply"]["acknowledge"] = True
+    config, out = parse_config(data, "<test>", environ={}), Recorded()
     headers = [("From", "Alice <alice@customer.test>"), ("Subject", "Down"), ("Message-ID", "<d1@customer.test>")]
     handle(config, store, out.effects, Event("Support/Meier", "meier", headers), NOW)
     assert [(r.event, r.owner) for r in out.records] == [("opened", ""), ("assign", "meier")]

@@ -36,7 +36,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
-from postroom.config import Config, ConfigError, MailboxConfig, load_config
+from postroom.config import Config, ConfigError, MailboxConfig, load_config, with_changes
 from postroom.mime import Message
 from postroom.tickets import KEEP, Changes, Record, Ticket, TicketStore
 from postroom.verdict import Envelope
@@ -183,11 +183,14 @@ def _ticket_of(
     found = store.ticket(t.box.address, number) if number is not None else None
     if found is not None:
         return found, []
-    from postroom.pipeline import inbound  # noqa: PLC0415  (only for mail that has no ticket)
+    from postroom.inbound import inbound  # noqa: PLC0415  (only for mail that has no ticket)
+    from postroom.parts import Parts  # noqa: PLC0415
 
     sender = email.utils.parseaddr(_first(headers, "return-path"))[1]
     message = Message(Envelope(mail_from=sender, rcpts=[t.box.address]), headers)
-    outcome = inbound(message, config, store, now)
+    # No rules and no acknowledgement: the mail reached the mailbox long ago; it only needs its ticket.
+    quiet = with_changes(config, {"autoreply": {"acknowledge": False}})
+    outcome = inbound(message, Parts(quiet, store), now)
     records = [r for r in outcome.records if r.mailbox == t.box.address]
     if not records:
         raise LookupError(f"the inbound pipeline gave {t.box.address} no ticket for this mail")

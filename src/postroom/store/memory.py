@@ -73,10 +73,6 @@ class MemoryStore:
             self.index[(mailbox, mid)] = number
         return t
 
-    def ticket(self, mailbox: str, number: int) -> Ticket | None:
-        self._check()
-        return self.ticket_map.get((mailbox, number))
-
     def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket:
         """Give the ticket to ``owner`` (a login, "" to release); raises KeyError for an unknown ticket."""
         self._check()
