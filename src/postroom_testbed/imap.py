@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,15 +39,40 @@ def python_for_mail_user(root: Path) -> str:
     """An interpreter Dovecot's mail user (uid 5000) can run, on this checkout and the venv's packages.
 
     The venv's own interpreter may sit in root's home, which that user cannot enter: Debian's /usr/bin/python3
-    runs postroom instead, from this source tree and the venv's site-packages.  In production postroom is
-    installed where the mail user can run it and ``--python`` stays at its default.
+    runs postroom instead, from this source tree and the venv's site-packages.  A checkout (or venv) below a
+    directory others cannot enter (a CI clone in a mkdtemp folder) is linked into ``root`` first.  In production
+    postroom is installed where the mail user can run it and ``--python`` stays at its default.
     """
     path = root / "python-for-vmail"
     source = Path(__file__).resolve().parents[1]
-    paths = f"{source}:{sysconfig.get_paths()['purelib']}"
-    path.write_text(f'#!/bin/sh\nPYTHONPATH="{paths}" exec /usr/bin/python3 "$@"\n')
+    packages = Path(sysconfig.get_paths()["purelib"])
+    if not (_others_can_enter(source) and _others_can_enter(packages)):
+        lib = root / "vmail-lib"
+        _linked_copy(source / "postroom", lib / "postroom")
+        _linked_copy(packages, lib / "site-packages")
+        source, packages = lib, lib / "site-packages"
+    path.write_text(f'#!/bin/sh\nPYTHONPATH="{source}:{packages}" exec /usr/bin/python3 "$@"\n')
     path.chmod(0o755)
     return str(path)
+
+
+def _others_can_enter(directory: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in (directory, *directory.parents))
+
+
+def _linked_copy(tree: Path, target: Path) -> None:
+    """``tree`` at ``target`` as hard links where the file system allows (the files keep their modes), else copies."""
+
+    def link(src: str, dst: str) -> object:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        return dst
+
+    shutil.copytree(tree, target, copy_function=link, ignore=shutil.ignore_patterns("__pycache__"))
+    for directory, _dirs, _files in os.walk(target):
+        Path(directory).chmod(0o755)
 
 
 class _SnippetWriter:
