@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
-from postroom.testbed_ha import PostgresServer
+from postroom_testbed.ha import PostgresServer
 
 HOSTS = 4  # upgrades started at the same moment, as by hosts deployed together
 

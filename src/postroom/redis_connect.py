@@ -54,8 +54,10 @@ class Target:
         if self.mode == "cluster":
             return f"Redis Cluster (seed nodes {hosts})"
         parts = urlsplit(self.url)
-        where = parts.hostname or parts.path
-        return f"Redis at {parts.scheme}://{where}{':' + str(parts.port) if parts.port else ''}"
+        if parts.scheme == "unix":
+            return f"Redis at unix:{parts.path}"
+        port = f":{parts.port}" if parts.port else ""
+        return f"Redis at {parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
