@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from postroom import redis_connect
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom_testbed import ADAPTERS, Deployment, RedisServer, deploy
-from postroom_testbed.ha import RedisClusterSet, RedisSentinelSet
+from postroom_testbed.ha import PostgresServer, RedisClusterSet, RedisSentinelSet
 
 # The local PostgreSQL server (Debian's postgresql package, started by .ci/run); each test run makes its own
 # database there and drops it afterwards, so nothing depends on what the server held before.
@@ -53,6 +53,26 @@ def cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClust
     """Three primaries in cluster mode (redis-cli --cluster create)."""
     with RedisClusterSet(tmp_path_factory.mktemp("cluster")).start() as servers:
         yield servers
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL (initdb + pg_ctl in a temp dir) that tests may stop and restart."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def fresh_database(server: PostgresServer) -> str:
+    """A new, empty database on ``server``; its URL."""
+    name = f"postroom_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server.url(name)
 
 
 REDIS_MODES = ("single", "sentinel", "cluster")

@@ -5,41 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine, text
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
 from postroom_testbed.ha import PostgresServer
+from tests.conftest import fresh_database
 
 HOSTS = 4  # upgrades started at the same moment, as by hosts deployed together
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.remove()
-
-
-def fresh_database(server: PostgresServer) -> str:
-    name = f"postroom_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return server.url(name)
-
-
 def test_db_upgrade_from_several_hosts_at_once_leaves_one_schema_at_head(
-    postgres: PostgresServer, tmp_path: Path
+    postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
-    url = fresh_database(postgres)
+    url = fresh_database(postgres_server)
     config = with_changes(load_config(example_config_path(), environ={}), {"database": {"url": url}})
     path = tmp_path / "postroom.toml"
     path.write_text(to_toml(config))

@@ -4,6 +4,8 @@
 - :class:`RedisClusterSet`: three primaries in cluster mode, joined with ``redis-cli --cluster create``.
 - :class:`PostgresServer`: ``initdb`` + ``pg_ctl`` of Debian's PostgreSQL in a temp dir on a free port, run as the
   ``postgres`` user, so a test can stop, restart or kill it without touching the machine's own cluster.
+- :class:`MxHosts`: two (or more) MX hosts, a private Postfix and ``postroom milter`` each, in front of one Dovecot,
+  sharing one of the Redis sets above and one SQL database.
 
 Every server runs in the foreground as a child of this process (its own session), so a SIGKILL hits the
 redis-server itself, which is what a failover test needs.  Recipes: /work/shared/HARNESS.md.
@@ -11,6 +13,7 @@ redis-server itself, which is what a failover test needs.  Recipes: /work/shared
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import pwd
@@ -28,9 +31,16 @@ from typing import Any, Self, cast
 
 import redis
 
+from postroom import redis_connect
+from postroom.config import Config, to_toml, with_changes
+from postroom_testbed.daemons import MilterDaemon
+from postroom_testbed.deploy import Deployment
+from postroom_testbed.dovecot import Login, MailUser
+from postroom_testbed.postfix import Postfix
 from postroom_testbed.processes import LOOPBACK, StackError, _binary, _mkdir, _wait_listening, free_port, log_tail
+from postroom_testbed.stack import Stack
 
-__all__ = ["PostgresServer", "RedisClusterSet", "RedisNode", "RedisSentinelSet"]
+__all__ = ["HostDeployment", "MxHosts", "PostgresServer", "RedisClusterSet", "RedisNode", "RedisSentinelSet"]
 
 SERVICE_NAME = "postroom"
 _STOP_TIMEOUT = 10.0
@@ -345,3 +355,105 @@ class PostgresServer:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class HostDeployment(Deployment):
+    """One MX host of :class:`MxHosts`: its own Postfix and milter; Dovecot, Redis and SQL shared with the others."""
+
+    def redis_client(self) -> redis.Redis:
+        # The shared Redis (Sentinel or Cluster), not the stack's private one; a Cluster client answers the same
+        # single-key commands the tests use.
+        return cast(redis.Redis, redis_connect.client_from_url(self.config.redis.url))
+
+
+class MxHosts:
+    """Several MX hosts in front of one mailbox server: a private Postfix and ``postroom milter`` each, all
+    delivering into one Dovecot over LMTP and sharing one Redis (``redis_url``) and one SQL database.
+
+    ``hosts[i]`` is a :class:`postroom_testbed.Deployment` whose stack sends through host i's Postfix and reads
+    the shared Dovecot, so the single-host e2e helpers work per host.
+    """
+
+    def __init__(
+        self,
+        base: Config,
+        *,
+        redis_url: str,
+        database_url: str,
+        hosts: int = 2,
+        customers: Sequence[str] = (),
+        workers: int = 0,
+        milter_default_action: str = "accept",
+    ) -> None:
+        self.base = base
+        self.redis_url = redis_url
+        self.database_url = database_url
+        self.count = hosts
+        self.customers = list(customers)
+        self.workers = workers
+        self.milter_default_action = milter_default_action
+        self.hosts: list[HostDeployment] = []
+        self._extra_postfix: list[Postfix] = []
+        self._stack: Stack | None = None
+
+    def start(self) -> MxHosts:
+        addresses = [box.address for box in self.base.mailboxes.values()]
+        addresses += [agent.address for agent in self.base.agents.values()]
+        users = [MailUser(a) for a in dict.fromkeys([*addresses, *self.customers])]
+        logins = [Login(name) for name in self.base.agents]
+        stack = Stack(users=users, logins=logins, milter="auto", milter_default_action=self.milter_default_action)
+        self._stack = stack.start()
+        try:
+            for i in range(self.count):
+                self.hosts.append(self._start_host(stack, i))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_host(self, stack: Stack, i: int) -> HostDeployment:
+        if i == 0:
+            postfix, socket_path = stack.postfix, stack.milter_socket_path
+        else:
+            socket_path = stack.root / f"mx{i}.sock"
+            postfix = Postfix(
+                stack.root / f"mx{i}",
+                lmtp_port=stack.dovecot.lmtp_port,
+                auth_port=stack.dovecot.auth_port,
+                domains=stack.domains,
+                mailboxes=[u.address for u in stack.users],
+                milter=f"unix:{socket_path}",
+                milter_default_action=self.milter_default_action,
+            )
+            self._extra_postfix.append(postfix)
+            postfix.start()
+        view = copy.copy(stack)
+        view._postfix = postfix  # this host's Postfix; Dovecot (and the unused private Redis) are shared
+        config = with_changes(
+            self.base,
+            {
+                "milter": {"socket": f"unix:{socket_path}", "socket_umask": 0, "workers": self.workers},
+                "redis": {"url": self.redis_url},
+                "database": {"url": self.database_url},
+                "mailer": {"host": LOOPBACK, "port": postfix.smtp_port},
+            },
+        )
+        daemon = MilterDaemon(stack.root / f"postroom{i}", to_toml(config), socket_path)
+        daemon.start()
+        return HostDeployment(view, daemon, config)
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            host.daemon.stop()
+        for postfix in self._extra_postfix:
+            postfix.stop()
+        if self._stack is not None:
+            self._stack.stop()
+
+    def __enter__(self) -> MxHosts:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
