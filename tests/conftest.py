@@ -65,16 +65,6 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.remove()
 
 
-def fresh_database(server: PostgresServer) -> str:
-    """A new, empty database on ``server``; its URL."""
-    name = f"postroom_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return server.url(name)
-
-
 REDIS_MODES = ("single", "sentinel", "cluster")
 
 

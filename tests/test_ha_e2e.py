@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from postroom_testbed.ha import MxHosts, PostgresServer
-from tests.conftest import CUSTOMERS, e2e_base_config, fresh_database
+from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_commands_e2e import ticket
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, queue_id, ticket_number
 from tests.test_outbound_e2e import ALICE, BOB, _text, agent_mail, received, submit
@@ -25,7 +25,7 @@ def mx(request: pytest.FixtureRequest, postgres_server: PostgresServer) -> Itera
         servers.flush()
     else:
         servers.primary.client().flushall()
-    database = fresh_database(postgres_server)
+    database = postgres_server.create_database()
     with MxHosts(e2e_base_config(), redis_url=servers.url, database_url=database, customers=CUSTOMERS) as hosts:
         yield hosts
 

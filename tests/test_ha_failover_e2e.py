@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from postroom.testbed import LOOPBACK
-from postroom.testbed_ha import HostDeployment, MxHosts, PostgresServer, RedisSentinelSet
-from tests.conftest import CUSTOMERS, e2e_base_config, fresh_database
+from postroom_testbed import LOOPBACK
+from postroom_testbed.ha import HostDeployment, MxHosts, PostgresServer, RedisSentinelSet
+from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_commands_e2e import ticket
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, ticket_number
 from tests.test_outbound_e2e import BOB, agent_mail, submit
@@ -87,7 +87,7 @@ def answer(host: HostDeployment, login: str, first: EmailMessage, outcome: dict[
 @pytest.fixture
 def sentinel_pair(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[RedisSentinelSet, MxHosts]]:
     with RedisSentinelSet(tmp_path / "sentinel").start() as servers:
-        database = fresh_database(postgres_server)
+        database = postgres_server.create_database()
         with MxHosts(e2e_base_config(), redis_url=servers.url, database_url=database, customers=CUSTOMERS) as mx:
             yield servers, mx
 

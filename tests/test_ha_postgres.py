@@ -11,7 +11,6 @@ from sqlalchemy import create_engine, text
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
 from postroom_testbed.ha import PostgresServer
-from tests.conftest import fresh_database
 
 HOSTS = 4  # upgrades started at the same moment, as by hosts deployed together
 
@@ -19,7 +18,7 @@ HOSTS = 4  # upgrades started at the same moment, as by hosts deployed together
 def test_db_upgrade_from_several_hosts_at_once_leaves_one_schema_at_head(
     postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
-    url = fresh_database(postgres_server)
+    url = postgres_server.create_database()
     config = with_changes(load_config(example_config_path(), environ={}), {"database": {"url": url}})
     path = tmp_path / "postroom.toml"
     path.write_text(to_toml(config))

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -318,6 +319,12 @@ class PostgresServer:
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@{LOOPBACK}:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new, empty database; its URL."""
+        name = f"postroom_{uuid.uuid4().hex[:10]}"
+        self._run("createdb", "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", name)
+        return self.url(name)
 
     def _run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         # initdb and the server refuse to run as root; the Debian package made the postgres user.
