@@ -5,7 +5,7 @@ Usage: ``.venv/bin/python bench/ha.py [--messages N] [--sessions S] [--rounds R]
 Configurations: ``single`` (one redis-server), ``sentinel`` (primary + replica + 3 sentinels, postroom connects
 through ``redis+sentinel://``), ``cluster`` (3 primaries, ``redis+cluster://``), each with one MX host; and
 ``2mx-single``, ``2mx-sentinel``, ``2mx-cluster``: two MX hosts (a private Postfix and ``postroom milter`` each,
-postroom.testbed_ha.MxHosts) sending at once, half the mails each, into one Dovecot, sharing the Redis and the
+postroom_testbed.ha.MxHosts) sending at once, half the mails each, into one Dovecot, sharing the Redis and the
 database.  Every run uses a fresh database on one private PostgreSQL (the production history), the shipped example
 config, new-ticket mail of 2 KB from ``smtp-source`` (``--sessions`` per host) to support@example.test, and counts
 as finished when every Postfix queue is empty and Dovecot holds every mail.  Each round runs every configuration
