@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
-from postroom_testbed.ha import PostgresServer
+from postroom_testbed.ha import MxHosts, PostgresServer
+from tests.conftest import CUSTOMERS, e2e_base_config
+from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
+from tests.test_outbound_e2e import ALICE
 
 HOSTS = 4  # upgrades started at the same moment, as by hosts deployed together
 
@@ -34,3 +39,44 @@ def test_db_upgrade_from_several_hosts_at_once_leaves_one_schema_at_head(
     engine.dispose()
     assert len(versions) == 1
     assert {"tickets", "messages", "events", "alembic_version"} <= set(tables)
+
+
+def history_has(url: str, message_id: str, timeout: float = 15.0) -> bool:
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                query = text("SELECT count(*) FROM messages WHERE message_id = :m")
+                if conn.execute(query, {"m": message_id.strip("<>")}).scalar():
+                    return True
+            time.sleep(0.2)
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.e2e
+def test_a_postgresql_crash_and_restart_never_touches_the_mail_and_the_history_resumes(
+    redis_url: str,
+) -> None:
+    """The history is off the mail path: with its primary down, mail is ticketed as usual; once the primary is
+    back the same milter writes again (rows of the outage itself are the state issue's spool, #14)."""
+    postgres = PostgresServer().start()
+    try:
+        database = postgres.create_database()
+        with MxHosts(e2e_base_config(), redis_url=redis_url, database_url=database, hosts=1, customers=CUSTOMERS) as mx:
+            host = mx.hosts[0]
+            before = customer_mail(ALICE, "Before")
+            deliver(host, before)
+            assert history_has(database, str(before["Message-ID"]))
+            postgres.stop("immediate")  # a crash: no shutdown checkpoint, every connection cut
+            during = deliver(host, customer_mail(ALICE, "During"))
+            assert during["X-Postroom-Status"] is None and ticket_number(during) > 0
+            postgres.restart()
+            after = customer_mail(ALICE, "After")
+            deliver(host, after)
+            assert history_has(database, str(after["Message-ID"]))
+            assert host.daemon.is_running()
+    finally:
+        postgres.remove()
