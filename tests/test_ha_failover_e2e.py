@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom.config import with_changes
 from postroom_testbed import LOOPBACK
 from postroom_testbed.ha import HostDeployment, MxHosts, PostgresServer, RedisSentinelSet
 from tests.conftest import CUSTOMERS, e2e_base_config
@@ -86,9 +87,12 @@ def answer(host: HostDeployment, login: str, first: EmailMessage, outcome: dict[
 
 @pytest.fixture
 def sentinel_pair(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[RedisSentinelSet, MxHosts]]:
-    with RedisSentinelSet(tmp_path / "sentinel").start() as servers:
+    # Two replicas and confirm_replicas = 1, as docs/deploy-ha.md says: every number and claim a mail carries is on
+    # a replica before the mail goes on, and after the failover the new primary still has a replica to confirm.
+    with RedisSentinelSet(tmp_path / "sentinel", replicas=2).start() as servers:
         database = postgres_server.create_database()
-        with MxHosts(e2e_base_config(), redis_url=servers.url, database_url=database, customers=CUSTOMERS) as mx:
+        base = with_changes(e2e_base_config(), {"redis": {"confirm_replicas": 1}})
+        with MxHosts(base, redis_url=servers.url, database_url=database, customers=CUSTOMERS) as mx:
             yield servers, mx
 
 

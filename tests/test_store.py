@@ -13,7 +13,7 @@ from postroom import redis_connect
 from postroom.store import scripts
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, StoreUnavailable
-from postroom_testbed.ha import RedisClusterSet
+from postroom_testbed.ha import RedisClusterSet, RedisSentinelSet
 
 BOX = "support@example.test"
 
@@ -223,3 +223,22 @@ def test_the_cluster_refuses_a_script_that_crosses_slots(cluster_set: RedisClust
     assert client.eval(body, 1, mine, other) == 1  # the compatibility mode lets it through
     with pytest.raises(redis.exceptions.ResponseError, match="same slot"):
         client.eval("#!lua\n" + body, 1, mine, other)
+
+
+def test_writes_wait_for_replicas_and_an_unconfirmed_write_is_unavailable(sentinel_set: RedisSentinelSet) -> None:
+    """[redis] confirm_replicas: the script and WAIT in one round trip; too few replicas is the failure policy, and
+    the connection stays in step (the next call reads its own reply), also after Redis forgot the scripts."""
+    client = redis_connect.client_from_url(sentinel_set.url)
+    client.flushall()
+    confirmed = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas))
+    assert confirmed.open(BOX, new(), 1.0).number == 1
+    client.script_flush()
+    assert confirmed.claim(BOX, 1, "meier", 2.0).won
+    more = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas) + 1, confirm_timeout=0.2)
+    with pytest.raises(StoreUnavailable, match="replicas confirmed"):
+        more.open(BOX, new(mid="m2@c"), 3.0)
+    # The write itself ran (WAIT cannot undo it): the number is used up, never handed out again.
+    assert confirmed.open(BOX, new(mid="m3@c"), 4.0).number == 3
+    with pytest.raises(KeyError):
+        confirmed.claim(BOX, 99, "meier", 5.0)  # a script's own answer still comes through with WAIT behind it
+    assert confirmed.ticket(BOX, 1) is not None

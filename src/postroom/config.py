@@ -81,6 +81,7 @@ class RedisConfig(_Section):
     sentinels: list[str] = Field(default_factory=list)
     service_name: str = ""
     cluster: bool = False
+    confirm_replicas: Annotated[int, Field(ge=0, le=5)] = 0
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "postroom"
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
     message_index_days: Annotated[int, Field(ge=1, le=3650)] = 400

@@ -72,6 +72,9 @@ def redis_store(config: Config) -> RedisStore:
         redis_client(config),
         key_prefix=config.redis.key_prefix,
         message_index_days=config.redis.message_index_days,
+        confirm_replicas=config.redis.confirm_replicas,
+        # Well inside the socket timeout, so a missing replica is a clear UnconfirmedWrite and not a timeout.
+        confirm_timeout=config.redis.timeout_seconds / 2,
     )
 
 

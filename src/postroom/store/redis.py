@@ -17,6 +17,7 @@ import redis
 import redis.exceptions
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.connection import Connection
 from redis.exceptions import RedisClusterException
 
 from postroom import redis_connect
@@ -64,8 +65,10 @@ class _ScriptRunner:
     the node that holds the first key's slot; every key of a script shares that slot (the mailbox's hash tag).
     """
 
-    def __init__(self, client: redis.Redis | RedisCluster) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, confirm_replicas: int = 0, wait_ms: int = 1000) -> None:
         self._client = client
+        self._confirm = confirm_replicas
+        self._wait_ms = wait_ms
         self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
         self._stale_slots = False
 
@@ -104,17 +107,16 @@ class _ScriptRunner:
             self.moved()
             raise
 
-    @staticmethod
-    def _call(pool: redis.ConnectionPool, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    def _call(self, pool: redis.ConnectionPool, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(_packed("EVALSHA", script.sha, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
-            try:
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
+            reply = self._exchange(conn, "EVALSHA", script.sha, keys, args)
+            if isinstance(reply, redis.exceptions.NoScriptError):
                 # Redis restarted, failed over or SCRIPT FLUSH: EVAL runs the script and caches it for EVALSHA.
-                conn.send_packed_command(_packed("EVAL", script.script, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
-                return conn.read_response()
+                reply = self._exchange(conn, "EVAL", script.script, keys, args)
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+            return reply
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
             # The reply may still come: a connection that gave up waiting must never be read again, or the next
             # command reads this script's reply as its own (a wrong ticket).  redis-py's Sentinel connection does
@@ -124,10 +126,49 @@ class _ScriptRunner:
         finally:
             pool.release(conn)
 
+    def _exchange(
+        self,
+        conn: Connection,
+        command: str,
+        body: str | bytes | memoryview,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+    ) -> Any:
+        """Send the script (and WAIT, when replicas must confirm) in one write; the script's reply or its error.
+
+        Both replies are always read, so the connection stays in step whatever the script answered.
+        """
+        packed = _packed(command, body, len(keys), *keys, *args)
+        if self._confirm:
+            packed += _packed("WAIT", self._confirm, self._wait_ms)
+        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        try:
+            reply = conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            reply = exc
+        if self._confirm:
+            confirmed = int(conn.read_response())
+            if confirmed < self._confirm and not isinstance(reply, redis.exceptions.ResponseError):
+                raise UnconfirmedWrite(
+                    f"{confirmed} of {self._confirm} replicas confirmed the write within {self._wait_ms} ms"
+                )
+        return reply
+
+
+class UnconfirmedWrite(redis.exceptions.RedisError):
+    """The script ran on the primary, but fewer replicas than ``[redis] confirm_replicas`` have it: a failover now
+    could lose it, so its result is not used (the failure policy applies, as when Redis is unreachable)."""
+
 
 class RedisStore:
     def __init__(
-        self, client: redis.Redis | RedisCluster, key_prefix: str = "postroom", message_index_days: int = 400
+        self,
+        client: redis.Redis | RedisCluster,
+        key_prefix: str = "postroom",
+        message_index_days: int = 400,
+        *,
+        confirm_replicas: int = 0,
+        confirm_timeout: float = 1.0,
     ) -> None:
         self._r = client
         self._prefix = key_prefix
@@ -137,7 +178,8 @@ class RedisStore:
         self._assign = client.register_script(scripts.with_owner_index(scripts.ASSIGN))
         self._claim = client.register_script(scripts.with_owner_index(scripts.CLAIM))
         self._update = client.register_script(scripts.with_owner_index(scripts.UPDATE))
-        self._run = _ScriptRunner(client)
+        # confirm_replicas: each write script is followed by WAIT in the same round trip (see UnconfirmedWrite).
+        self._run = _ScriptRunner(client, confirm_replicas, max(1, int(confirm_timeout * 1000)))
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
