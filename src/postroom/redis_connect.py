@@ -107,20 +107,31 @@ def _parse_cluster_url(url: str) -> Target:
     return Target("cluster", nodes=nodes, username=user, password=password)
 
 
-def _single(url: str) -> tuple[str | None, str | None, int, str, int]:
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return None, None, 0, "", 0
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"{url.rsplit('@', maxsplit=1)[-1]!r}: bad port") from None
-    return unquote(parts.username or "") or None, unquote(parts.password or "") or None, _db(parts.path.strip("/")), \
-        parts.hostname or "", port  # fmt: skip
+@dataclass(frozen=True)
+class _Url:
+    """What a redis:// (rediss://, unix://) URL says, for the forms that take their sentinels or nodes elsewhere."""
+
+    username: str | None
+    password: str | None
+    db: int
+    host: str
+    port: int
+
+    @staticmethod
+    def of(url: str) -> _Url:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return _Url(None, None, 0, "", 0)
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"{url.rsplit('@', maxsplit=1)[-1]!r}: bad port") from None
+        user = unquote(parts.username or "") or None
+        password = unquote(parts.password or "") or None
+        return _Url(user, password, _db(parts.path.strip("/")), parts.hostname or "", port)
 
 
-def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cluster: bool = False) -> Target:
-    """Check one ``[redis]`` setting; ValueError says what is wrong in words an admin can act on."""
+def _scheme(url: str) -> str:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("rediss+sentinel", "rediss+cluster"):
         raise ValueError(
@@ -130,6 +141,11 @@ def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cl
         raise ValueError(
             f"url must start with redis://, rediss://, unix://, {_SENTINEL_SCHEME}:// or {_CLUSTER_SCHEME}://"
         )
+    return scheme
+
+
+def _multi_host(url: str, scheme: str, sentinels: Sequence[str], service_name: str, cluster: bool) -> Target:
+    """A redis+sentinel:// or redis+cluster:// url, which must not be given its hosts twice."""
     if scheme == _SENTINEL_SCHEME:
         if sentinels or cluster:
             raise ValueError("a redis+sentinel:// url names the sentinels itself: leave sentinels and cluster unset")
@@ -137,27 +153,42 @@ def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cl
         if service_name and service_name != target.service_name:
             raise ValueError(f"service_name {service_name!r} differs from the url's {target.service_name!r}")
         return target
-    if scheme == _CLUSTER_SCHEME:
-        if sentinels:
-            raise ValueError("Cluster and Sentinel exclude each other: Redis Cluster fails over by itself")
-        return _parse_cluster_url(url)
-    user, password, db, host, port = _single(url)
+    if sentinels:
+        raise ValueError("Cluster and Sentinel exclude each other: Redis Cluster fails over by itself")
+    return _parse_cluster_url(url)
+
+
+def _with_keys(url: str, scheme: str, sentinels: Sequence[str], service_name: str, cluster: bool) -> Target:
+    """A one-server url, turned into Sentinel or Cluster by the other [redis] keys, or taken as it is."""
+    given = _Url.of(url)
     if sentinels and cluster:
         raise ValueError("Cluster and Sentinel exclude each other: Redis Cluster fails over by itself")
     if sentinels:
         if not service_name:
             raise ValueError("sentinels need service_name, the name the sentinels monitor the primary under")
         nodes = tuple(_host_port(s, "sentinel") for s in sentinels)
-        return Target("sentinel", nodes=nodes, service_name=service_name, db=db, username=user, password=password)
+        return Target(
+            "sentinel", nodes=nodes, service_name=service_name, db=given.db, username=given.username,
+            password=given.password,
+        )  # fmt: skip
     if service_name:
         raise ValueError("service_name is used only with sentinels")
-    if cluster:
-        if scheme != "redis":
-            raise ValueError("cluster = true needs a redis://host:port url (a seed node)")
-        if db != 0:
-            raise ValueError("Redis Cluster has database 0 only")
-        return Target("cluster", nodes=((host or "127.0.0.1", port),), username=user, password=password)
-    return Target("single", url=url)
+    if not cluster:
+        return Target("single", url=url)
+    if scheme != "redis":
+        raise ValueError("cluster = true needs a redis://host:port url (a seed node)")
+    if given.db != 0:
+        raise ValueError("Redis Cluster has database 0 only")
+    seed = (given.host or "127.0.0.1", given.port)
+    return Target("cluster", nodes=(seed,), username=given.username, password=given.password)
+
+
+def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cluster: bool = False) -> Target:
+    """Check one ``[redis]`` setting; ValueError says what is wrong in words an admin can act on."""
+    scheme = _scheme(url)
+    if scheme in (_SENTINEL_SCHEME, _CLUSTER_SCHEME):
+        return _multi_host(url, scheme, sentinels, service_name, cluster)
+    return _with_keys(url, scheme, sentinels, service_name, cluster)
 
 
 def connect(target: Target, timeout: float) -> redis.Redis | RedisCluster:
