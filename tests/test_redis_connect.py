@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom.admin.common import redis_client
 from postroom.config import ConfigError, example_config_path, load_config, parse_config
 from postroom.redis_connect import Target, parse
 
@@ -87,3 +88,13 @@ def test_the_environment_override_takes_a_sentinel_url() -> None:
     url = "redis+sentinel://127.0.0.1:26379/postroom/0"
     config = parse_config(redis_config(), environ={"POSTROOM_REDIS_URL": url})
     assert config.redis.target().mode == "sentinel"
+
+
+def test_an_unreachable_cluster_at_start_is_one_clear_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """redis-py builds a Cluster client only from a reachable node's slot map (one Redis and Sentinel start anyway)."""
+    config = parse_config(redis_config(url="redis+cluster://:pw@127.0.0.1:1"), environ={})
+    with pytest.raises(SystemExit) as exited:
+        redis_client(config)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Redis Cluster (seed nodes 127.0.0.1:1) is not reachable:") and "pw" not in err

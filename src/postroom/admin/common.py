@@ -62,7 +62,7 @@ def redis_client(config: Config) -> redis.Redis | RedisCluster:
     target = config.redis.target()
     try:
         return redis_connect.connect(target, config.redis.timeout_seconds)
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         click.echo(f"{target.describe()} is not reachable: {exc}", err=True)
         raise SystemExit(1) from None
 
