@@ -68,13 +68,12 @@ def postgres_server() -> Iterator[PostgresServer]:
 REDIS_MODES = ("single", "sentinel", "cluster")
 
 
-@pytest.fixture(params=REDIS_MODES)
-def any_redis_url(request: pytest.FixtureRequest) -> str:
-    """The same tests against one Redis, a Sentinel-watched primary and a 3-primary Cluster, emptied before each."""
+def empty_redis_url(request: pytest.FixtureRequest, mode: str) -> str:
+    """The URL of the session's Redis of ``mode`` (single, sentinel or cluster), emptied first."""
     url: str
-    if request.param == "single":
+    if mode == "single":
         url = request.getfixturevalue("redis_server").url
-    elif request.param == "sentinel":
+    elif mode == "sentinel":
         url = request.getfixturevalue("sentinel_set").url
     else:
         cluster: RedisClusterSet = request.getfixturevalue("cluster_set")
@@ -84,6 +83,12 @@ def any_redis_url(request: pytest.FixtureRequest) -> str:
     client.flushall()
     client.close()
     return url
+
+
+@pytest.fixture(params=REDIS_MODES)
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The same tests against one Redis, a Sentinel-watched primary and a 3-primary Cluster, emptied before each."""
+    return empty_redis_url(request, request.param)
 
 
 @pytest.fixture(scope="session")

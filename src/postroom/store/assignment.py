@@ -36,7 +36,7 @@ class RedisAssignmentState:
         self._release = client.register_script(scripts.RELEASE)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         return self._r
 
     @classmethod

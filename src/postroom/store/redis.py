@@ -404,10 +404,11 @@ class RedisStore:
         grows with the agent's tickets, not with the mailbox's."""
         try:
             self._index_owners_once(mailbox)
+            node = self._at(mailbox)
             numbers = sorted(
-                int(n) for n in cast(set[str], self._r.smembers(keyspace.owned_key(self._prefix, mailbox, login)))
+                int(n) for n in cast(set[str], node.smembers(keyspace.owned_key(self._prefix, mailbox, login)))
             )
-            pipe = self._r.pipeline(transaction=False)
+            pipe = node.pipeline(transaction=False)
             for n in numbers:
                 pipe.hgetall(self.ticket_key(mailbox, n))
             hashes = pipe.execute()
@@ -421,9 +422,10 @@ class RedisStore:
         # Tickets opened before the owner index existed are not in it: the first read after an upgrade walks the
         # mailbox's tickets once and adds them; later reads find the flag and skip this.
         flag = keyspace.owned_indexed_key(self._prefix, mailbox)
-        if self._r.exists(flag):
+        node = self._at(mailbox)
+        if node.exists(flag):
             return
-        pipe = self._r.pipeline(transaction=False)
+        pipe = node.pipeline(transaction=False)
         for t in self.tickets(mailbox):
             if t.owner and t.state != "closed":
                 pipe.sadd(keyspace.owned_key(self._prefix, mailbox, t.owner), t.number)
