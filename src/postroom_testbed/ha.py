@@ -39,6 +39,7 @@ from postroom_testbed.deploy import Deployment
 from postroom_testbed.dovecot import Login, MailUser
 from postroom_testbed.postfix import Postfix
 from postroom_testbed.processes import LOOPBACK, StackError, _binary, _mkdir, _wait_listening, free_port, log_tail
+from postroom_testbed.redis_server import RedisServer
 from postroom_testbed.stack import Stack
 
 __all__ = ["HostDeployment", "MxHosts", "PostgresServer", "RedisClusterSet", "RedisNode", "RedisSentinelSet"]
@@ -68,33 +69,31 @@ def cluster_port() -> int:
     raise StackError("no free port pair P, P + 10000 on 127.0.0.1")
 
 
-class RedisNode:
-    """One redis-server process (plain, replica, cluster node or sentinel) with its own config file."""
+class RedisNode(RedisServer):
+    """One redis-server process (plain, replica, cluster node or sentinel) with its own config file; started, stopped
+    and port-clash-retried as :class:`postroom_testbed.RedisServer` is."""
 
     def __init__(
         self, workdir: Path, name: str, settings: Sequence[str], *, sentinel: bool = False, cluster: bool = False
     ) -> None:
-        self.dir = _mkdir(workdir / name)
+        super().__init__(workdir / name)
         self.name = name
-        self.port = cluster_port() if cluster else free_port()
+        self.cluster = cluster
+        if cluster:
+            self.port = cluster_port()
         self.settings = list(settings)
         self.sentinel = sentinel
         self.config_path = self.dir / "redis.conf"
-        self.log_path = self.dir / "redis.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         return (LOOPBACK, self.port)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def _new_ports(self) -> None:
+        self.port = cluster_port() if self.cluster else free_port()
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> None:
+    def _start_once(self) -> None:
+        _mkdir(self.dir)
         lines = [
             f"port {self.port}",
             f"bind {LOOPBACK}",
@@ -120,17 +119,6 @@ class RedisNode:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(_STOP_TIMEOUT)
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(_STOP_TIMEOUT)
 
     def client(self) -> redis.Redis:
         return redis.Redis(LOOPBACK, self.port, decode_responses=True, socket_timeout=5)
