@@ -12,7 +12,7 @@ as finished when every Postfix queue is empty and Dovecot holds every mail.  Eac
 once, in turn; the table shows medians over the rounds with the range, and each configuration's ratio to
 ``single`` of the same run.
 
-Milter CPU is utime + stime of the milter processes of all hosts (bench/inbound.py's /proc reading, settled after
+Milter CPU is utime + stime of the milter processes of all hosts (bench/runloop.py's /proc reading, settled after
 the last delivery so the history writer counts), per mail; Redis CPU is that of the data nodes (sentinels not
 counted).  Each run checks that the ticket counter equals the mails sent and that no mail went out degraded.
 The whole stack shares this machine's CPUs: compare the configurations of one run, not absolute capacity.
@@ -30,21 +30,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from inbound import (
-    RECIPIENT,
-    SENDER,
-    BenchError,
-    cpu_seconds,
-    median,
-    progress,
-    settled_cpu_seconds,
-    smtp_source_command,
-    wait_quiet,
-)
+from inbound import RECIPIENT, SENDER, smtp_source_command
 from postroom import redis_connect
 from postroom.config import example_config_path, load_config
 from postroom_testbed import RedisServer
 from postroom_testbed.ha import MxHosts, PostgresServer, RedisClusterSet, RedisNode, RedisSentinelSet
+from runloop import BenchError, cpu_seconds, median, progress, settled_cpu_seconds, wait_quiet
 
 CONFIGS = ("single", "sentinel", "cluster", "2mx-single", "2mx-sentinel", "2mx-cluster")
 SIZE = 2048
