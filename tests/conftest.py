@@ -12,8 +12,10 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import redis_connect
 from postroom.config import Config, example_config_path, load_config, parse_config
 from postroom_testbed import ADAPTERS, Deployment, RedisServer, deploy
+from postroom_testbed.ha import PostgresServer, RedisClusterSet, RedisSentinelSet
 
 # The local PostgreSQL server (Debian's postgresql package, started by .ci/run); each test run makes its own
 # database there and drops it afterwards, so nothing depends on what the server held before.
@@ -37,6 +39,56 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelSet]:
+    """A primary, a replica and three sentinels, shared by the tests that leave the primary running."""
+    with RedisSentinelSet(tmp_path_factory.mktemp("sentinel")).start() as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSet]:
+    """Three primaries in cluster mode (redis-cli --cluster create)."""
+    with RedisClusterSet(tmp_path_factory.mktemp("cluster")).start() as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL (initdb + pg_ctl in a temp dir) that tests may stop and restart."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+REDIS_MODES = ("single", "sentinel", "cluster")
+
+
+def empty_redis_url(request: pytest.FixtureRequest, mode: str) -> str:
+    """The URL of the session's Redis of ``mode`` (single, sentinel or cluster), emptied first."""
+    url: str
+    if mode == "single":
+        url = request.getfixturevalue("redis_server").url
+    elif mode == "sentinel":
+        url = request.getfixturevalue("sentinel_set").url
+    else:
+        cluster: RedisClusterSet = request.getfixturevalue("cluster_set")
+        cluster.flush()
+        return cluster.url
+    client = redis_connect.client_from_url(url)
+    client.flushall()
+    client.close()
+    return url
+
+
+@pytest.fixture(params=REDIS_MODES)
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The same tests against one Redis, a Sentinel-watched primary and a 3-primary Cluster, emptied before each."""
+    return empty_redis_url(request, request.param)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ from collections import Counter
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from postroom import redis_connect
 from postroom.store.assignment import CAP_WINDOW_SECONDS, RedisAssignmentState
 from postroom.store.keyspace import away_key, open_counts_key, reply_cap_key
 from postroom.store.redis import RedisStore
@@ -21,8 +23,14 @@ def make(url: str) -> RedisAssignmentState:
     return RedisAssignmentState.from_url(url, key_prefix="postroom", timeout=2.0)
 
 
-def client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
+def client(url: str) -> redis.Redis | RedisCluster:
+    return redis_connect.client_from_url(url)
+
+
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """The same state on one Redis, under Sentinel and on a Redis Cluster (every script in one slot)."""
+    return any_redis_url
 
 
 def test_round_robin_is_fair_over_1000_tickets_and_counts_them(redis_url: str) -> None:
@@ -114,7 +122,9 @@ def test_every_key_carries_the_mailbox_hash_tag(redis_url: str) -> None:
     state = make(redis_url)
     state.pick_round_robin(BOX, "support", TEAM)
     state.allow(BOX, "alice@customer.test", 5)
-    keys = sorted(str(k) for k in client(redis_url).keys("*"))
+    r = client(redis_url)
+    everywhere = {"target_nodes": RedisCluster.PRIMARIES} if isinstance(r, RedisCluster) else {}
+    keys = sorted(str(k) for k in r.keys("*", **everywhere))
     assert keys == sorted(
         [
             open_counts_key("postroom", BOX),

@@ -7,11 +7,21 @@ import time
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from postroom import redis_connect
+from postroom.store import scripts
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, StoreUnavailable
+from postroom_testbed.ha import RedisClusterSet, RedisSentinelSet
 
 BOX = "support@example.test"
+
+
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """The store's contract holds on one Redis, under Sentinel and on a Redis Cluster (every script in one slot)."""
+    return any_redis_url
 
 
 def make(url: str) -> RedisStore:
@@ -77,8 +87,9 @@ def test_copies_of_one_mail_arriving_at_once_open_one_ticket(redis_url: str) -> 
 def test_keys_carry_the_mailbox_hash_tag_and_ttl(redis_url: str) -> None:
     store = make(redis_url)
     store.open(BOX, new(), 1.0)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    keys = sorted(str(k) for k in client.keys("*"))
+    client = redis_connect.client_from_url(redis_url)
+    everywhere = {"target_nodes": RedisCluster.PRIMARIES} if isinstance(client, RedisCluster) else {}
+    keys = sorted(str(k) for k in client.keys("*", **everywhere))
     assert keys and all(k.startswith("postroom:{support@example.test}:") for k in keys), keys
     ttl = client.ttl(store.message_key(BOX, "m1@c"))
     assert 0 < ttl <= 86400
@@ -114,7 +125,7 @@ def test_mailboxes_count_separately(redis_url: str) -> None:
 def test_scripts_survive_a_redis_that_forgot_them_and_a_dropped_connection(redis_url: str) -> None:
     store = make(redis_url)
     assert store.open(BOX, new(), 1.0).number == 1
-    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    admin = redis_connect.client_from_url(redis_url)
     admin.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
     assert store.open(BOX, new(mid="m2@c"), 2.0).number == 2
     assert store.touch(BOX, 2, ["m3@c"], [], 3.0).updated == 3.0
@@ -126,24 +137,27 @@ def test_scripts_survive_a_redis_that_forgot_them_and_a_dropped_connection(redis
 def test_a_timed_out_script_is_not_sent_twice(redis_url: str) -> None:
     store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=0.3)
     assert store.open(BOX, new(), 1.0).number == 1
-    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0))
+    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0, store.counter_key(BOX)))
     busy.start()
     time.sleep(0.2)
     with pytest.raises(StoreUnavailable):
         store.open(BOX, new(mid="m2@c"), 2.0)
     busy.join()
-    # Redis ran the timed-out open once, when it was free again; a retry would have counted it twice.
-    assert store.open(BOX, new(mid="m3@c"), 3.0).number == 3
+    # Redis ran the timed-out open at most once, when it was free again (a retry would have counted it twice).
+    # Whether it ran depends on the connection: one Redis reuses the pooled one and gets the EVALSHA queued;
+    # a new connection (Sentinel's) times out in its hand-shake before the script is sent.
+    ran = store.lookup(BOX, ["m2@c"], [], []).by_reference is not None
+    assert store.open(BOX, new(mid="m3@c"), 3.0).number == 2 + ran
 
 
-def _block_redis(url: str, seconds: float) -> None:
-    """Keep Redis busy (a Lua loop) for ``seconds``, as a slow or stuck server would be."""
+def _block_redis(url: str, seconds: float, key: str) -> None:
+    """Keep the Redis that holds ``key`` busy (a Lua loop) for ``seconds``, as a slow or stuck server would be."""
     loop = """
     local t0 = redis.call('TIME')
     repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
     return 1
     """
-    redis.Redis.from_url(url).eval(loop, 0, int(seconds * 1_000_000))
+    redis_connect.client_from_url(url, timeout=10).eval(loop, 1, key, int(seconds * 1_000_000))
 
 
 def test_unreachable_redis_raises_store_unavailable() -> None:
@@ -175,3 +189,56 @@ def test_assign_and_list(redis_url: str) -> None:
     else:
         raise AssertionError("assigning an unknown ticket must fail")
     assert store.ticket(BOX, 99) is None  # and must not leave a half ticket behind
+
+
+def _lua_scripts() -> dict[str, str]:
+    """Every Lua script of the Redis adapter (ticket store and the rules' state) by name, as it is registered (the
+    owner index's functions go in after the first line); OWNER_INDEX is such a fragment, not a script."""
+    return {
+        name: scripts.with_owner_index(value)
+        for name, value in vars(scripts).items()
+        if isinstance(value, str) and "redis.call(" in value and name != "OWNER_INDEX"
+    }
+
+
+def test_every_script_asks_redis_to_refuse_a_second_slot() -> None:
+    found = _lua_scripts()
+    assert len(found) >= 8, found.keys()
+    assert [name for name, text in found.items() if not text.startswith("#!lua\n")] == []
+
+
+def test_the_cluster_refuses_a_script_that_crosses_slots(cluster_set: RedisClusterSet) -> None:
+    """Why the contract tests above fail for a script that strays: the flag makes Redis check every key it touches."""
+    cluster_set.flush()
+    client = redis_connect.client_from_url(cluster_set.url)
+    assert isinstance(client, RedisCluster)
+    mine = "postroom:{support@example.test}:seq"
+    node = client.get_node_from_key(mine)  # type: ignore[no-untyped-call]
+    # A key on the same node but in another slot: without the flag Redis would let the script write it.
+    other = next(
+        k for k in (f"postroom:{{box{i}@example.test}}:seq" for i in range(10_000))
+        if client.get_node_from_key(k) == node and client.keyslot(k) != client.keyslot(mine)  # type: ignore[no-untyped-call]
+    )  # fmt: skip
+    body = "redis.call('INCR', KEYS[1]); return redis.call('INCR', ARGV[1])"
+    assert client.eval(body, 1, mine, other) == 1  # the compatibility mode lets it through
+    with pytest.raises(redis.exceptions.ResponseError, match="same slot"):
+        client.eval("#!lua\n" + body, 1, mine, other)
+
+
+def test_writes_wait_for_replicas_and_an_unconfirmed_write_is_unavailable(sentinel_set: RedisSentinelSet) -> None:
+    """[redis] confirm_replicas: the script and WAIT in one round trip; too few replicas is the failure policy, and
+    the connection stays in step (the next call reads its own reply), also after Redis forgot the scripts."""
+    client = redis_connect.client_from_url(sentinel_set.url)
+    client.flushall()
+    confirmed = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas))
+    assert confirmed.open(BOX, new(), 1.0).number == 1
+    client.script_flush()
+    assert confirmed.claim(BOX, 1, "meier", 2.0).won
+    more = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas) + 1, confirm_timeout=0.2)
+    with pytest.raises(StoreUnavailable, match="replicas confirmed"):
+        more.open(BOX, new(mid="m2@c"), 3.0)
+    # The write itself ran (WAIT cannot undo it): the number is used up, never handed out again.
+    assert confirmed.open(BOX, new(mid="m3@c"), 4.0).number == 3
+    with pytest.raises(KeyError):
+        confirmed.claim(BOX, 99, "meier", 5.0)  # a script's own answer still comes through with WAIT behind it
+    assert confirmed.ticket(BOX, 1) is not None

@@ -16,6 +16,7 @@ from postroom.store import keyspace, scripts
 from postroom.store.memory import MemoryStore
 from postroom.store.redis import RedisStore
 from postroom.tickets import KEEP, Changes, NewTicket, Ticket, TicketStore
+from tests.conftest import REDIS_MODES, empty_redis_url
 
 BOX = "support@example.test"
 
@@ -28,12 +29,14 @@ class Contract(TicketStore, Protocol):
     def ticket(self, mailbox: str, number: int) -> Ticket | None: ...
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_MODES])
 def store(request: pytest.FixtureRequest) -> Iterator[Contract]:
+    """The in-memory store, and the Redis store on one Redis, under Sentinel and on a 3-primary Cluster (where a
+    script that touched a second slot would fail)."""
     if request.param == "memory":
         yield MemoryStore()
         return
-    url = request.getfixturevalue("redis_url")
+    url = empty_redis_url(request, request.param)
     yield RedisStore.from_url(url, key_prefix="postroom", message_index_days=1, timeout=2.0)
 
 
@@ -197,4 +200,5 @@ def test_the_owner_index_goes_after_a_shebang_line(redis_url: str) -> None:
     assert scripts.with_owner_index("\nreturn 1\n").startswith(scripts.OWNER_INDEX)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     ticket = keyspace.ticket_key("postroom", BOX, 1)
-    assert client.eval(scripts.with_owner_index("#!lua\n" + scripts.ASSIGN), 1, ticket, "meier", "open", "1") is None
+    assert scripts.ASSIGN.startswith("#!lua\n")  # every script has one (see scripts.py)
+    assert client.eval(scripts.with_owner_index(scripts.ASSIGN), 1, ticket, "meier", "open", "1") is None

@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from postroom import redis_connect
+from postroom.redis_connect import Target
+
 # Deployment and tests point the same file at other services without editing it.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "POSTROOM_REDIS_URL": ("redis", "url"),
@@ -75,9 +78,24 @@ class SmtpdConfig(_Section):
 
 class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
+    sentinels: list[str] = Field(default_factory=list)
+    service_name: str = ""
+    cluster: bool = False
+    confirm_replicas: Annotated[int, Field(ge=0, le=5)] = 0
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "postroom"
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
     message_index_days: Annotated[int, Field(ge=1, le=3650)] = 400
+
+    @model_validator(mode="after")
+    def _target(self) -> RedisConfig:
+        self.target()  # a ValueError here names the section: "redis: ..."
+        return self
+
+    def target(self) -> Target:
+        """Single Redis, Sentinel or Cluster, as the url and the other keys say (see postroom.redis_connect)."""
+        return redis_connect.parse(
+            self.url, sentinels=self.sentinels, service_name=self.service_name, cluster=self.cluster
+        )
 
 
 class DatabaseConfig(_Section):

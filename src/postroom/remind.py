@@ -21,6 +21,7 @@ from email.utils import format_datetime
 from typing import Protocol
 
 import redis
+from redis.cluster import RedisCluster
 
 from postroom import commands, sla
 from postroom.config import Config, MailboxConfig, business_minutes
@@ -138,7 +139,7 @@ def breached(config: Config, timelines: list[Timeline], now: dt.datetime) -> dic
     return counts
 
 
-def publish_breached(client: redis.Redis, prefix: str, counts: dict[str, int]) -> None:
+def publish_breached(client: redis.Redis | RedisCluster, prefix: str, counts: dict[str, int]) -> None:
     """Hand the counts to the daemons' /metrics through Redis: they need not read the history themselves."""
     try:
         for mailbox, count in counts.items():
@@ -193,7 +194,7 @@ class Claims(Protocol):
 class RedisClaims:
     """One key per notice (``postroom:{support@...}:notice:17:<kind>:<target>:<due>``), set if absent."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
         self._r = client
         self._prefix = prefix
 

@@ -8,8 +8,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import click
+import redis
+import redis.exceptions
+from redis.cluster import RedisCluster
 
-from postroom import __version__
+from postroom import __version__, redis_connect
 from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import Config, ConfigError, load_config
 from postroom.history import HistoryWriter, make_engine, migrate
@@ -50,12 +53,28 @@ def load_or_exit(path: Path) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
+def redis_client(config: Config) -> redis.Redis | RedisCluster:
+    """One client (one pool; per node on Cluster) for one Redis, a Sentinel-watched primary or a Cluster.
+
+    Exits 1 with a clear line when a Cluster cannot be reached at all: redis-py needs its slot map to build the
+    client (one Redis or Sentinel start anyway and apply the failure policy until Redis answers).
+    """
+    target = config.redis.target()
+    try:
+        return redis_connect.connect(target, config.redis.timeout_seconds)
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        click.echo(f"{target.describe()} is not reachable: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
 def redis_store(config: Config) -> RedisStore:
-    return RedisStore.from_url(
-        config.redis.url,
+    return RedisStore(
+        redis_client(config),
         key_prefix=config.redis.key_prefix,
         message_index_days=config.redis.message_index_days,
-        timeout=config.redis.timeout_seconds,
+        confirm_replicas=config.redis.confirm_replicas,
+        # Well inside the socket timeout, so a missing replica is a clear UnconfirmedWrite and not a timeout.
+        confirm_timeout=config.redis.timeout_seconds / 2,
     )
 
 
@@ -97,8 +116,8 @@ def daemon_runtime(
     except StoreUnavailable as exc:
         # Start anyway: mail keeps flowing under the failure policy until Redis is back.
         log.warning(
-            "Redis at %s is not reachable (%s); mail will get policy %r until it is",
-            config.redis.url,
+            "%s is not reachable (%s); mail will get policy %r until it is",
+            config.redis.target().describe(),
             exc,
             config.milter.on_error,
         )
@@ -142,7 +161,7 @@ def reload_bundle(current: Config, config_path: Path) -> Loaded | None:
         return None
     new, old = loaded.config, current
     for what, before, after in (
-        ("redis.url", old.redis.url, new.redis.url),
+        ("redis", old.redis.target(), new.redis.target()),
         ("database.url", old.database.url, new.database.url),
         ("milter.socket", old.milter.socket, new.milter.socket),
         ("smtpd", old.smtpd, new.smtpd),

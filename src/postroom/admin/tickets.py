@@ -130,7 +130,7 @@ def list_command(
         for box in boxes:
             found += store.tickets(box.address)
     except StoreUnavailable as exc:
-        raise _service_error(f"Redis at {config.redis.url} is not reachable", exc) from None
+        raise _service_error(f"{config.redis.target().describe()} is not reachable", exc) from None
     found = [
         t for t in found if (wanted_owner is None or t.owner == wanted_owner) and (state is None or t.state == state)
     ]
@@ -206,7 +206,7 @@ def show_command(config_path: Path, number: int, mailbox_name: str | None, as_js
     try:
         ticket = redis_store(config).ticket(box.address, number)
     except StoreUnavailable as exc:
-        problems.append(f"Redis at {config.redis.url} is not reachable: {exc}")
+        problems.append(f"{config.redis.target().describe()} is not reachable: {exc}")
     try:
         history = _history(config, box.address, number)
     except SQLAlchemyError as exc:
@@ -274,7 +274,7 @@ def _change(config: Config, box: MailboxConfig, number: int, changes: Changes, *
     except KeyError:
         raise fail(f"no ticket {box.tag} #{number} in {box.address}") from None
     except StoreUnavailable as exc:
-        raise _service_error(f"Redis at {config.redis.url} is not reachable", exc) from None
+        raise _service_error(f"{config.redis.target().describe()} is not reachable", exc) from None
     # No message id and no queue id: an admin's change is an event of the ticket, not a mail.
     record = Record.of(
         ticket, event, now, direction="inbound", queue_id="", message_id="", actor=ACTOR, subject="", detail=detail
@@ -299,7 +299,7 @@ def _current(config: Config, box: MailboxConfig, number: int) -> Ticket:
     try:
         ticket = redis_store(config).ticket(box.address, number)
     except StoreUnavailable as exc:
-        raise _service_error(f"Redis at {config.redis.url} is not reachable", exc) from None
+        raise _service_error(f"{config.redis.target().describe()} is not reachable", exc) from None
     if ticket is None:
         raise fail(f"no ticket {box.tag} #{number} in {box.address}")
     return ticket

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import redis
 import redis.exceptions
+from redis.cluster import RedisCluster
 
 from postroom.store import scripts
 from postroom.store.keyspace import away_key, open_counts_key, reply_cap_key, round_robin_key
@@ -27,7 +28,7 @@ class RedisAssignmentState:
     Every Redis error becomes StoreUnavailable, so the pipeline applies its failure policy as for the ticket store.
     """
 
-    def __init__(self, client: redis.Redis, key_prefix: str = "postroom") -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, key_prefix: str = "postroom") -> None:
         self._r = client
         self._prefix = key_prefix
         self._round_robin = client.register_script(scripts.ROUND_ROBIN)
@@ -35,7 +36,7 @@ class RedisAssignmentState:
         self._release = client.register_script(scripts.RELEASE)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         return self._r
 
     @classmethod

@@ -15,15 +15,20 @@ from typing import Any, cast
 import hiredis
 import redis
 import redis.exceptions
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.connection import Connection
+from redis.exceptions import RedisClusterException
 
+from postroom import redis_connect
 from postroom.store import keyspace, scripts
 from postroom.tickets import Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
 
 
-def connect(url: str, *, timeout: float) -> redis.Redis:
-    """A client with its own connection pool; a process makes one and hands it to every Redis adapter."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout)
+def connect(url: str, *, timeout: float) -> redis.Redis | RedisCluster:
+    """A client with its own connection pool (per node on Cluster); a process makes one and hands it to every Redis
+    adapter.  ``url`` in any of the forms of :mod:`postroom.redis_connect`: one Redis, Sentinel or Cluster."""
+    return redis_connect.client_from_url(url, timeout)
 
 
 def ticket_from_hash(mailbox: str, number: int, h: Mapping[str, str]) -> Ticket:
@@ -53,31 +58,118 @@ class _ScriptRunner:
     """EVALSHA on a pooled connection: the mail path's one Redis call, without redis-py's per-command client layer.
 
     ``Script.__call__`` goes through the client's retry and observability wrappers, which cost about as much CPU
-    as the rest of the call.  This keeps redis-py's pool and connections (URL, AUTH, TLS, RESP3)
-    and does not retry: these scripts are not idempotent (a retried open would open a second ticket), so a lost
-    connection is a StoreUnavailable for the failure policy, and the connection is reset for the next mail.
+    as the rest of the call.  This keeps redis-py's pool and connections (URL, AUTH, TLS, RESP3, and Sentinel's
+    connections, which ask the sentinels for the primary when they connect) and does not retry: these scripts are
+    not idempotent (a retried open would open a second ticket), so a lost connection is a StoreUnavailable for the
+    failure policy, and the connection is reset for the next mail.  On Redis Cluster the call goes to the pool of
+    the node that holds the first key's slot; every key of a script shares that slot (the mailbox's hash tag).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._pool = client.connection_pool
+    def __init__(self, client: redis.Redis | RedisCluster, confirm_replicas: int = 0, wait_ms: int = 1000) -> None:
+        self._client = client
+        self._confirm = confirm_replicas
+        self._wait_ms = wait_ms
+        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
+        self._stale_slots = False
+
+    def node(self, key: str) -> redis.Redis:
+        """The client of the server that holds ``key``: the client itself, or on Cluster the slot's node.
+
+        Every key of a mailbox is in one slot, so a mailbox's reads go to one node as a plain pipeline (redis-py's
+        cluster pipeline refuses MGET even when all keys share a slot).
+        """
+        if self._pool is not None:
+            return cast(redis.Redis, self._client)
+        cluster = cast(RedisCluster, self._client)
+        if self._stale_slots:
+            # A node failed or a slot moved since the last call: ask the cluster for its slot map again.
+            self._stale_slots = False
+            cluster.nodes_manager.initialize()
+        node = cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        return cluster.get_redis_connection(node)
+
+    def moved(self) -> None:
+        """A node answered MOVED, failed or timed out: refresh the slot map before the next call (Cluster only)."""
+        self._stale_slots = self._pool is None
+
+    def _pool_for(self, key: str) -> redis.ConnectionPool:
+        return self._pool if self._pool is not None else self.node(key).connection_pool
 
     def __call__(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        conn = self._pool.get_connection()
         try:
-            conn.send_packed_command(_packed("EVALSHA", script.sha, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
-            try:
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                # Redis restarted or SCRIPT FLUSH: EVAL runs the script and caches it again for EVALSHA.
-                conn.send_packed_command(_packed("EVAL", script.script, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
-                return conn.read_response()
+            return self._call(self._pool_for(keys[0]), script, keys, args)
+        except redis.exceptions.MovedError:
+            # The slot moved before the script ran (resharding, a replica promoted): it did not run, so one more
+            # try on the node the refreshed map names is safe.
+            self.moved()
+            return self._call(self._pool_for(keys[0]), script, keys, args)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisClusterException):
+            self.moved()
+            raise
+
+    def _call(self, pool: redis.ConnectionPool, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        conn = pool.get_connection()
+        try:
+            reply = self._exchange(conn, "EVALSHA", script.sha, keys, args)
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # Redis restarted, failed over or SCRIPT FLUSH: EVAL runs the script and caches it for EVALSHA.
+                reply = self._exchange(conn, "EVAL", script.script, keys, args)
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+            return reply
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            # The reply may still come: a connection that gave up waiting must never be read again, or the next
+            # command reads this script's reply as its own (a wrong ticket).  redis-py's Sentinel connection does
+            # not disconnect on a timeout by itself; the pool reconnects on next use.
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
         finally:
-            # A connection that failed was disconnected by redis-py; the pool reconnects it on next use.
-            self._pool.release(conn)
+            pool.release(conn)
+
+    def _exchange(
+        self,
+        conn: Connection,
+        command: str,
+        body: str | bytes | memoryview,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+    ) -> Any:
+        """Send the script (and WAIT, when replicas must confirm) in one write; the script's reply or its error.
+
+        Both replies are always read, so the connection stays in step whatever the script answered.
+        """
+        packed = _packed(command, body, len(keys), *keys, *args)
+        if self._confirm:
+            packed += _packed("WAIT", self._confirm, self._wait_ms)
+        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        try:
+            reply = conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            reply = exc
+        if self._confirm:
+            confirmed = int(conn.read_response())
+            if confirmed < self._confirm and not isinstance(reply, redis.exceptions.ResponseError):
+                raise UnconfirmedWrite(
+                    f"{confirmed} of {self._confirm} replicas confirmed the write within {self._wait_ms} ms"
+                )
+        return reply
+
+
+class UnconfirmedWrite(redis.exceptions.RedisError):
+    """The script ran on the primary, but fewer replicas than ``[redis] confirm_replicas`` have it: a failover now
+    could lose it, so its result is not used (the failure policy applies, as when Redis is unreachable)."""
 
 
 class RedisStore:
-    def __init__(self, client: redis.Redis, key_prefix: str = "postroom", message_index_days: int = 400) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        key_prefix: str = "postroom",
+        message_index_days: int = 400,
+        *,
+        confirm_replicas: int = 0,
+        confirm_timeout: float = 1.0,
+    ) -> None:
         self._r = client
         self._prefix = key_prefix
         self._ttl = message_index_days * 86400
@@ -86,14 +178,15 @@ class RedisStore:
         self._assign = client.register_script(scripts.with_owner_index(scripts.ASSIGN))
         self._claim = client.register_script(scripts.with_owner_index(scripts.CLAIM))
         self._update = client.register_script(scripts.with_owner_index(scripts.UPDATE))
-        self._run = _ScriptRunner(client)
+        # confirm_replicas: each write script is followed by WAIT in the same round trip (see UnconfirmedWrite).
+        self._run = _ScriptRunner(client, confirm_replicas, max(1, int(confirm_timeout * 1000)))
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
         return cls(connect(url, timeout=timeout), key_prefix, message_index_days)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         """The client (and so the connection pool) this store uses; the assignment state shares it."""
         return self._r
 
@@ -114,11 +207,15 @@ class RedisStore:
     def counter_key(self, mailbox: str) -> str:
         return keyspace.counter_key(self._prefix, mailbox)
 
+    def _at(self, mailbox: str) -> redis.Redis:
+        """Where the mailbox's keys are (one node of a Cluster: they share a hash tag)."""
+        return self._run.node(self.counter_key(mailbox))
+
     # -- operations --
 
     def ping(self) -> None:
         try:
-            self._r.ping()
+            self._r.ping()  # Cluster: every node
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -131,7 +228,8 @@ class RedisStore:
     def _lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
         if not (message_ids or numbers):
             return Lookup()  # a new conversation (most customer mail): nothing to read
-        pipe = self._r.pipeline(transaction=False)
+        node = self._run.node(self.counter_key(mailbox))
+        pipe = node.pipeline(transaction=False)
         if message_ids:
             pipe.mget([self.message_key(mailbox, m) for m in message_ids])
         for n in numbers:
@@ -154,7 +252,7 @@ class RedisStore:
             if h:
                 found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), any(known)))
         if ref_number:
-            h = cast(dict[str, str], self._r.hgetall(self.ticket_key(mailbox, ref_number)))
+            h = cast(dict[str, str], node.hgetall(self.ticket_key(mailbox, ref_number)))
             if h:
                 found.by_reference = ticket_from_hash(mailbox, ref_number, h)
         return found
@@ -264,15 +362,15 @@ class RedisStore:
         """Mark an agent absent for a mailbox, until a time (the key expires then) or until #back."""
         try:
             if until is not None:
-                self._r.set(self.away_key(mailbox, login), repr(until), exat=int(until))
+                self._at(mailbox).set(self.away_key(mailbox, login), repr(until), exat=int(until))
             else:
-                self._r.set(self.away_key(mailbox, login), "")
+                self._at(mailbox).set(self.away_key(mailbox, login), "")
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     def clear_away(self, mailbox: str, login: str) -> None:
         try:
-            self._r.delete(self.away_key(mailbox, login))
+            self._at(mailbox).delete(self.away_key(mailbox, login))
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -282,7 +380,7 @@ class RedisStore:
         if not names:
             return set()
         try:
-            flags = self._r.mget([self.away_key(mailbox, n) for n in names])
+            flags = self._at(mailbox).mget([self.away_key(mailbox, n) for n in names])
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return {n for n, f in zip(names, flags, strict=True) if f is not None}
@@ -291,8 +389,9 @@ class RedisStore:
         """Every ticket of a mailbox, newest first: admin and demo listings, and the owner index's one catch-up per
         mailbox after an upgrade; the mail path otherwise never walks every ticket."""
         try:
-            last = int(cast(str, self._r.get(self.counter_key(mailbox))) or 0)
-            pipe = self._r.pipeline(transaction=False)
+            node = self._at(mailbox)
+            last = int(cast(str, node.get(self.counter_key(mailbox))) or 0)
+            pipe = node.pipeline(transaction=False)
             for n in range(last, 0, -1):
                 pipe.hgetall(self.ticket_key(mailbox, n))
             hashes = pipe.execute()
@@ -305,10 +404,11 @@ class RedisStore:
         grows with the agent's tickets, not with the mailbox's."""
         try:
             self._index_owners_once(mailbox)
+            node = self._at(mailbox)
             numbers = sorted(
-                int(n) for n in cast(set[str], self._r.smembers(keyspace.owned_key(self._prefix, mailbox, login)))
+                int(n) for n in cast(set[str], node.smembers(keyspace.owned_key(self._prefix, mailbox, login)))
             )
-            pipe = self._r.pipeline(transaction=False)
+            pipe = node.pipeline(transaction=False)
             for n in numbers:
                 pipe.hgetall(self.ticket_key(mailbox, n))
             hashes = pipe.execute()
@@ -322,9 +422,10 @@ class RedisStore:
         # Tickets opened before the owner index existed are not in it: the first read after an upgrade walks the
         # mailbox's tickets once and adds them; later reads find the flag and skip this.
         flag = keyspace.owned_indexed_key(self._prefix, mailbox)
-        if self._r.exists(flag):
+        node = self._at(mailbox)
+        if node.exists(flag):
             return
-        pipe = self._r.pipeline(transaction=False)
+        pipe = node.pipeline(transaction=False)
         for t in self.tickets(mailbox):
             if t.owner and t.state != "closed":
                 pipe.sadd(keyspace.owned_key(self._prefix, mailbox, t.owner), t.number)
@@ -333,7 +434,7 @@ class RedisStore:
 
     def ticket(self, mailbox: str, number: int) -> Ticket | None:
         try:
-            h = cast(dict[str, str], self._r.hgetall(self.ticket_key(mailbox, number)))
+            h = cast(dict[str, str], self._at(mailbox).hgetall(self.ticket_key(mailbox, number)))
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return ticket_from_hash(mailbox, number, h) if h else None

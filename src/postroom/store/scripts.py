@@ -1,7 +1,10 @@
 """The Lua scripts of the Redis adapter: every step that must be atomic is one script.
 
 Each script touches keys of one mailbox only (one hash tag, see :mod:`postroom.store.keyspace`), so it runs in one
-Redis Cluster slot.
+Redis Cluster slot.  Every script starts with "#!lua" (Redis 7 script flags, none set): with it, Redis Cluster
+refuses a script that touches a key of a second slot ("Script attempted to access keys that do not hash to the same
+slot"), also a key the script builds itself; without it Redis lets such a script run when both slots are on one
+node.  The flags also refuse a write on a replica and under maxmemory, instead of running it there.
 """
 
 # The index of open tickets by owner (``owned:<login>``, a set of numbers; see keyspace.owned_key): every script
@@ -41,7 +44,7 @@ def with_owner_index(script: str) -> str:
 # senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
 # twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
 # second ticket; checked inside the script, so two copies arriving at once still open one ticket.
-OPEN = """
+OPEN = """#!lua
 local base = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local seen_id = ARGV[3]
@@ -78,7 +81,7 @@ return {n}
 """
 
 # Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
-TOUCH = """
+TOUCH = """#!lua
 local ttl = tonumber(ARGV[1])
 local now = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -91,7 +94,7 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 # Sets the owner only of a ticket that exists, so a typo in a number cannot create a half ticket.
-ASSIGN = """
+ASSIGN = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', ARGV[2], 'updated', ARGV[3])
@@ -103,7 +106,7 @@ return redis.call('HGETALL', KEYS[1])
 # The claim: the first agent to answer an unowned ticket owns it; the owner answering again keeps it; anyone
 # else gets the current owner back, unless forced (#takeover).  One script, so two agents answering in the
 # same millisecond cannot both win.
-CLAIM = """
+CLAIM = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local owner = redis.call('HGET', KEYS[1], 'owner') or ''
 local won = 0
@@ -126,7 +129,7 @@ return t
 # Agents' commands change several fields at once: all or nothing, and tag edits computed against the tags as
 # they are now (two agents tagging at once must not lose each other's tag).  ARGV: owner, state, priority
 # ("\0" leaves a field as it is), now, number of tags to add, the tags, then the tags to remove.
-UPDATE = """
+UPDATE = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 local keep = string.char(0)
@@ -161,7 +164,7 @@ return redis.call('HGETALL', KEYS[1])
 # The agent after the one who had the last turn, skipping absent agents; a newly absent agent never costs anyone
 # a turn and a returning one rejoins in place.  KEYS: last-turn key, open-count hash, then one away key per agent
 # in ARGV order.
-ROUND_ROBIN = """
+ROUND_ROBIN = """#!lua
 local last = redis.call('GET', KEYS[1]) or ''
 local start = 0
 for i = 1, #ARGV do if ARGV[i] == last then start = i end end
@@ -178,7 +181,7 @@ return ''
 
 # The present agent with the fewest open tickets; a tie goes to the one listed first.  KEYS: open-count hash,
 # then one away key per agent in ARGV order.
-LEAST_OPEN = """
+LEAST_OPEN = """#!lua
 local best = ''
 local best_n = nil
 for i = 1, #ARGV do
@@ -192,7 +195,7 @@ return best
 """
 
 # A released ticket lowers the count, never below zero (counts lost with Redis data may be missing).
-RELEASE = """
+RELEASE = """#!lua
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if n < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
 return n
