@@ -76,7 +76,7 @@ class CustomerMail:
             message=message,
             text_subject=text_subject,
             info=subject.parse(text_subject),
-            refs=subject.message_ids(message.header("References"), message.header("In-Reply-To")),
+            refs=references(message),
             own_id=message_id(message.header("Message-ID")),
             senders=list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])])),
             customer=from_addrs[0] if from_addrs else envelope_sender,
@@ -87,6 +87,14 @@ class CustomerMail:
     @property
     def queue_id(self) -> str:
         return self.message.envelope.queue_id
+
+
+def references(message: Message) -> list[str]:
+    """References and In-Reply-To, oldest first, without the mail's own Message-ID: a mail cannot answer itself,
+    and one that names its own ID there (a broken or a crafted mailer) must not thread by it."""
+    own = message_id(message.header("Message-ID"))
+    refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
+    return [r for r in refs if r != own]
 
 
 @dataclass(frozen=True)
