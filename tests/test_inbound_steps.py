@@ -73,7 +73,9 @@ def test_find_thread_by_reference_token_or_none(config: Config) -> None:
     store = MemoryStore()
     opened(store)
     assert inbound.find_thread(step(config, mail(), store)) == Thread(None)
-    by_ref = inbound.find_thread(step(config, mail("Re", extra=[("In-Reply-To", "<m1@customer.test>")]), store))
+    by_ref = inbound.find_thread(
+        step(config, mail("Re", msgid="m2@c", extra=[("In-Reply-To", "<m1@customer.test>")]), store)
+    )
     assert (by_ref.ticket is not None and by_ref.ticket.number, by_ref.why) == (1, "references")
     by_token = inbound.find_thread(step(config, mail("AW: [Support #1] Hi", msgid="m2@c"), store))
     assert (by_token.ticket is not None and by_token.ticket.number, by_token.why) == (1, "subject token")

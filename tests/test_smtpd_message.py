@@ -9,7 +9,8 @@ import email.policy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.smtpd.message import Submitter, fold, parse, render, submitter, without_login_claims
+from postroom.mime import fold
+from postroom.smtpd.message import Submitter, parse, render, submitter, without_login_claims
 from postroom.smtpd.rewrite import degraded, envelope_after, rewrite
 from postroom.verdict import (
     AddHeader,

@@ -86,6 +86,29 @@ def test_the_same_mail_again_is_the_same_ticket_for_a_participant_only(store: Co
     assert created and stranger.number == 2
 
 
+def test_a_reused_message_id_keeps_pointing_at_the_first_ticket(store: Contract) -> None:
+    store.open_unless_seen(BOX, new(mid="m1@c"), "m1@c", 1.0)
+    # Mallory reuses Alice's Message-ID: his mail opens ticket 2 and must not take the ID over.
+    mallory, created = store.open_unless_seen(BOX, new("mallory@evil.test", mid="m1@c"), "m1@c", 2.0)
+    assert created and mallory.number == 2
+    alice_reply = store.lookup(BOX, ["m1@c"], [], ["alice@customer.test"]).by_reference
+    assert alice_reply is not None and alice_reply.number == 1
+    # The ID is disputed now: it threads only the first ticket's own people, not Mallory (nor his ticket).
+    assert store.lookup(BOX, ["m1@c"], [], ["mallory@evil.test"]).by_reference is None
+    # A follow-up that names the ID in another ticket (References to Mallory's ticket) changes nothing either.
+    store.touch(BOX, 2, ["m1@c", "m9@evil"], ["mallory@evil.test"], 3.0)
+    again = store.lookup(BOX, ["m1@c"], [], ["alice@customer.test"]).by_reference
+    assert again is not None and again.number == 1
+    # An older undisputed reference still threads a sender who only knows that one.
+    older = store.lookup(BOX, ["m9@evil", "m1@c"], [], ["mallory@evil.test"]).by_reference
+    assert older is not None and older.number == 2
+    # A participant of the first ticket naming the ID in the second disputes and re-points nothing.
+    store.open_unless_seen(BOX, new("bob@customer.test", mid="m5@c"), "m5@c", 4.0)
+    store.touch(BOX, 1, ["m5@c"], ["bob@customer.test"], 5.0)
+    bob = store.lookup(BOX, ["m5@c"], [], [])
+    assert bob.by_reference is not None and bob.by_reference.number == 3
+
+
 def test_claim_first_wins_owner_keeps_rival_loses_takeover_forces(store: Contract) -> None:
     store.open(BOX, new(), 1.0)
     won = store.claim(BOX, 1, "meier", 2.0)
@@ -169,6 +192,8 @@ def test_scripts_build_the_key_names_of_the_keyspace(redis_url: str) -> None:
         keyspace.owned_key("postroom", BOX, "meier"),
     }
     assert set(client.keys("*")) == expected
+    store.open(BOX, new("mallory@evil.test"), 2.0)  # the same Message-ID from a stranger: disputed
+    assert client.exists(keyspace.disputed_key("postroom", BOX, "m1@c"))
 
 
 def test_owned_reads_the_agents_tickets_only(redis_url: str) -> None:

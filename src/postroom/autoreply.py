@@ -34,17 +34,24 @@ from postroom import subject as subj
 from postroom.config import WEEKDAYS, Config, HoursConfig, parse_opening
 from postroom.dkim import Keyring, sign
 from postroom.mailer import OutgoingMail
-from postroom.mime import addresses, encode_header_value, message_id, readable
+from postroom.mime import addresses, encode_header_value, fold, message_id, readable, shorten
 
 ACK = "ack"
 CLOSED = "closed"
 NO_REPLY = "none"  # a rule's auto_reply = "none": this mail gets no automatic reply
 PLACEHOLDERS = frozenset({"ticket", "token", "tag", "subject", "mailbox", "customer", "next_opening"})
 _TEMPLATE_NAME_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,63})\.(?P<lang>[a-z]{2,3})\.txt$")
-# Local parts of senders that are programs, not people (RFC 3834 section 2 and common practice).
+# Local parts of senders that are programs, not people (RFC 3834 section 2 and common practice), as a class: the
+# robot word anywhere between the separators of a local part ("gmail-noreply", "noreply-12345", "info.no_reply",
+# "DoNotReply", "bounces+verp=..."), the list-manager prefixes and suffixes, never inside a person's name
+# ("juno.reply" is a person).  A "+detail" or "=VERP" tail changes nothing.
+_SEP = r"[-_.+=]"
+_ROBOT_WORDS = (
+    r"no[-_.]?reply|no[-_.]?replies|do[-_.]?not[-_.]?reply|dont[-_.]?reply|mailer[-_.]?daemon|postmaster"
+    r"|bounces?|listserv|majordomo|mailman"
+)
 _ROBOT_RE = re.compile(
-    r"^(mailer-daemon|postmaster|no[-_.]?reply|do[-_.]?not[-_.]?reply|bounces?|listserv|majordomo|mailman)(\+.*)?$"
-    r"|^owner-|-request$|-bounces?(\+.*)?$",
+    rf"(?:^|{_SEP})(?:{_ROBOT_WORDS})\d*(?:{_SEP}|$)|^owner-|-(?:request|owner)(?:\+|$)",
     re.IGNORECASE,
 )
 
@@ -439,7 +446,8 @@ def build_auto_reply(
         "ticket": str(ticket),
         "token": subj.token(box.tag, ticket),
         "tag": box.tag,
-        "subject": subj.one_line(original_subject),
+        # A stranger's subject can be 100 KB: the reply quotes enough of it to be recognised.
+        "subject": shorten(subj.one_line(original_subject)),
         "mailbox": box.address,
         "customer": to,
         "next_opening": format_opening(hours.next_opening(now), language),
@@ -455,7 +463,7 @@ def build_auto_reply(
     headers: list[tuple[str, str]] = [
         ("From", formataddr((box.tag, box.address))),
         ("To", to),
-        ("Subject", encode_header_value(subject_text)),
+        ("Subject", fold("Subject", encode_header_value(subject_text))),
         ("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=zoneinfo.ZoneInfo("UTC")))),
         ("Message-ID", message_id_value),
     ]

@@ -19,18 +19,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from postroom import notice, sla, subject
+from postroom import bounce, notice, sla, subject
 from postroom.autoreply import AutoReplyPlan, plan_auto_reply
+from postroom.body import head_of
 from postroom.config import Config, MailboxConfig
 from postroom.log import message_logger
 from postroom.mailer import OutgoingMail
 from postroom.mime import (
+    SUBJECT_MAX,
     Message,
     addresses,
+    charset_hint,
     encode_header_value,
     folder_address,
+    header_text,
     message_id,
-    readable,
     strip_internal,
     ticket_headers,
 )
@@ -60,25 +63,38 @@ class CustomerMail:
     own_id: str  # the mail's own Message-ID, "" when it has none
     senders: list[str]  # From addresses and the envelope sender, lower case, each once
     customer: str  # the first From address, else the envelope sender
+    charset: str = "utf-8"  # what a raw 8-bit subject was read in, so writing it back keeps its bytes
+    has_subject: bool = True
 
     @staticmethod
     def read(message: Message) -> CustomerMail:
-        text_subject = readable(message.header("Subject") or "")
+        raw_subject = message.header("Subject")
+        text_subject, charset = header_text(raw_subject or "", charset_hint(message.header("Content-Type")))
         from_addrs = addresses(message.header("From"))
         envelope_sender = message.envelope.mail_from.strip("<>").lower()
         return CustomerMail(
             message=message,
             text_subject=text_subject,
             info=subject.parse(text_subject),
-            refs=subject.message_ids(message.header("References"), message.header("In-Reply-To")),
+            refs=references(message),
             own_id=message_id(message.header("Message-ID")),
             senders=list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])])),
             customer=from_addrs[0] if from_addrs else envelope_sender,
+            charset=charset,
+            has_subject=raw_subject is not None,
         )
 
     @property
     def queue_id(self) -> str:
         return self.message.envelope.queue_id
+
+
+def references(message: Message) -> list[str]:
+    """References and In-Reply-To, oldest first, without the mail's own Message-ID: a mail cannot answer itself,
+    and one that names its own ID there (a broken or a crafted mailer) must not thread by it."""
+    own = message_id(message.header("Message-ID"))
+    refs = subject.message_ids(message.header("References"), message.header("In-Reply-To"))
+    return [r for r in refs if r != own]
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,9 @@ def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     if ours is not None:
         return Outcome(Verdict.accept(summary=f"postroom notice {ours}"))
     mail = CustomerMail.read(message)
+    report = delivery_report(message)
+    if report is not None:
+        return join_report(mail, mailboxes, parts, now, report)
     return assemble(mail, [through_mailbox(Step(mail, routed, parts, now)) for routed in mailboxes])
 
 
@@ -303,8 +322,8 @@ def due_header(step: Step, applied: Applied) -> list[Edit]:
     return [] if due is None else [AddHeader("X-Postroom-Due", f"{sla.iso(due)} ({box.tag} #{ticket.number})")]
 
 
-def record(step: Step, applied: Applied) -> Record:
-    """Step 5: the history record of what this mail did to the ticket."""
+def record(step: Step, applied: Applied, *, actor: str = "") -> Record:
+    """Step 5: the history record of what this mail did to the ticket (by the customer unless ``actor``)."""
     mail = step.mail
     return Record.of(
         applied.ticket,
@@ -313,7 +332,7 @@ def record(step: Step, applied: Applied) -> Record:
         direction="inbound",
         queue_id=mail.queue_id,
         message_id=mail.own_id,
-        actor=mail.customer,
+        actor=actor or mail.customer,
         subject=mail.text_subject,
         detail=applied.why,
     )
@@ -325,7 +344,7 @@ def assemble(mail: CustomerMail, results: Sequence[MailboxResult]) -> Outcome:
     for result in results:
         new_subject = subject.with_token(new_subject, result.routed.box.tag, result.applied.ticket.number)
     edits: list[Edit] = strip_internal(mail.message.headers)
-    edits.append(SetHeader("Subject", encode_header_value(new_subject)))
+    edits += subject_edit(mail, new_subject)
     edits += [e for result in results for e in result.headers]
     edits += [e for result in results for e in result.recipient_edits]
     summary = "; ".join(
@@ -334,6 +353,75 @@ def assemble(mail: CustomerMail, results: Sequence[MailboxResult]) -> Outcome:
     records = [result.record for result in results]
     outgoing = [mail_out for result in results for mail_out in result.applied.outgoing]
     return Outcome(Verdict.accept(*edits, summary=summary), records, outgoing)
+
+
+def subject_edit(mail: CustomerMail, new_subject: str) -> list[Edit]:
+    """The first Subject with its tokens, unless it has them already or is too long to rewrite (mime.SUBJECT_MAX).
+
+    Only the first Subject: a second one (they exist in the wild) is the customer's and stays as it came.
+    """
+    if len(new_subject) > SUBJECT_MAX:
+        message_logger(mail.queue_id).info(
+            "subject of %d characters left as it came (longer than %d)", len(mail.text_subject), SUBJECT_MAX
+        )
+        return []
+    if new_subject == mail.text_subject and mail.has_subject:
+        return []
+    return [SetHeader("Subject", encode_header_value(new_subject, mail.charset), first_only=True)]
+
+
+DELIVERY_HEADER = "X-Postroom-Delivery-Failure"
+
+
+def delivery_report(message: Message) -> bounce.Report | None:
+    """The delivery report this mail is, if it is one (postroom.bounce)."""
+    env = message.envelope
+    if not bounce.might_be_report(env.mail_from, message.headers):
+        return None
+    try:
+        body = head_of(message.body, bounce.REPORT_BYTES)
+    except RuntimeError:
+        # The adapter skipped this body (milter.worker.skipped_body): it keeps every possible report's body, so
+        # this is a report it could not tell from its headers; it is read as ordinary mail.
+        return None
+    return bounce.read_report(env.mail_from, message.headers, body)
+
+
+def join_report(
+    mail: CustomerMail, mailboxes: Sequence[Routed], parts: Parts, now: float, report: bounce.Report
+) -> Outcome:
+    """A delivery report joins the ticket of the mail it reports on (the owner's folder, marked), never opens one
+    and is never answered; a report on a mail we do not know (backscatter of forged mail) gets no ticket and is
+    delivered to the team's inbox, marked.  Neither the mailer daemon nor the report's Message-ID joins a ticket."""
+    what = report.summary() or "delivery report"
+    edits: list[Edit] = strip_internal(mail.message.headers)
+    new_subject = mail.text_subject
+    records: list[Record] = []
+    summaries: list[str] = []
+    for routed in mailboxes:
+        step = Step(mail, routed, parts, now)
+        # The failed recipients are the ticket's customers: they let a disputed Message-ID count.
+        found = parts.store.lookup(step.address, list(report.message_ids), [], list(report.recipients))
+        if found.by_reference is None:
+            message_logger(mail.queue_id).info("%s: delivery report on a mail we do not know (%s)", step.address, what)
+            edits.append(AddHeader(DELIVERY_HEADER, f"{what} (no ticket: the reported mail is not one of ours)"))
+            summaries.append(f"{routed.box.tag}: unmatched delivery report")
+            continue
+        ticket = parts.store.touch(step.address, found.by_reference.number, [], [], now)
+        event = "delivery_failure" if report.failed else "delivery_report"
+        mark = f"{routed.box.tag} #{ticket.number}"
+        message_logger(mail.queue_id).info("mailbox %s ticket #%d %s (%s)", step.address, ticket.number, event, what)
+        new_subject = subject.with_token(new_subject, routed.box.tag, ticket.number)
+        if report.failed:
+            edits.append(AddHeader(DELIVERY_HEADER, f"{what} ({mark})"))
+        headers, recipient_edits = mailbox_edits(step, ticket, Decision())
+        edits += headers + recipient_edits
+        summaries.append(f"{mark} {event}")
+        actor = mail.message.envelope.mail_from.strip("<>").lower() or "MAILER-DAEMON"
+        records.append(record(step, Applied(ticket, event, what), actor=actor))
+    if records:
+        edits += subject_edit(mail, new_subject)
+    return Outcome(Verdict.accept(*edits, summary="; ".join(summaries)), records)
 
 
 def reroute(rcpts: Sequence[str], delimiter: str, folder: str) -> list[Edit]:

@@ -6,9 +6,11 @@ header can contain a line break.
 
 from __future__ import annotations
 
+import base64
+import codecs
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from email.header import Header
 from email.utils import getaddresses
 
 from postroom import subject
@@ -65,23 +67,158 @@ def message_id(value: str | None) -> str:
     return ids[0] if ids else ""
 
 
-def encode_header_value(text: str) -> str:
-    """ASCII stays as it is; anything else becomes one RFC 2047 word list, never folded, never multi-line."""
+# RFC 2047 allows 75 characters per encoded word and 76 per line; ours stay shorter so that even the first line,
+# behind "Subject: ", keeps to that.
+_WORD_MAX = 64
+# A plain word longer than this is encoded too, so that it can be folded at all.
+_PLAIN_MAX = 60
+# What we copy from a stranger's subject into mail we write ourselves (the auto-reply): enough to recognise it.
+COPY_MAX = 200
+# The longest subject postroom rewrites (real subjects stay below 255 characters).  A milter can hand Postfix
+# about 60 KB per header value (longer ones arrive cut), and 2,000 characters encode to 15 KB at most.  A longer
+# subject arriving is left exactly as it came (the ticket shows in the X-Postroom headers); one we write (an
+# agent's reply) is cut here, with an ellipsis.
+SUBJECT_MAX = 2000
+# Lines we write are folded near here (RFC 5322's "SHOULD" length); no line comes near the 998-byte limit.
+_FOLD_AT = 78
+
+
+def _encoded_words(run: str, charset: str) -> list[str]:
+    """``run`` as RFC 2047 "B" words of at most _WORD_MAX characters, each holding whole characters only."""
+    prefix = f"=?{charset}?b?"
+    room = (_WORD_MAX - len(prefix) - 2) // 4 * 3  # bytes per word
+    words: list[str] = []
+    chunk: list[bytes] = []
+    size = 0
+    for char in run:
+        try:
+            # A raw byte that nothing could read (surrogate-escaped) travels as it came.
+            data = char.encode(charset, "surrogateescape")
+        except UnicodeEncodeError:
+            data = b"?"
+        if size + len(data) > room and chunk:
+            words.append(prefix + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        words.append(prefix + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
+    return words
+
+
+def _plain(word: str) -> bool:
+    return word.isascii() and len(word) <= _PLAIN_MAX and "=?" not in word
+
+
+def encode_header_value(text: str, charset: str = "utf-8") -> str:
+    """An unstructured header value (a subject) as one line of short plain and RFC 2047 words.
+
+    Plain ASCII words stay as they are; every run of other words (non-ASCII, overlong, or looking like an encoded
+    word) becomes encoded words of at most 64 characters, the spaces of the run inside them, so decoders give back
+    exactly ``text`` (control characters flattened).  Linear in the length; never a line break: each adapter folds
+    between the words (:func:`fold`).  ``charset`` is the one the text came in when it was raw 8-bit, so its bytes
+    travel unchanged; text it cannot hold is written in UTF-8.
+    """
     text = subject.one_line(text)
-    if text.isascii():
-        return text
-    return Header(text, "utf-8").encode(maxlinelen=0)
+    try:
+        text.encode(charset)
+    except (UnicodeError, LookupError):
+        charset = "utf-8"
+    words = text.split(" ")
+    encode = [bool(w) and not _plain(w) for w in words]
+    # Empty words are runs of spaces: next to an encoded run they go inside it, where no decoder drops them.
+    for order in (range(len(words)), range(len(words) - 1, -1, -1)):
+        previous = False
+        for i in order:
+            if not words[i]:
+                encode[i] = encode[i] or previous
+            previous = encode[i]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        j = i + 1
+        while j < len(words) and encode[j] == encode[i]:
+            j += 1
+        run = " ".join(words[i:j])
+        out += _encoded_words(run, charset) if encode[i] else [run]
+        i = j
+    return " ".join(out)
+
+
+def fold(name: str, value: str, newline: str = "\r\n") -> str:
+    """Fold a one-line value at its white space so lines stay near 78 characters; a long word stays whole.
+
+    ``newline`` is "\\r\\n" in a mail we write, "\\n" for the milter protocol (libmilter's multi-line value).
+    Only a line break is inserted before existing white space, which unfolding removes again: a DKIM signature
+    over the unfolded value (relaxed) stays valid.
+    """
+    out: list[str] = []
+    length = len(name) + 2
+    has_word = False
+    for token in re.findall(r"[ \t]+|[^ \t]+", value):
+        if token[0] in " \t":
+            out.append(token)
+            length += len(token)
+            continue
+        if has_word and out[-1][0] in " \t" and length + len(token) > _FOLD_AT:
+            length = len(out[-1])
+            out[-1] = newline + out[-1]
+        out.append(token)
+        length += len(token)
+        has_word = True
+    return "".join(out)
 
 
 def readable(raw: str) -> str:
-    """A header value as text: RFC 2047 decoded; raw 8-bit bytes (surrogate-escaped by pymilter) as UTF-8, or
-    as Windows-1252 when they are not UTF-8, which is what old clients that send raw 8-bit headers mean."""
-    text = subject.decode(raw)
-    data = text.encode("utf-8", "surrogateescape")
+    """A header value as text: RFC 2047 decoded; raw 8-bit bytes as :func:`raw_text` reads them."""
+    return header_text(raw)[0]
+
+
+def header_text(raw: str, hint: str = "") -> tuple[str, str]:
+    """(text, charset) of a header value.  RFC 2047 words are decoded (charset "utf-8" for what we write back).
+
+    Raw 8-bit bytes (surrogate-escaped by pymilter) are read as UTF-8; otherwise in the first of ``hint`` (the
+    mail's own Content-Type charset), Windows-1252 (what old Western clients mean), Shift_JIS (the usual raw
+    8-bit subject from Japan) and Latin-1 that decodes them exactly back to the same bytes, and that charset is
+    returned, so writing the text back in it keeps the original bytes: never U+FFFD for a byte we could not read.
+    """
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        data = subject.one_line(raw).encode("utf-8", "surrogateescape")
+        for charset in ("utf-8", hint, "cp1252", "shift_jis", "latin-1"):
+            text = _exact(data, charset)
+            if text is not None:
+                return text, charset
+    return subject.decode(raw), "utf-8"
+
+
+def _exact(data: bytes, charset: str) -> str | None:
+    if not charset:
+        return None
+    try:
+        codec = codecs.lookup(charset)
+        text = data.decode(codec.name)
+        # Only ASCII-compatible charsets that give the same bytes back: the token we add must stay ASCII.
+        if "a".encode(codec.name) != b"a" or text.encode(codec.name) != data:
+            return None
+    except (LookupError, UnicodeError):
+        return None
+    return subject.one_line(text)
+
+
+_CHARSET_RE = re.compile(r"""charset\s*=\s*["']?([A-Za-z0-9_.:-]{1,40})""", re.IGNORECASE)
+
+
+def charset_hint(content_type: str | None) -> str:
+    """The charset parameter of a Content-Type header, "" when there is none."""
+    m = _CHARSET_RE.search(content_type or "")
+    return m.group(1) if m else ""
+
+
+def shorten(text: str, limit: int = COPY_MAX) -> str:
+    """At most ``limit`` characters of ``text``, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
 
 
 def folder_address(rcpt: str, delimiter: str, folder: str) -> str:

@@ -25,12 +25,14 @@ from postroom.config import MailboxConfig
 from postroom.dkim import sign as dkim_sign
 from postroom.log import message_logger
 from postroom.mime import (
+    SUBJECT_MAX,
     Message,
     addresses,
     encode_header_value,
     folder_address,
     message_id,
     readable,
+    shorten,
     strip_internal,
     ticket_headers,
 )
@@ -69,7 +71,8 @@ class AgentMail:
     def read(message: Message, parts: Parts, login: str) -> AgentMail:
         config = parts.config
         rcpts = message.envelope.rcpts
-        text_subject = readable(message.header("Subject") or "")
+        # A customer's subject of 100 KB quoted in the reply is cut (mime.SUBJECT_MAX) before the token goes in.
+        text_subject = shorten(readable(message.header("Subject") or ""), SUBJECT_MAX)
         return AgentMail(
             message=message,
             login=login,
@@ -183,7 +186,9 @@ def find_ticket(mail: AgentMail, parts: Parts) -> Found | None:
     for box in boxes:
         # An agent of the mailbox may use any of its tickets' tokens: the login is the proof, not the sender.
         numbers = subject.numbers_for(mail.info, box.tag)
-        lookup = store.lookup(box.address, mail.refs, numbers, [])
+        # A reference to a Message-ID two senders used counts for the ticket of the customers written to.
+        customers = [x.strip("<>").lower() for x in mail.external]
+        lookup = store.lookup(box.address, mail.refs, numbers, customers)
         ticket = lookup.by_reference or next((c.ticket for c in lookup.by_token), None)
         if ticket is not None:
             return Found(box, ticket)

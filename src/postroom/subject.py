@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
 # Reply prefixes of the mail clients our users' customers use: English, German (AW), Scandinavian (SV),
@@ -46,7 +47,8 @@ def decode(raw: str) -> str:
     """Decode RFC 2047 words; undecodable input comes back as it was, with control characters flattened."""
     try:
         text = str(make_header(decode_header(raw)))
-    except (ValueError, LookupError, UnicodeError, AssertionError):
+    except (ValueError, LookupError, UnicodeError, AssertionError, HeaderParseError):
+        # A broken encoded word (bad base64, say): the header as it came, still readable and still tokenable.
         text = raw
     return one_line(text)
 

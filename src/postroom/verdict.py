@@ -35,10 +35,12 @@ class AddHeader:
 
 @dataclass(frozen=True)
 class SetHeader:
-    """Replace the first occurrence of ``name`` (or add it when absent) and delete any further ones."""
+    """Replace the first occurrence of ``name`` (or add it when absent) and delete any further ones, unless
+    ``first_only``: a customer's second Subject line is theirs to keep, only the first carries our token."""
 
     name: str
     value: str
+    first_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,12 @@ def apply_to_headers(headers: list[tuple[str, str]], edits: tuple[Edit, ...] | l
                     out.insert(0, (name, value))
                 else:
                     out.append((name, value))
-            case SetHeader(name, value):
+            case SetHeader(name, value, first_only):
                 lname = name.lower()
                 idx = [i for i, (k, _) in enumerate(out) if k.lower() == lname]
                 if idx:
                     out[idx[0]] = (out[idx[0]][0], value)
-                    for i in reversed(idx[1:]):
+                    for i in [] if first_only else reversed(idx[1:]):
                         del out[i]
                 else:
                     out.append((name, value))

@@ -55,7 +55,8 @@ local function added_headers(conn)
 			if v == nil then
 				break
 			end
-			table.insert(lines, string.format("  added %s: %s", name, v))
+			-- A long value comes folded ("\n" and white space, as libmilter takes it): one line here.
+			table.insert(lines, string.format("  added %s: %s", name, (v:gsub("\r?\n[ \t]+", " "))))
 			n = n + 1
 		end
 	end

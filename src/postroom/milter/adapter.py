@@ -22,8 +22,10 @@ import milter
 from postroom import log as plog
 from postroom import metrics
 from postroom.body import Body
+from postroom.bounce import might_be_report
 from postroom.config import Config
 from postroom.milter.worker import Handled, LocalPipeline, skipped_body
+from postroom.mime import fold
 from postroom.pipeline import STATUS_HEADER, Message
 from postroom.rules import Ruleset
 from postroom.runtime import Runtime  # shared with the after-queue filter
@@ -101,6 +103,7 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         self.spool.close()
         self.spool = Body()
         self.body_skipped = False
+        self.keeps_body: bool | None = None  # decided at the first body chunk
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -131,7 +134,13 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
     def body(self, chunk: bytes) -> int:
         # Customer mail needs its body only for rules that read it; agents' mail always (commands, DKIM).  Not
         # @noreply: the first chunk of a body nobody reads answers SKIP, and Postfix sends no more of it.
-        if not (self.auth_login or self.pipeline.rules.reads_body):
+        if self.keeps_body is None:
+            # A delivery report's body names the mail it reports on (postroom.bounce): kept for every mail that
+            # may be one.
+            self.keeps_body = bool(
+                self.auth_login or self.pipeline.rules.reads_body or might_be_report(self.mail_from, self.headers)
+            )
+        if not self.keeps_body:
             self.body_skipped = True
             return Milter.SKIP if self._protocol & Milter.P_SKIP else Milter.CONTINUE  # type: ignore[no-any-return]
         self.spool.append(chunk)
@@ -211,9 +220,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
         for edit in edits:
             match edit:
                 case AddHeader(name, value, top):
-                    self.addheader(name, value, 0 if top else -1)
-                case SetHeader(name, value):
-                    self._set_header(name, value, counts)
+                    self.addheader(name, _folded(name, value), 0 if top else -1)
+                case SetHeader(name, value, first_only):
+                    self._set_header(name, _folded(name, value), counts, first_only=first_only)
                 case RemoveHeader(name):
                     self._remove_header(name, counts)
                 case AddRecipient(address):
@@ -226,16 +235,16 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
                     self.replacebody(body)
         return Milter.ACCEPT  # type: ignore[no-any-return]
 
-    def _set_header(self, name: str, value: str, counts: Counter[str]) -> None:
+    def _set_header(self, name: str, value: str, counts: Counter[str], *, first_only: bool) -> None:
         n = counts.get(name.lower(), 0)
         # Delete surplus copies from the bottom up so the indexes still point at the originals.
-        for idx in range(n, 1, -1):
+        for idx in range(1 if first_only else n, 1, -1):
             self.chgheader(name, idx, "")
         if n:
             self.chgheader(name, 1, value)
         else:
             self.addheader(name, value)
-        counts[name.lower()] = 1
+        counts[name.lower()] = n if first_only and n else 1
 
     def _remove_header(self, name: str, counts: Counter[str]) -> None:
         for idx in range(counts.get(name.lower(), 0), 0, -1):
@@ -248,6 +257,12 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
 
     def close(self) -> int:
         return Milter.CONTINUE  # type: ignore[no-any-return]
+
+
+def _folded(name: str, value: str) -> str:
+    """Our one-line value folded for libmilter: a multi-line value is "\\n" plus white space (Postfix writes the
+    CR), so no line of a long subject comes near the 998 bytes at which Postfix would break an encoded word."""
+    return fold(name, value, "\n")
 
 
 def make_factory(pipeline: Pipeline | Runtime) -> tuple[type[PostroomMilter], _Holder]:

@@ -19,8 +19,10 @@ stream for loads and connection hand-overs, and each mail names the config gener
 always has that generation before it runs the mail.  A worker started again after a crash runs what the others
 run, even if the files have been broken since.
 
-Failures: a worker that dies, or does not answer within the reply timeout, fails the mails in flight on it (the
-adapter applies [milter] on_error: degraded delivery or tempfail, never a loss) and is started again.  A worker
+Failures: a worker that dies, or does not answer within the reply timeout of the mail it is working on, fails that
+mail (the adapter applies [milter] on_error: degraded delivery or tempfail, never a loss) and is started again.
+The mails queued behind it were not started (a worker says so on a mail's connection when it starts it): they go
+to another worker or to the replacement, as do mails that arrive while no worker runs.  A worker
 ignores SIGHUP, SIGTERM and SIGINT (systemd and a terminal send them to every process of the service) and stops
 when its control channel closes: after the milter process has finished the mails in flight.
 """
@@ -28,6 +30,8 @@ when its control channel closes: after the milter process has finished the mails
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -84,6 +88,16 @@ REPLY_SECONDS = 60.0
 # How long a new worker may take to start (imports, database, Redis) before the milter stops waiting for it.
 START_SECONDS = 60.0
 _READY = b"R"
+# A worker writes this byte on a mail's connection when it starts that mail: a mail whose worker died before the
+# byte came was never started (it waited behind another mail) and goes to the next or a replacement worker.
+_STARTED = b"S"
+# How long a mail may wait for a worker to start it (behind a slow mail, or while a dead worker is replaced), on
+# top of REPLY_SECONDS once started: together well below Postfix's milter_content_timeout (300 s).
+QUEUE_SECONDS = 180.0
+# How long a mail waits for a worker while none runs (one is being replaced: that takes a second or two), and how
+# often a mail not yet started is handed on to another worker before it gets the failure policy.
+REPLACE_SECONDS = 15.0
+HAND_ONS = 3
 # How long a worker waits for the rest of a frame once its first byte arrived.
 _FRAME_SECONDS = 30.0
 
@@ -113,6 +127,10 @@ def _with_body_file(request: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]
     return (*request[:4], Body.from_file(os.fdopen(fds[0], "rb"), body.size), *request[5:])
 
 
+class _NotStarted(Exception):
+    """The worker ended before it started this mail: another worker may take it."""
+
+
 def skipped_body() -> bytes:
     raise RuntimeError("the body of this mail was skipped: nothing was to read it (Ruleset.reads_body)")
 
@@ -134,6 +152,7 @@ class Handled:
     logged: bool  # the pipeline logged a line for every ticket it recorded; the adapter does not repeat them
     outgoing: list[OutgoingMail] = field(default_factory=list)  # in-process: auto-replies to send once accepted
     pending: int = 0  # in a worker: the id its auto-replies wait under; 0 when there are none
+    worker: int = 0  # the pid of the worker that holds them
 
 
 @dataclass(frozen=True)
@@ -211,9 +230,9 @@ def _recv_request(conn: socket.socket) -> tuple[Any, list[int]]:
         raise
 
 
-def _recv_reply(conn: socket.socket) -> Any:
+def _recv_reply(conn: socket.socket, data: bytes = b"") -> Any:
     """The one frame that answers a request: usually a single read (a verdict is far below 64 KiB)."""
-    data = conn.recv(65536)
+    data = data or conn.recv(65536)
     if len(data) < _LENGTH.size:
         if not data:
             raise EOFError("the worker closed the connection")
@@ -351,6 +370,9 @@ def serve_worker(runtime: Runtime, channel: socket.socket, generation: int = 0) 
                 continue
             if request[0] == "process":
                 control.catch_up(request[1])
+                # A milter thread that gave up on the mail is found out by the answer below.
+                with contextlib.suppress(OSError):
+                    conn.sendall(_STARTED)
             try:
                 request = _with_body_file(request, fds)
             except WorkerError as exc:
@@ -445,6 +467,8 @@ class _Process:
         self.lock = threading.Lock()  # one message at a time on the channel; guards the flag below
         self.alive = True
         self.configured = False  # its Bundle is written: loads may follow it on the channel
+        # When it last started or answered a mail; a worker still starting (imports, database) is not stuck.
+        self.progress = time.monotonic() + START_SECONDS
 
     def __str__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid})"
@@ -461,6 +485,7 @@ class _Process:
             ready = self.channel.recv(1) == _READY
         except OSError:  # also: the pool closed the channel meanwhile (the milter is stopping)
             ready = False
+        self.progress = time.monotonic()
         if not ready:
             log.error("%s did not start", self)
 
@@ -491,12 +516,22 @@ class _Process:
 class WorkerPool:
     """The worker processes of one milter, their supervision and the pooled connections to them."""
 
-    def __init__(self, command: Sequence[str], count: int, reply_timeout: float, loaded: Loaded) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        count: int,
+        reply_timeout: float,
+        loaded: Loaded,
+        *,
+        replace_wait: float = REPLACE_SECONDS,
+    ) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self._command = list(command)
         self._timeout = reply_timeout
+        self._replace_wait = replace_wait
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a worker was started
         self._bundle = Bundle(loaded, loaded)
         self._idle: list[tuple[_Process, socket.socket]] = []
         self._turn = itertools.count()
@@ -527,6 +562,7 @@ class WorkerPool:
                 else:
                     self._processes[index] = process
                 bundle = self._bundle
+                self._changed.notify_all()
             try:
                 process.configure(bundle)
             except OSError as exc:  # it died at once: its supervisor starts the next one
@@ -568,40 +604,106 @@ class WorkerPool:
             return new
         return None
 
-    def call(self, request: tuple[Any, ...], *, reply: bool = True, fds: Sequence[int] = ()) -> Any:
-        process, conn = self._checkout()
-        try:
-            _send(conn, request, fds)
-            answer = _recv_reply(conn) if reply else None
-        except BlockingIOError as exc:
-            conn.close()
-            log.error("%s gave no answer in %g s; killing it", process, self._timeout)
-            process.proc.kill()
-            raise WorkerError(f"{process}: no answer in {self._timeout:g} s") from exc
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            conn.close()
-            raise WorkerError(f"{process}: {exc}") from exc
-        with self._lock:
-            self._idle.append((process, conn))
-        if isinstance(answer, WorkerError):
-            raise answer
-        return answer
+    def call(self, request: tuple[Any, ...], *, reply: bool = True, pid: int = 0, fds: Sequence[int] = ()) -> Any:
+        """Send a request (to worker ``pid``, or any) and return the answer; raises WorkerError when none comes."""
+        return self.call_worker(request, reply=reply, pid=pid, fds=fds)[1]
 
-    def _checkout(self) -> tuple[_Process, socket.socket]:
+    def call_worker(
+        self, request: tuple[Any, ...], *, reply: bool = True, pid: int = 0, fds: Sequence[int] = ()
+    ) -> tuple[int, Any]:
+        """:meth:`call`, also naming the pid of the worker that answered.  ``fds`` go with the request (a spooled
+        body's file), again with each hand-on."""
+        deadline = time.monotonic() + QUEUE_SECONDS
+        for hand_on in itertools.count():
+            process, conn = self._checkout(deadline, pid)
+            try:
+                if conn is None:
+                    raise _NotStarted("it could not take a connection")
+                try:
+                    _send(conn, request, fds)
+                    answer = self._answer(process, conn, deadline) if reply else None
+                except BaseException:
+                    conn.close()
+                    raise
+                with self._lock:
+                    self._idle.append((process, conn))
+                if isinstance(answer, WorkerError):
+                    raise answer
+                return process.proc.pid, answer
+            except _NotStarted as exc:
+                if pid or hand_on >= HAND_ONS or time.monotonic() > deadline:
+                    raise WorkerError(f"{process}: {exc}") from None
+                # It died, or was killed for another mail, before it started this one: the next worker takes it.
+                log.warning("%s ended before it started a mail (%s); handing the mail on", process, exc)
+                time.sleep(0.05)  # the supervisor marks it dead and starts a new one
+            except BlockingIOError as exc:
+                log.error("%s gave no answer in %g s; killing it", process, self._timeout)
+                process.alive = False
+                process.proc.kill()
+                raise WorkerError(f"{process}: no answer in {self._timeout:g} s") from exc
+            except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                raise WorkerError(f"{process}: {exc}") from exc
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _answer(self, process: _Process, conn: socket.socket, deadline: float) -> Any:
+        """The worker's answer to the mail just sent; _NotStarted when the worker ended before it started it.
+
+        Before the start byte, a read timeout only means the worker is busy with an earlier mail, whose own thread
+        kills it if it hangs: this mail waits on (up to ``deadline``).  After it, the reply timeout is this mail's.
+        """
+        while True:
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                if not process.alive or time.monotonic() > deadline:
+                    raise _NotStarted("no worker started it in time") from None
+                if time.monotonic() - process.progress > self._timeout:
+                    # Neither started nor answered a mail for a whole reply timeout, with this one waiting: stuck
+                    # outside any mail (a mail it is stuck in is killed by its own thread at the same time).
+                    log.error("%s made no progress in %g s with mail waiting; killing it", process, self._timeout)
+                    process.alive = False
+                    process.proc.kill()
+                    raise _NotStarted("killed: it made no progress") from None
+                continue
+            except OSError as exc:
+                raise _NotStarted(str(exc)) from None
+            if not data:
+                raise _NotStarted("the worker closed the connection")
+            process.progress = time.monotonic()
+            if data[:1] != _STARTED:
+                return _recv_reply(conn, data)  # an answer to a request that is no mail
+            answer = _recv_reply(conn, data[1:])
+            process.progress = time.monotonic()
+            return answer
+
+    def _checkout(self, deadline: float, pid: int = 0) -> tuple[_Process, socket.socket | None]:
+        """A connection to a live worker (to ``pid`` if given); while none runs, wait a little for its replacement."""
+        deadline = min(deadline, time.monotonic() + self._replace_wait)
         with self._lock:
-            while self._idle:
-                process, conn = self._idle.pop()
-                if process.alive:
-                    return process, conn
-                conn.close()
-            live = [p for p in self._processes if p.alive]
+            while True:
+                for i in range(len(self._idle) - 1, -1, -1):
+                    process, conn = self._idle[i]
+                    if not process.alive:
+                        del self._idle[i]
+                        conn.close()
+                    elif not pid or process.proc.pid == pid:
+                        del self._idle[i]
+                        return process, conn
+                live = [p for p in self._processes if p.alive and (not pid or p.proc.pid == pid)]
+                if live or pid:
+                    break
+                if self._stopping.is_set() or not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise WorkerError("no worker process is running")
         if not live:
-            raise WorkerError("no worker process is running")
+            raise WorkerError(f"worker pid {pid} is gone")
         process = live[next(self._turn) % len(live)]
         try:
             return process, process.connect(self._timeout)
         except OSError as exc:
-            raise WorkerError(f"{process}: {exc}") from exc
+            # It is dying (the supervisor has not seen it yet): nothing was handed over, the caller may go on.
+            log.warning("%s could not take a connection: %s", process, exc)
+            process.alive = False
+            return process, None
 
     def reload(self, loaded: Loaded) -> int:
         """Send every worker the new config; returns its generation, which the mails that use it name.
@@ -658,12 +760,14 @@ class RemotePipeline:
         elif message.body is not skipped_body:
             body = message.body()
         request = ("process", self.generation, message.envelope, message.headers, body, now)
-        handled: Handled = self.pool.call(request, fds=fds)
-        return handled
+        pid, answer = self.pool.call_worker(request, fds=fds)
+        handled: Handled = answer
+        return dataclasses.replace(handled, worker=pid) if handled.pending else handled
 
     def accepted(self, handled: Handled) -> None:
         if handled.pending:
-            self.pool.call(("accepted", handled.pending), reply=False)
+            # The auto-replies wait in the worker that made them, under an id only it knows.
+            self.pool.call(("accepted", handled.pending), reply=False, pid=handled.worker)
 
 
 def worker_command(config_path: Path) -> list[str]:

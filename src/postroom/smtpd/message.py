@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postroom.mime import fold
+
 # RFC 5322 field names: printable ASCII except the colon.
 _FIELD = re.compile(rb"^([!-9;-~]+):")
 _AUTH_LINE = re.compile(r"^\t\(Authenticated sender: (.+)\)$")
@@ -30,8 +32,6 @@ _BY_LINE = re.compile(r"^\tby \S+ \(.*\) with (\S+) id ([0-9A-Za-z]+);?(?: .*)?$
 _CLIENT = re.compile(r"\[([^\[\]]+)\]\)$")
 _CLAIM_LINE = re.compile(r"\r?\n[ \t]+\(Authenticated sender:[^()\r\n]*\)(?=\r?\n|$)")
 _CLAIM = re.compile(r"\(Authenticated sender:[^()\r\n]*\)")
-# Lines we write ourselves are folded near here (RFC 5322's "SHOULD" length); Postfix's own are left as they are.
-_FOLD_AT = 78
 
 
 @dataclass
@@ -125,26 +125,6 @@ def without_login_claims(headers: list[tuple[str, str]]) -> list[tuple[str, str]
 def _one_line(value: str) -> str:
     # A value we did not receive must not start a new header line, whatever it holds.
     return re.sub(r"\r\n|\r|\n", " ", value)
-
-
-def fold(name: str, value: str) -> str:
-    """Fold a one-line value at its white space so lines stay near 78 characters; a long word stays whole."""
-    out: list[str] = []
-    length = len(name) + 2
-    has_word = False
-    for token in re.findall(r"[ \t]+|[^ \t]+", value):
-        if token[0] in " \t":
-            out.append(token)
-            length += len(token)
-            continue
-        if has_word and out[-1][0] in " \t" and length + len(token) > _FOLD_AT:
-            # RFC 5322 folding: a CRLF inserted before the white space, which unfolding removes again.
-            length = len(out[-1])
-            out[-1] = "\r\n" + out[-1]
-        out.append(token)
-        length += len(token)
-        has_word = True
-    return "".join(out)
 
 
 def render(headers: list[tuple[str, str]], body: bytes, received: list[tuple[str, str]]) -> bytes:

@@ -29,6 +29,12 @@ def message_key(prefix: str, mailbox: str, message_id: str) -> str:
     return f"{key_base(prefix, mailbox)}m:{message_id}"
 
 
+def disputed_key(prefix: str, mailbox: str, message_id: str) -> str:
+    """Exists while a Message-ID is claimed by the mails of two tickets' different senders (the index keeps the
+    first): a reference to it threads only the people of the ticket the index names."""
+    return f"{key_base(prefix, mailbox)}d:{message_id}"
+
+
 def counter_key(prefix: str, mailbox: str) -> str:
     """The mailbox's ticket counter (INCR gives the next number)."""
     return f"{key_base(prefix, mailbox)}seq"

@@ -21,6 +21,7 @@ class MemoryStore:
         self.ticket_map: dict[tuple[str, int], Ticket] = {}
         self.participants: dict[tuple[str, int], set[str]] = {}
         self.index: dict[tuple[str, str], int] = {}
+        self.disputed: set[tuple[str, str]] = set()
         self.seq: dict[str, int] = {}
         self.down = False
         self.absent: set[tuple[str, str]] = set()
@@ -34,9 +35,12 @@ class MemoryStore:
         found = Lookup()
         for mid in reversed(message_ids):
             n = self.index.get((mailbox, mid))
-            if n:
-                found.by_reference = self.ticket_map[(mailbox, n)]
-                break
+            if not n:
+                continue
+            if (mailbox, mid) in self.disputed and not self.participants[(mailbox, n)] & set(senders):
+                continue  # someone else's Message-ID too: only its ticket's own people follow it
+            found.by_reference = self.ticket_map[(mailbox, n)]
+            break
         for n in numbers:
             t = self.ticket_map.get((mailbox, n))
             if t:
@@ -60,17 +64,26 @@ class MemoryStore:
         self.ticket_map[(mailbox, n)] = t
         self.participants[(mailbox, n)] = set(new.participants)
         for mid in new.message_ids:
-            self.index[(mailbox, mid)] = n
+            self._index(mailbox, mid, n, new.participants)
         return t
+
+    def _index(self, mailbox: str, mid: str, number: int, senders: Iterable[str]) -> None:
+        # As the store's scripts: the first ticket keeps an ID; a stranger's reuse marks it disputed.
+        current = self.index.get((mailbox, mid))
+        if current is None or current == number:
+            self.index[(mailbox, mid)] = number
+        elif not self.participants[(mailbox, current)] & set(senders):
+            self.disputed.add((mailbox, mid))
 
     def touch(
         self, mailbox: str, number: int, message_ids: Iterable[str], participants: Iterable[str], now: float
     ) -> Ticket:
         self._check()
         t = self.ticket_map[(mailbox, number)] = replace(self.ticket_map[(mailbox, number)], updated=now)
-        self.participants[(mailbox, number)].update(participants)
+        senders = list(participants)
+        self.participants[(mailbox, number)].update(senders)
         for mid in message_ids:
-            self.index[(mailbox, mid)] = number
+            self._index(mailbox, mid, number, senders)
         return t
 
     def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket:

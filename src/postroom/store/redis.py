@@ -232,30 +232,41 @@ class RedisStore:
         pipe = node.pipeline(transaction=False)
         if message_ids:
             pipe.mget([self.message_key(mailbox, m) for m in message_ids])
+            pipe.mget([keyspace.disputed_key(self._prefix, mailbox, m) for m in message_ids])
         for n in numbers:
             pipe.hgetall(self.ticket_key(mailbox, n))
             pipe.smismember(self.participants_key(mailbox, n), senders or [""])
         results = pipe.execute()
         found = Lookup()
         pos = 0
-        ref_number = 0
+        candidates: list[tuple[int, bool]] = []
         if message_ids:
-            # The newest reference is the most specific one: a reply to a forwarded split names the new ticket.
-            for value in reversed(results[0]):
-                if value:
-                    ref_number = int(value)
-                    break
-            pos = 1
+            candidates = reference_candidates(results[0], results[1])
+            pos = 2
         for n in numbers:
             h, known = results[pos], results[pos + 1]
             pos += 2
             if h:
                 found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), any(known)))
-        if ref_number:
-            h = cast(dict[str, str], node.hgetall(self.ticket_key(mailbox, ref_number)))
-            if h:
-                found.by_reference = ticket_from_hash(mailbox, ref_number, h)
+        if candidates:
+            found.by_reference = self._referenced(mailbox, candidates, senders)
         return found
+
+    def _referenced(self, mailbox: str, candidates: list[tuple[int, bool]], senders: list[str]) -> Ticket | None:
+        """The ticket of the newest reference this mail may follow: an undisputed one, or a disputed one whose
+        ticket a sender of this mail takes part in."""
+        pipe = self._at(mailbox).pipeline(transaction=False)
+        for number, disputed in candidates:
+            pipe.hgetall(self.ticket_key(mailbox, number))
+            if disputed:
+                pipe.smismember(self.participants_key(mailbox, number), senders or [""])
+        results = iter(pipe.execute())
+        for number, disputed in candidates:
+            h = cast(dict[str, str], next(results))
+            allowed = any(next(results)) if disputed else True
+            if h and allowed:
+                return ticket_from_hash(mailbox, number, h)
+        return None
 
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
         return self._open_ticket(mailbox, new, "", now)[0]
@@ -303,7 +314,7 @@ class RedisStore:
     ) -> Ticket:
         parts = list(participants)
         ids = list(message_ids)
-        args: list[str | int] = [self._ttl, repr(now), len(parts), *parts, number]
+        args: list[str | int] = [self._ttl, repr(now), len(parts), *parts, number, self.base(mailbox), *ids]
         keys = [self.ticket_key(mailbox, number), self.participants_key(mailbox, number)]
         keys += [self.message_key(mailbox, m) for m in ids]
         try:
@@ -438,6 +449,18 @@ class RedisStore:
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return ticket_from_hash(mailbox, number, h) if h else None
+
+
+def reference_candidates(numbers: Sequence[str | None], disputed: Sequence[str | None]) -> list[tuple[int, bool]]:
+    """(ticket, disputed) for the indexed references, newest first, up to the first undisputed one: the newest
+    reference is the most specific one (a reply to a forwarded split names the new ticket)."""
+    out: list[tuple[int, bool]] = []
+    for value, mark in zip(reversed(numbers), reversed(disputed), strict=True):
+        if value:
+            out.append((int(value), bool(mark)))
+            if not mark:
+                break
+    return out
 
 
 def now() -> float:

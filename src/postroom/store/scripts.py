@@ -37,6 +37,25 @@ def with_owner_index(script: str) -> str:
     return OWNER_INDEX + script
 
 
+# Indexes one Message-ID to ticket n: the first ticket to hold an ID keeps it.  A later ticket naming the same ID
+# (a stranger reusing it, on purpose or through a broken mailer) leaves the index as it is and, unless one of its
+# senders takes part in the first ticket, marks the ID disputed (d:<id>): a reference to a disputed ID threads
+# only a mail whose sender takes part in the ticket it names (RedisStore.lookup).
+_INDEX = """
+local function index(base, id, n, parts, ttl)
+  local mkey = base .. 'm:' .. id
+  local cur = redis.call('GET', mkey)
+  if cur and cur ~= tostring(n) and redis.call('EXISTS', base .. 't:' .. cur) == 1 then
+    for _, p in ipairs(parts) do
+      if redis.call('SISMEMBER', base .. 'p:' .. cur, p) == 1 then return end
+    end
+    redis.call('SET', base .. 'd:' .. id, '1', 'EX', ttl)
+    return
+  end
+  redis.call('SET', mkey, n, 'EX', ttl)
+end
+"""
+
 # Opens a ticket: number from the mailbox counter, hash, participants and Message-ID index in one step.
 # The ticket's keys depend on the number INCR returns, so they cannot be declared in KEYS; they share the
 # counter's hash tag and so its cluster slot, which is what Redis Cluster needs for the script to run there.
@@ -44,7 +63,10 @@ def with_owner_index(script: str) -> str:
 # senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
 # twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
 # second ticket; checked inside the script, so two copies arriving at once still open one ticket.
-OPEN = """#!lua
+OPEN = (
+    "#!lua\n"
+    + _INDEX
+    + """
 local base = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local seen_id = ARGV[3]
@@ -74,24 +96,33 @@ local pkey = base .. 'p:' .. n
 redis.call('HSET', tkey, unpack(fields))
 for _, p in ipairs(parts) do redis.call('SADD', pkey, p) end
 local nids = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nids do redis.call('SET', base .. 'm:' .. ARGV[i], n, 'EX', ttl); i = i + 1 end
+for _ = 1, nids do index(base, ARGV[i], n, parts, ttl); i = i + 1 end
 local opened = redis.call('HMGET', tkey, 'owner', 'state')
 reindex(base, n, '', '', opened[1] or '', opened[2] or '')
 return {n}
 """
+)
 
-# Records a follow-up: index its Message-IDs, add participants, bump the time, return the current hash.
-TOUCH = """#!lua
+# Records a follow-up: index its Message-IDs (KEYS[3..] are their index keys, named again in ARGV after the base),
+# add participants, bump the time, return the current hash.
+TOUCH = (
+    "#!lua\n"
+    + _INDEX
+    + """
 local ttl = tonumber(ARGV[1])
 local now = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'updated', now)
 local nparts = tonumber(ARGV[3])
 local i = 4
-for _ = 1, nparts do redis.call('SADD', KEYS[2], ARGV[i]); i = i + 1 end
-for k = 3, #KEYS do redis.call('SET', KEYS[k], ARGV[i], 'EX', ttl) end
+local parts = {}
+for _ = 1, nparts do redis.call('SADD', KEYS[2], ARGV[i]); table.insert(parts, ARGV[i]); i = i + 1 end
+local n = ARGV[i]
+local base = ARGV[i + 1]
+for k = 3, #KEYS do index(base, ARGV[i + k - 1], n, parts, ttl) end
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 # Sets the owner only of a ticket that exists, so a typo in a number cannot create a half ticket.
 ASSIGN = """#!lua
