@@ -13,6 +13,10 @@ meier answers every one of them through the submission port (AUTH PLAIN, one rep
 ``--sessions`` connections at a time), each reply an answer to its ticket (In-Reply-To/References of the
 customer's mail, the subject token).  The empty milter accepts the replies unchanged; OpenDKIM (Debian's opendkim,
 ``Mode s``, relaxed/relaxed) signs them for example.test with the example config's 2048-bit key, as postroom does.
+postroom also puts a copy of each reply into the owner's folder of the shared mailbox (support+Meier, the example
+config's ``copy_replies``); so that Postfix and Dovecot do the same work in every configuration, the empty and the
+OpenDKIM runs get that same copy from Postfix (``sender_bcc_maps`` keyed by meier's envelope sender).  Every run
+checks afterwards that the team's folder holds one copy per reply.
 
 A run counts as finished when every reply is in its customer's Maildir and Postfix's queues are empty (postroom's
 copies into the team's folder included); replies/s is measured replies divided by the time from the first
@@ -69,6 +73,11 @@ CONFIG_TITLES = {"empty": "empty milter", "opendkim": "OpenDKIM (signs)", "postr
 BIG = 25_000_000
 AGENT = "meier"  # an agent of the example config's support mailbox
 AGENT_FROM = "Meier <meier@example.test>"
+# Where postroom files the team's copy of meier's replies (copy_replies: the owner's folder of the shared
+# mailbox).  The other configurations get the same copy from Postfix (sender_bcc_maps), so that Postfix and
+# Dovecot do the same work per reply in every configuration: two recipients, two LMTP deliveries.
+TEAM_COPY = "support+Meier@example.test"
+TEAM_FOLDER = ".Meier"  # Dovecot's Maildir++ folder for support+Meier (lmtp_save_to_detail_mailbox)
 CUSTOMER_DOMAIN = "customer.test"
 _POLL = 0.005
 
@@ -137,6 +146,22 @@ def maildir_count(stack: Stack, address: str) -> int:
         return len(os.listdir(stack.dovecot.mail_dir / address / "Maildir" / "new"))
     except FileNotFoundError:
         return 0
+
+
+def team_copies(stack: Stack) -> int:
+    try:
+        return len(os.listdir(stack.dovecot.mail_dir / RECIPIENT / "Maildir" / TEAM_FOLDER / "new"))
+    except FileNotFoundError:
+        return 0
+
+
+def postfix_settings(config: str, size: int) -> dict[str, str]:
+    """main.cf for a run: room for the reply; without postroom, the team's copy added by Postfix itself."""
+    settings = {"message_size_limit": str(max(2 * size, 10_240_000))}
+    if config != "postroom":
+        # Keyed by the envelope sender: the customers' mails (other senders) get no copy, as with postroom.
+        settings["sender_bcc_maps"] = f"inline:{{ {AGENT}@example.test={TEAM_COPY} }}"
+    return settings
 
 
 def wait_delivered(stack: Stack, addresses: Sequence[str], expect_total: int, timeout: float) -> None:
@@ -224,11 +249,16 @@ def run_one(config: str, size: int, args: argparse.Namespace, *, replies: int, w
     addresses = sorted({customer(i, customers) for i in range(total)})
     users = [MailUser(RECIPIENT), MailUser("meier@example.test"), *(MailUser(a) for a in addresses)]
     timeout = 120 + total * (0.05 + 0.2 * warmup_size / 204800) + replies * 0.2 * size / 204800
-    limit = {"message_size_limit": str(max(2 * size, 10_240_000))}
     login = Login(AGENT)
     with (
         clean_up(),
-        Stack(users=users, logins=[login], milter="auto", milter_default_action="tempfail", main_cf=limit) as stack,
+        Stack(
+            users=users,
+            logins=[login],
+            milter="auto",
+            milter_default_action="tempfail",
+            main_cf=postfix_settings(config, size),
+        ) as stack,
         milter_for(config, stack) as milter,
     ):
         send_all(stack.postfix.smtp_port, questions, sessions, None)
@@ -255,6 +285,8 @@ def run_one(config: str, size: int, args: argparse.Namespace, *, replies: int, w
             run.notes += check_postroom(stack, cfg, numbers)
         if config != "empty":
             run.notes += check_reply(stack, addresses[0], rewritten=cfg is not None)
+        if (copies := team_copies(stack)) != total:
+            run.notes.append(f"{copies} team copies in support's {TEAM_FOLDER} folder, expected {total}")
         run.notes += deferred_notes(stack)
         milter.expect_accepted = 2 * total  # the customers' mails and the replies
     return run
@@ -322,8 +354,10 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
     print(
         "          Each reply answers its own ticket (In-Reply-To/References, [Support #n]): postroom claims the\n"
         "          ticket its sender owns, rewrites From/Reply-To/envelope sender/Subject, adds the team's copy\n"
-        "          (support+Meier@) and DKIM-signs with the example key; OpenDKIM signs with the same key; the\n"
-        "          empty milter accepts the reply unchanged."
+        f"          ({TEAM_COPY}) and DKIM-signs with the example key; OpenDKIM signs with the same key; the\n"
+        "          empty milter accepts the reply unchanged. Without postroom, Postfix adds the same team copy\n"
+        f"          (sender_bcc_maps: {AGENT}@example.test -> {TEAM_COPY}), so every configuration delivers each\n"
+        "          reply twice (customer + team folder, checked after each run)."
     )
     print(
         "setup:    a fresh testbed stack per run (Postfix MX + SASL submission -> LMTP -> Dovecot Maildir, private\n"

@@ -20,6 +20,7 @@ from postroom.admin.common import (
     daemon_runtime,
     load_bundle_or_exit,
     load_or_exit,
+    migrate_apart,
     reload_bundle,
     reload_runtime,
 )
@@ -86,7 +87,7 @@ def milter_command(config_path: Path) -> None:
         return
     loaded = load_bundle_or_exit(config_path)
     if loaded.config.database.auto_migrate:
-        migrate(loaded.config.database.url)  # once, before the workers open the database
+        migrate_apart(loaded.config.database.url)  # once, before the workers open the database
     log.info(
         "postroom %s milter starting with %s and %d worker processes", __version__, config_path, config.milter.workers
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -86,6 +88,36 @@ def load_bundle_or_exit(path: Path, environ: Mapping[str, str] | None = None) ->
         raise fail(str(exc)) from None
 
 
+def migrate_apart(url: str) -> None:
+    """``migrate(url)`` in a forked child process: a daemon that migrates a new or old schema at start would
+    otherwise keep Alembic and Mako (~16 MiB) in memory for as long as it runs.  The child's exception, if any,
+    is raised here as if the migration had run in this process."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: migrate, report, and leave without running the parent's clean-ups
+        os.close(read_end)
+        status = 0
+        try:
+            migrate(url)
+        except BaseException as exc:  # noqa: BLE001 -- every failure goes to the parent, which raises it
+            status = 1
+            with os.fdopen(write_end, "wb") as out:
+                try:
+                    out.write(pickle.dumps(exc))
+                except Exception:  # noqa: BLE001 -- an exception that does not pickle still names itself
+                    out.write(pickle.dumps(RuntimeError(f"database migration failed: {exc!r}")))
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if report:
+        raise pickle.loads(report)  # written by our own child process just now
+    if status != 0:
+        raise RuntimeError(f"the database migration process ended with status {status}")
+
+
 @contextlib.contextmanager
 def daemon_runtime(
     config_path: Path,
@@ -107,7 +139,7 @@ def daemon_runtime(
         loaded = load_bundle_or_exit(config_path, environ)
     config = loaded.config
     if migrate_db and config.database.auto_migrate:
-        migrate(config.database.url)
+        migrate_apart(config.database.url)
     history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
     history.start()
     store = redis_store(config)

@@ -12,11 +12,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -25,6 +23,10 @@ from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit, redis_store
 from postroom.config import Config, MailboxConfig
 from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
 from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 ACTOR = "admin"
 STATES = ("new", "open", "pending", "closed")
@@ -101,9 +103,19 @@ def _ticket_json(config: Config, t: Ticket) -> dict[str, Any]:
     }
 
 
+# rich (and the pygments it brings, ~3 MiB) is imported only where a table is printed: the daemons import this
+# module through the command line's group and must not carry it.
 def _console() -> Console:
+    from rich.console import Console  # noqa: PLC0415
+
     # Wide enough that a subject is not wrapped into three lines when the output goes to a pipe or a file.
     return Console(width=160, soft_wrap=False, highlight=False)
+
+
+def _table_type() -> type[Table]:
+    from rich.table import Table  # noqa: PLC0415
+
+    return Table
 
 
 def _service_error(what: str, exc: object) -> SystemExit:
@@ -138,7 +150,7 @@ def list_command(
     if as_json:
         click.echo(json.dumps([_ticket_json(config, t) for t in found], indent=2, ensure_ascii=False))
         return
-    table = Table("Ticket", "State", "Owner", "Priority", "Customer", "Subject", "Updated")
+    table = _table_type()("Ticket", "State", "Owner", "Priority", "Customer", "Subject", "Updated")
     for t in found:
         table.add_row(
             f"{_tag(config, t.mailbox)} #{t.number}",
@@ -237,7 +249,8 @@ def show_command(config_path: Path, number: int, mailbox_name: str | None, as_js
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))
         return
     console = _console()
-    head = Table.grid(padding=(0, 2))
+    table_type = _table_type()
+    head = table_type.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     for label, value in (
@@ -255,11 +268,11 @@ def show_command(config_path: Path, number: int, mailbox_name: str | None, as_js
         if value:
             head.add_row(label, value)
     console.print(head)
-    table = Table("At", "Direction", "From", "Subject", "Queue id", title="Messages")
+    table = table_type("At", "Direction", "From", "Subject", "Queue id", title="Messages")
     for m in messages:
         table.add_row(m["at"], m["direction"], m["from"], m["subject"], m["queue_id"])
     console.print(table)
-    table = Table("At", "Event", "Actor", "Detail", title="Events")
+    table = table_type("At", "Event", "Actor", "Detail", title="Events")
     for e in events:
         table.add_row(e["at"], e["kind"], e["actor"], e["detail"])
     console.print(table)
