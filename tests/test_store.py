@@ -192,11 +192,12 @@ def test_assign_and_list(redis_url: str) -> None:
 
 def _lua_scripts() -> dict[str, str]:
     """Every Lua script of the Redis adapter (ticket store and the rules' state) by name, as it is registered (the
-    owner index's functions go in after the first line); OWNER_INDEX is such a fragment, not a script."""
+    owner index's functions go in after the first line); OWNER_INDEX and _INDEX are fragments that scripts
+    include after their first line, not scripts."""
     return {
         name: scripts.with_owner_index(value)
         for name, value in vars(scripts).items()
-        if isinstance(value, str) and "redis.call(" in value and name != "OWNER_INDEX"
+        if isinstance(value, str) and "redis.call(" in value and name not in ("OWNER_INDEX", "_INDEX")
     }
 
 
