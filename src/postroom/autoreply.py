@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom import subject as subj
-from postroom.config import WEEKDAYS, Config, HoursConfig, parse_opening
+from postroom.config import WEEKDAYS, Config, HoursConfig, MailboxConfig, parse_opening
 from postroom.dkim import Keyring, sign
 from postroom.mailer import OutgoingMail
 from postroom.mime import addresses, encode_header_value, fold, message_id, readable, shorten
@@ -412,6 +412,50 @@ def _fold_signature(value: str) -> str:
     return value.replace("; ", ";\r\n\t")
 
 
+def _template_values(
+    config: Config,
+    box: MailboxConfig,
+    *,
+    ticket: int,
+    original: Sequence[tuple[str, str]],
+    to: str,
+    now: datetime,
+    language: str,
+) -> dict[str, str]:
+    """The ``$names`` an auto-reply template may use."""
+    hours = BusinessHours.from_config(config.hours)
+    # The customer's subject without their token and "AW:"/"Re:" prefixes: the template adds its own "Re:".
+    original_subject = subj.parse(
+        subj.strip_token(readable(next((v for k, v in original if k.lower() == "subject"), "")), box.tag)
+    ).rest
+    return {
+        "ticket": str(ticket),
+        "token": subj.token(box.tag, ticket),
+        "tag": box.tag,
+        # A stranger's subject can be 100 KB: the reply quotes enough of it to be recognised.
+        "subject": shorten(subj.one_line(original_subject)),
+        "mailbox": box.address,
+        "customer": to,
+        "next_opening": format_opening(hours.next_opening(now), language),
+    }
+
+
+def _threading_headers(original: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """In-Reply-To and References of an answer to the mail whose headers are ``original`` (RFC 5322 3.6.4)."""
+    original_id = message_id(next((v for k, v in original if k.lower() == "message-id"), None))
+    references = subj.message_ids(
+        next((v for k, v in original if k.lower() == "references"), None),
+        next((v for k, v in original if k.lower() == "in-reply-to"), None) if not original_id else None,
+        f"<{original_id}>" if original_id else None,
+    )
+    headers: list[tuple[str, str]] = []
+    if original_id:
+        headers.append(("In-Reply-To", f"<{original_id}>"))
+    if references:
+        headers.append(("References", " ".join(f"<{r}>" for r in references)))
+    return headers
+
+
 def build_auto_reply(
     config: Config,
     templates: Templates,
@@ -437,40 +481,17 @@ def build_auto_reply(
     language = choose_language(original, available, config.autoreply.default_language)
     tpl = templates.get(mailbox, template, language)
     assert tpl is not None  # the language was chosen among the available ones
-    hours = BusinessHours.from_config(config.hours)
-    # The customer's subject without their token and "AW:"/"Re:" prefixes: the template adds its own "Re:".
-    original_subject = subj.parse(
-        subj.strip_token(readable(next((v for k, v in original if k.lower() == "subject"), "")), box.tag)
-    ).rest
-    values = {
-        "ticket": str(ticket),
-        "token": subj.token(box.tag, ticket),
-        "tag": box.tag,
-        # A stranger's subject can be 100 KB: the reply quotes enough of it to be recognised.
-        "subject": shorten(subj.one_line(original_subject)),
-        "mailbox": box.address,
-        "customer": to,
-        "next_opening": format_opening(hours.next_opening(now), language),
-    }
+    values = _template_values(config, box, ticket=ticket, original=original, to=to, now=now, language=language)
     subject_text = subj.with_token(tpl.subject.safe_substitute(values), box.tag, ticket)
     body_text = tpl.body.safe_substitute(values)
-    original_id = message_id(next((v for k, v in original if k.lower() == "message-id"), None))
-    references = subj.message_ids(
-        next((v for k, v in original if k.lower() == "references"), None),
-        next((v for k, v in original if k.lower() == "in-reply-to"), None) if not original_id else None,
-        f"<{original_id}>" if original_id else None,
-    )
     headers: list[tuple[str, str]] = [
         ("From", formataddr((box.tag, box.address))),
         ("To", to),
         ("Subject", fold("Subject", encode_header_value(subject_text))),
         ("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=zoneinfo.ZoneInfo("UTC")))),
         ("Message-ID", message_id_value),
+        *_threading_headers(original),
     ]
-    if original_id:
-        headers.append(("In-Reply-To", f"<{original_id}>"))
-    if references:
-        headers.append(("References", " ".join(f"<{r}>" for r in references)))
     if box.reply_to:
         headers.append(("Reply-To", box.reply_to))
     headers += [
