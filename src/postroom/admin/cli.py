@@ -18,11 +18,13 @@ from postroom.admin import dovecot, snippets, tickets
 from postroom.admin.common import (
     CONFIG_OPTION,
     daemon_runtime,
+    fail,
     load_bundle_or_exit,
     load_or_exit,
     reload_bundle,
     reload_runtime,
 )
+from postroom.admin.preflight import plural
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config
@@ -213,11 +215,32 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def config_check(path: Path) -> None:
-    """Validate a config file; print every error with file and key, exit 2 on errors."""
-    config = _load(path)
-    click.echo(f"{path}: OK ({len(config.mailboxes)} mailboxes, {len(config.agents)} agents)")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--connect", is_flag=True, help="Also reach Redis (and report its persistence) and the database.")
+def config_check(path: Path | None, config_path: Path, connect: bool) -> None:
+    """The pre-flight before starting a daemon: load everything `postroom milter` and `postroom smtpd` load.
+
+    The config, its rules_file, auto-reply templates, DKIM key files and canned replies are read and checked
+    against each other (unknown agents, one address twice, a missing file); every mistake is printed in one run
+    as FILE:LINE: key: message, and the exit status is 2 if there is any.  With --connect it also connects to
+    Redis (saying whether it persists with AOF) and to the database (saying whether its schema is current); an
+    unreachable one is an error too.  Nothing is changed or created.  (The form `config check PATH` still works
+    but is deprecated: use --config PATH as every other command does.)
+    """
+    from postroom.admin.preflight import check  # noqa: PLC0415  (only this command reaches out to the services)
+
+    if path is not None:
+        click.echo("postroom: `config check PATH` is deprecated; use `config check --config PATH`", err=True)
+        config_path = path
+    report = check(config_path, connect=connect)
+    for line in report.errors:
+        click.echo(line, err=True)
+    for line in report.warnings:
+        click.echo(f"warning: {line}", err=True)
+    if report.errors:
+        raise fail(f"{config_path}: {plural(len(report.errors), 'error')}")
+    click.echo(f"{config_path}: OK ({'; '.join(report.notes)})")
 
 
 @main.group("dkim")
@@ -266,8 +289,14 @@ def db_group() -> None:
 def db_upgrade(config_path: Path) -> None:
     """Create or migrate the history schema to the newest revision."""
     config = _load(config_path)
-    migrate(config.database.url)
-    click.echo(f"database at {config.database.url.split('@')[-1]} is at the newest revision")
+    before, now = migrate(config.database.url)
+    where = f"database at {config.database.url.split('@')[-1]}"
+    if before is None:
+        click.echo(f"{where}: created the history schema (revision {now})")
+    elif before != now:
+        click.echo(f"{where}: migrated the history schema from revision {before} to {now}")
+    else:
+        click.echo(f"{where}: already at the newest revision {now}; nothing to do")
 
 
 main.add_command(rules_group)

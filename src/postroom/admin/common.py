@@ -46,7 +46,7 @@ def load_or_exit(path: Path) -> Config:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(f"{exc.path}: {problem}", err=True)
+            click.echo(problem, err=True)
         raise SystemExit(EXIT_USAGE) from None
 
 

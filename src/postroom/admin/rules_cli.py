@@ -36,7 +36,7 @@ def _config_or_exit(path: Path) -> Config:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(f"{exc.path}: {problem}", err=True)
+            click.echo(problem, err=True)
         raise SystemExit(2) from None
 
 
