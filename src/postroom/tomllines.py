@@ -84,7 +84,7 @@ class KeyLines:
 
 
 def key_lines(text: str) -> KeyLines:
-    rows = text.splitlines()
+    rows = [row.removesuffix("\r") for row in text.split("\n")]  # TOML counts "\n" only
     found: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
     n = 0

@@ -24,6 +24,8 @@ log = logging.getLogger("postroom")
 
 # Exit status for a mistake of the admin's (bad config, unknown ticket or agent), as click uses for usage errors.
 EXIT_USAGE = 2
+# Exit status when a service (Redis, SQL, a file the system should provide) fails rather than the admin's input.
+EXIT_SERVICE = 1
 
 CONFIG_OPTION = click.option(
     "--config",

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit, redis_store
+from postroom.admin.common import CONFIG_OPTION, EXIT_SERVICE, fail, load_or_exit, redis_store
 from postroom.config import Config, MailboxConfig
 from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
 from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
@@ -29,8 +29,6 @@ from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
 ACTOR = "admin"
 STATES = ("new", "open", "pending", "closed")
 UNASSIGNED = "unassigned"
-# Exit status when a service (Redis, SQL) fails rather than the admin's input.
-EXIT_SERVICE = 1
 
 MAILBOX_OPTION = click.option(
     "--mailbox",
