@@ -233,7 +233,7 @@ def test_key_lines_finds_the_line_of_every_key(doc: dict[str, dict[str, object]]
             if isinstance(value, str) and multiline:
                 lines.append(f'{key} = """')
                 expected[(table, key)] = len(lines)
-                lines += value.replace("\\", "\\\\").replace('"', '\\"').split("\n") + ['"""']
+                lines += [*value.replace("\\", "\\\\").replace('"', '\\"').split("\n"), '"""']
             elif isinstance(value, list):
                 lines.append(f"{key} = [")
                 expected[(table, key)] = len(lines)
@@ -242,5 +242,5 @@ def test_key_lines_finds_the_line_of_every_key(doc: dict[str, dict[str, object]]
                 lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, int) else f"{key} = 0")
                 expected[(table, key)] = len(lines)
     index = key_lines("\n".join(lines) + "\n")
-    for key, line in expected.items():
-        assert index.line(key) == line, (key, "\n".join(lines))
+    for path, line in expected.items():
+        assert index.line(path) == line, (path, "\n".join(lines))
