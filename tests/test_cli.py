@@ -31,7 +31,7 @@ def test_dkim_genkey_writes_a_private_key_and_a_record_that_verifies(tmp_path: P
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path, db_url: str) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(f'[database]\nurl = "{db_url}"\n')
+    config.write_text(f'[database]\nurl = "{db_url}"\n[mailboxes.s]\naddress = "s@example.test"\ntag = "S"\n')
     res = CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)], env={"POSTROOM_DATABASE_URL": db_url})
     assert res.exit_code == 0, res.output
     assert "created the history schema (revision " in res.output

@@ -490,9 +490,12 @@ def parse_config(
     path: str = "<config>",
     environ: Mapping[str, str] | None = None,
     lines: KeyLines | None = None,
+    *,
+    need_mailbox: bool = False,
 ) -> Config:
     """Validate an already-parsed TOML document; ``environ`` overrides apply first.  ``lines`` (from the TOML
-    text) lets every problem name its line; all problems of the document are reported together."""
+    text) lets every problem name its line; all problems of the document are reported together.  A config file
+    must name a mailbox (``need_mailbox``); documents built in code for tests need not."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     from_env = _apply_env(data, os.environ if environ is None else environ)
     found: list[tuple[Loc, str]] = []
@@ -503,6 +506,8 @@ def parse_config(
         for err in exc.errors():
             found.append((err["loc"], "unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
     found += _cross_problems(data)
+    if need_mailbox and not _table(data, "mailboxes"):
+        found.append((("mailboxes",), "no [mailboxes.NAME] table: postroom would handle no mail"))
     if not found:
         assert config is not None
         return config
@@ -540,7 +545,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     name = os.fspath(path)
     data, lines = read_toml(name)
     resolve_paths(data, Path(name).resolve().parent)
-    return parse_config(data, name, environ, lines)
+    return parse_config(data, name, environ, lines, need_mailbox=True)
 
 
 def resolve_paths(data: dict[str, Any], here: Path) -> None:

@@ -105,7 +105,12 @@ def _ts(at: float) -> datetime:
 def _ensure_sqlite_dir(url: str) -> None:
     # SQLite opens the file but will not make its folder; a fresh demo or test dir has none yet.
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # The admin knows this folder as database.url: say so rather than only the errno's text.
+            why = f"cannot create the folder of the SQLite database of database.url ({exc.strerror})"
+            raise OSError(exc.errno, why, exc.filename) from None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:

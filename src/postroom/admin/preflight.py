@@ -96,12 +96,13 @@ def _content(name: str, loaded: Loaded, report: Report) -> None:
     """What loads but cannot work: no mailbox at all, a mailbox nobody works, reply templates that are missing."""
     config = loaded.config
     lines = config_lines(name)
-    if not config.mailboxes:
-        report.errors.append(f"{name}:1: mailboxes: no [mailboxes.NAME] table: postroom would handle no mail")
     for key, box in config.mailboxes.items():
         if not box.agents:
             line = lines.line(("mailboxes", key))
             report.warnings.append(f"{name}:{line}: mailboxes.{key}.agents: empty: nobody can answer its mail")
+    problem = _sqlite_folder(config.database.url)
+    if problem:
+        report.errors.append(f"{name}:{lines.line(('database', 'url'))}: database.url: {problem}")
     templates_dir = Path(config.autoreply.templates_dir)
     if not templates_dir.is_dir():
         line = lines.line(("autoreply", "templates_dir"))
@@ -116,6 +117,21 @@ def _content(name: str, loaded: Loaded, report: Report) -> None:
         f"{plural(templates, 'reply template')}, "
         f"{plural(sum(len(c) for c in loaded.canned.values()), 'canned reply')}"
     )
+
+
+def _sqlite_folder(url: str) -> str:
+    """Why a SQLite database file cannot be created where the URL says ("" if it can)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return ""
+    folder = Path(parsed.database).parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder, so {parsed.database} cannot be created"
+    if not os.access(folder, os.W_OK | os.X_OK) and not Path(parsed.database).exists():
+        return f"{folder} is not writable, so {parsed.database} cannot be created"
+    return ""
 
 
 def redis_persistence(client: redis.Redis) -> tuple[bool, str]:
