@@ -89,8 +89,8 @@ def write_configs(folder: Path, configs: dict[str, str | None]) -> dict[str, Pat
     for n, (name, text) in enumerate(configs.items()):
         path = folder / f"c{n}.toml"
         if text is not None:
-            text = text.replace("{redis}", services["redis"]).replace("{database}", services["database"])
-            path.write_bytes(text.encode("latin-1") if name == "not UTF-8" else text.encode())
+            filled = text.replace("{redis}", services["redis"]).replace("{database}", services["database"])
+            path.write_bytes(filled.encode("latin-1") if name == "not UTF-8" else filled.encode())
         out[name] = path
     return out
 
