@@ -1,6 +1,6 @@
 """The one configuration schema, its TOML loader and the environment overrides.
 
-Every key has a type, a default and a comment in ``docs/examples/postroom.toml``; unknown keys and bad values
+Every key has a type, a default and a comment in ``examples/postroom.toml`` (package data); unknown keys and bad values
 are errors that name the file and the key.  A loaded :class:`Config` is immutable: a reload builds a new one, so a
 connection keeps the config it started with.
 """
@@ -571,13 +571,9 @@ def config_lines(path: str | os.PathLike[str]) -> KeyLines:
 
 
 def example_config_path() -> Path:
-    """The shipped example, used by the tests and the demo so it never goes stale."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "docs" / "examples" / "postroom.toml"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("docs/examples/postroom.toml not found beside the package")
+    """The shipped example (package data, beside its rules, templates, canned replies and example DKIM key), used
+    by the tests and the demo so it never goes stale, and found the same way in a checkout and in an install."""
+    return Path(__file__).resolve().parent / "examples" / "postroom.toml"
 
 
 def _toml_value(value: object) -> str:

@@ -94,7 +94,7 @@ def write_config(workdir: Path, redis_url: str, mail_port: int) -> Path:
     data["mailer"]["port"] = mail_port
     config = parse_config(data, "<demo>", environ={})
     path = workdir / "postroom.toml"
-    path.write_text("# Written by postroom demo from docs/examples/postroom.toml.\n" + to_toml(config))
+    path.write_text("# Written by postroom demo from the example postroom.toml.\n" + to_toml(config))
     return path
 
 

@@ -33,7 +33,7 @@ CONFIG_OPTION = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("/etc/postroom/postroom.toml"),
     show_default=True,
-    help="The TOML configuration file (see docs/examples/postroom.toml).",
+    help="The TOML configuration file (see src/postroom/examples/postroom.toml).",
 )
 
 
