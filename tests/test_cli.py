@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import dns.zone
 from click.testing import CliRunner
 
 from postroom.admin.cli import main
@@ -12,21 +13,33 @@ from postroom.dkim import SigningKey, sign
 from tests.dkim_check import assert_verified
 
 
-def test_dkim_genkey_writes_a_private_key_and_a_record_that_verifies(tmp_path: Path) -> None:
+def test_dkim_genkey_writes_a_private_key_and_a_record_that_loads_and_verifies(tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(main, ["dkim", "genkey", "example.org", "s1", "--dir", str(tmp_path)])
+    res = runner.invoke(main, ["dkim", "genkey", "Example.ORG", "s1", "--dir", str(tmp_path)])
     assert res.exit_code == 0, res.output
     key_file = tmp_path / "example.org.s1.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
-    m = re.search(r'^s1\._domainkey\.example\.org\. IN TXT "(v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+)"$', res.output, re.M)
-    assert m, res.output
+    line = next(x for x in res.output.splitlines() if "IN TXT" in x)
+    # The record as printed loads into a zone as DNS servers read it: strings of at most 255 bytes.
+    zone = dns.zone.from_text(f"$ORIGIN example.org.\n$TTL 300\n@ IN SOA ns. h. 1 1 1 1 1\n@ IN NS ns.\n{line}\n")
+    rdata = zone.find_rdataset("s1._domainkey", "TXT")[0]
+    assert len(rdata.strings) == 2 and all(len(s) <= 255 for s in rdata.strings)
+    record = b"".join(rdata.strings).decode()
+    assert re.fullmatch(r"v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+", record)
     assert 'key_file = "' + str(key_file) + '"' in res.output
     headers = [("From", "support@example.org"), ("To", "a@b.test"), ("Subject", "hi")]
     value = sign(SigningKey("example.org", "s1", key_file.read_bytes()), headers, b"body\r\n")
     msg = f"DKIM-Signature: {value}\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers)
-    assert_verified(msg + b"\r\nbody\r\n", {"s1._domainkey.example.org.": m.group(1)})
+    assert_verified(msg + b"\r\nbody\r\n", {"s1._domainkey.example.org.": record})
     again = runner.invoke(main, ["dkim", "genkey", "example.org", "s1", "--dir", str(tmp_path)])
     assert again.exit_code == 2 and "not overwriting" in again.output
+
+
+def test_dkim_genkey_refuses_a_bad_domain_or_selector(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["dkim", "genkey", "bad domain!", "s 1", "--dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "'bad domain!' is not a domain name" in res.output and "'s 1' is not a selector" in res.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path, db_url: str) -> None:

@@ -257,9 +257,22 @@ class MailboxConfig(_Section):
         return value
 
 
+_SELECTOR = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$"
+
+
 class DkimKey(_Section):
-    selector: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    selector: Annotated[str, Field(pattern=_SELECTOR, max_length=63)]
     key_file: str
+
+    @staticmethod
+    def problems(domain: str, selector: str) -> list[str]:
+        """What is wrong with a domain and selector an admin typed (``dkim genkey``), in the config's own terms."""
+        out = []
+        if not re.match(rf"^{_DOMAIN}$", domain):
+            out.append(f"{domain!r} is not a domain name")
+        if not re.match(_SELECTOR, selector) or len(selector) > 63:
+            out.append(f"{selector!r} is not a selector (letters, digits, '-', '_', dot-separated labels)")
+        return out
 
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")

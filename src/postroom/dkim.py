@@ -254,6 +254,18 @@ def public_txt(private_pem: bytes) -> str:
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
 
 
+def txt_strings(value: str, size: int = 255) -> list[str]:
+    """A TXT value cut into the character-strings DNS can hold (255 bytes each); resolvers join them again."""
+    data = value.encode("ascii")
+    return [data[i : i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
+
+
+def zone_line(domain: str, selector: str, value: str) -> str:
+    """The record as a zone-file line, in quoted strings of at most 255 bytes (one string would not load)."""
+    quoted = " ".join(f'"{part}"' for part in txt_strings(value))
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+
+
 def generate(bits: int = 2048) -> bytes:
     """A new RSA key in the traditional PEM form dkimpy reads."""
     return subprocess.run(["openssl", "genrsa", "-traditional", str(bits)], capture_output=True, check=True).stdout

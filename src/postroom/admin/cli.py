@@ -32,8 +32,8 @@ from postroom.admin.common import (
 from postroom.admin.preflight import plural
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
-from postroom.config import Config, ConfigError
-from postroom.dkim import generate, public_txt
+from postroom.config import Config, ConfigError, DkimKey
+from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
 from postroom.rules import LoadError
 from postroom.runtime import Runtime
@@ -318,7 +318,15 @@ def dkim_group() -> None:
 )
 @click.option("--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True)
 def dkim_genkey(domain: str, selector: str, directory: Path, bits: int) -> None:
-    """Write a new RSA key for DOMAIN and print the DNS TXT record and the config lines for it."""
+    """Write a new RSA key for DOMAIN and print the DNS TXT record and the config lines for it.
+
+    The record is printed as a zone-file line whose value is split into strings of at most 255 bytes, as DNS
+    requires for a 2048-bit key; most DNS providers' web forms take the strings joined into one value.
+    """
+    problems = DkimKey.problems(domain, selector)
+    if problems:
+        raise fail("\n".join(f"postroom dkim genkey: {p}" for p in problems))
+    domain = domain.lower()
     path = directory / f"{domain}.{selector}.key"
     if path.exists():
         click.echo(f"{path} exists; not overwriting a key that may be published", err=True)
@@ -331,7 +339,7 @@ def dkim_genkey(domain: str, selector: str, directory: Path, bits: int) -> None:
         fh.write(pem)
     click.echo(f"wrote {path} (chown it to the postroom user)")
     click.echo("\nDNS record:")
-    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{public_txt(pem)}"')
+    click.echo(zone_line(domain, selector, public_txt(pem)))
     click.echo("\npostroom.toml:")
     click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nkey_file = "{path}"')
 
