@@ -32,7 +32,7 @@ from postroom.admin.common import (
 from postroom.admin.preflight import plural
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
-from postroom.config import Config, ConfigError, DkimKey
+from postroom.config import Config, ConfigError, DkimKey, example_config_path
 from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
 from postroom.rules import LoadError
@@ -298,6 +298,30 @@ def config_check(path: Path | None, config_path: Path, connect: bool) -> None:
     if report.errors:
         raise fail(f"{config_path}: {plural(len(report.errors), 'error')}")
     click.echo(f"{config_path}: OK ({'; '.join(report.notes)})")
+
+
+@config_group.command("example")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def config_example(directory: Path) -> None:
+    """Copy the example config into DIRECTORY with what it names beside it: rules.toml, templates/, canned/ and
+    dkim/ (an example key everybody has: make your own with `postroom dkim genkey`).  Files that exist are left
+    as they are.  Then edit DIRECTORY/postroom.toml and run `postroom config check --config` on it.
+    """
+    source = example_config_path().parent
+    for path in sorted(source.rglob("*")):
+        target = directory / path.relative_to(source)
+        if path.is_dir() or path.name == "demo-rules.toml":
+            continue
+        if target.exists():
+            click.echo(f"{target}: exists, left as it is")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The example key is a private key (of a well-known example, but the copy is where a real one will go).
+        mode = 0o600 if target.suffix == ".key" else 0o644
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(path.read_bytes())
+        click.echo(f"{target}: written")
 
 
 @main.group("dkim")
