@@ -57,8 +57,8 @@ def test_demo_plays_the_story_and_ends_with_the_ticket_table_and_folders(tmp_pat
     assert "lands in schulze@example.test/INBOX as Support daily figures: backlog 2" in out
     assert "parts: multipart/alternative, text/plain, multipart/related, text/html, image/png" in out
     tree = out[out.index("Maildir folders in") :]
-    assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 messages\)", tree)
-    assert re.search(r"support@example.test\n.*INBOX \(1 messages\)\n.*Meier \(5 messages\)", tree)
+    assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 message\)", tree)
+    assert re.search(r"support@example.test\n.*INBOX \(1 message\)\n.*Meier \(5 messages\)", tree)
     assert "everything it started is stopped" in out
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "demo" / "maildir" / "support@example.test" / "Meier" / "new").is_dir()

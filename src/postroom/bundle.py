@@ -26,6 +26,7 @@ from postroom.config import Config, ConfigError, config_lines, load_config
 from postroom.dkim import DkimError, Keyring
 from postroom.rules.engine import NO_RULES, Ruleset
 from postroom.rules.loader import RulesError, load_rules
+from postroom.words import plural
 
 log = logging.getLogger("postroom")
 
@@ -105,10 +106,10 @@ def reload(config_path: str | os.PathLike[str], environ: Mapping[str, str] | Non
         log.error("reload of %s failed, keeping the running config and rules:\n%s", exc.path, exc)
         return exc
     log.info(
-        "reloaded %s: %d mailboxes, %d rules from %s",
+        "reloaded %s: %s, %s from %s",
         os.fspath(config_path),
-        len(loaded.config.mailboxes),
-        len(loaded.rules.rules),
+        plural(len(loaded.config.mailboxes), "mailbox"),
+        plural(len(loaded.rules.rules), "rule"),
         loaded.rules.source or "(no rules file)",
     )
     return loaded

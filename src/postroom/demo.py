@@ -37,6 +37,7 @@ from postroom.history import make_engine
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
 from postroom.store.redis import RedisStore
+from postroom.words import plural
 from postroom_testbed import RedisServer, StackError, free_port
 
 SUPPORT = "support@example.test"
@@ -246,7 +247,7 @@ class Story:
         for owner, folders in self.maildirs.tree().items():
             branch = tree.add(owner)
             for folder, count in folders.items():
-                branch.add(f"{folder} ({count} messages)")
+                branch.add(f"{folder} ({plural(count, 'message')})")
         self.console.print(tree)
 
 

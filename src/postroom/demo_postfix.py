@@ -23,6 +23,7 @@ from rich.tree import Tree
 from postroom.config import example_config_path, load_config
 from postroom.imap_event import namespace_prefix
 from postroom.store.redis import RedisStore
+from postroom.words import plural
 from postroom_testbed import Deployment, StackError
 from postroom_testbed.imap import Team, deploy_team
 
@@ -117,7 +118,7 @@ class Story:
         tree = Tree(f"IMAP folders of {self.box.address}")
         for folder in self.d.stack.folders(self.box.address):
             count = len(self.d.stack.fetch(self.box.address, folder))
-            tree.add(f"{folder} ({count} messages)")
+            tree.add(f"{folder} ({plural(count, 'message')})")
         self.console.print(tree)
 
 

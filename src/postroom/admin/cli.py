@@ -29,7 +29,6 @@ from postroom.admin.common import (
     reload_bundle,
     reload_runtime,
 )
-from postroom.admin.preflight import plural
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config, ConfigError, DkimKey, example_config_path
@@ -39,6 +38,7 @@ from postroom.rules import LoadError
 from postroom.runtime import Runtime
 from postroom.store import StoreUnavailable
 from postroom.store.redis import RedisStore
+from postroom.words import plural
 
 if TYPE_CHECKING:
     from postroom.milter.adapter import Pipeline
@@ -147,7 +147,10 @@ def milter_command(config_path: Path) -> None:
     if loaded.config.database.auto_migrate:
         migrate(loaded.config.database.url)  # once, before the workers open the database
     log.info(
-        "postroom %s milter starting with %s and %d worker processes", __version__, config_path, config.milter.workers
+        "postroom %s milter starting with %s and %s",
+        __version__,
+        config_path,
+        plural(config.milter.workers, "worker process"),
     )
     pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS, loaded)
 

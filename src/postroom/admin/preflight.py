@@ -21,15 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from postroom.config import Config, ConfigError, config_lines, load_config, read_toml, resolve_paths
 from postroom.history import current_revision, head_revision
 from postroom.rules import Loaded, LoadError, load_all
-
-
-def plural(count: int, noun: str) -> str:
-    """ "1 mailbox", "2 mailboxes": what a count reads like in a sentence."""
-    if count == 1:
-        return f"1 {noun}"
-    if noun.endswith("y") and noun[-2:-1] not in ("a", "e", "o", "u"):
-        return f"{count} {noun[:-1]}ies"
-    return f"{count} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{count} {noun}s"
+from postroom.words import plural
 
 
 @dataclass

@@ -25,6 +25,7 @@ from postroom.admin.common import CONFIG_OPTION, EXIT_SERVICE, fail, load_or_exi
 from postroom.config import Config, MailboxConfig
 from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
 from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
+from postroom.words import plural
 
 ACTOR = "admin"
 STATES = ("new", "open", "pending", "closed")
@@ -149,7 +150,7 @@ def list_command(
         )
     console = _console()
     console.print(table)
-    console.print(f"{len(found)} ticket(s)")
+    console.print(plural(len(found), "ticket"))
 
 
 @dataclass
