@@ -103,9 +103,13 @@ def _strip_plain(text: str, replacements: list[str]) -> str:
         return text
     lines = text.splitlines(keepends=True)
     rest = lines[consumed:]
+    inserted = "".join(r if r.endswith("\n") else r + "\n" for r in replacements if r)
+    if inserted:
+        # The agent's blank line between the snippet and their own words stays where they wrote it.
+        return inserted + "".join(rest)
     while rest and not rest[0].strip():
         rest = rest[1:]
-    return "".join(r for r in replacements if r) + "".join(rest)
+    return "".join(rest)
 
 
 def _strip_html(markup: str, replacements: list[str]) -> str:
