@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,42 @@ def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
     assert re.search(r"│ meier\s+│ meier-[0-9a-f]{6}\s+│ 127\.0\.0\.1:\d+\s+│ 127\.0\.0\.1:\d+\s+│ Support", out)
     assert "INBOX (3 messages)" in out and "Meier (2 messages)" in out
     assert "everything it started is stopped" in out
+
+
+def test_sigterm_to_a_kept_demo_stops_its_redis_server(tmp_path: Path) -> None:
+    """`./dev demo --keep` ended by SIGTERM (kill, systemd, a closed terminal) leaves no redis-server behind, and
+    a mail sent to it meanwhile is logged under the id the dev server gave it."""
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "demo", "--keep", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Running until Ctrl-C"):
+                break
+        hint = next(x for x in proc.stdout if x.strip().startswith("swaks --server"))
+        port = int(re.search(r"--server 127\.0\.0\.1:(\d+)", hint).group(1))  # type: ignore[union-attr]
+        redis_pid = int((tmp_path / "redis" / "redis.pid").read_text())
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            reply = smtp.sendmail("carol@customer.test", ["support@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
+        assert reply == {}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "everything it started is stopped" in out, "".join(lines) + out
+    # The dev server's line about carol's mail, with the id it gave the mail (the 250 reply names it too).
+    assert re.search(r" INFO [0-9A-F]{10}: accept: .*filed into", out), out
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{redis_pid}").exists(), "the demo's redis-server outlived it"

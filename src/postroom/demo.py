@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from postroom import digest, remind, timeline
+from postroom import log as plog
 from postroom.admin.common import daemon_runtime
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
 from postroom.dkim import dns_answer, public_txt
@@ -259,6 +261,17 @@ def _wait_for_ctrl_c() -> None:
         pass
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemctl, kill, a closing terminal's SIGHUP) ends the demo like Ctrl-C: through the finally that
+    stops its redis-server, instead of leaving it running without the demo."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
 def run(keep: bool = False, workdir: Path | None = None, console: Console | None = None) -> int:
     console = console or Console()
     if not ensure_redis(console):
@@ -267,6 +280,9 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
     root = Path(tempfile.mkdtemp(prefix="postroom-demo-")) if workdir is None else workdir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     console.rule("postroom demo: a private Redis, SQLite and the postroom dev SMTP server")
+    # The dev server's lines carry the id it gives each mail (as Postfix's queue id in the daemons' logs).
+    plog.setup("warning")
+    _stop_on_sigterm()
     redis = RedisServer(root)
     try:
         redis.start()
@@ -291,6 +307,7 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
                     # Commands to copy: never broken at the terminal's width.
                     soft_wrap=True,
                 )
+                plog.setup("info")  # each mail you send: what postroom did with it, under its id
                 _wait_for_ctrl_c()
     except StackError as exc:
         console.print(f"[red]the demo could not start:[/] {exc}")
@@ -298,6 +315,9 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
     except (OSError, smtplib.SMTPException) as exc:
         console.print(f"[red]the demo's SMTP server failed:[/] {exc}")
         return 1
+    except KeyboardInterrupt:
+        console.print("[bold]demo stopped; everything it started is stopped[/]")
+        return 130
     finally:
         redis.stop()
         if own_dir and not keep:
