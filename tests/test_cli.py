@@ -50,3 +50,17 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path, db_url: str) -> None:
     assert "created the history schema (revision " in res.output
     again = CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)], env={"POSTROOM_DATABASE_URL": db_url})
     assert again.exit_code == 0 and "already at the newest revision" in again.output
+
+
+def test_config_example_copies_what_the_config_names_and_never_overwrites(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    (etc).mkdir()
+    (etc / "postroom.toml").write_text("# mine\n")
+    res = CliRunner().invoke(main, ["config", "example", str(etc)])
+    assert res.exit_code == 0, res.output
+    assert f"{etc / 'postroom.toml'}: exists, left as it is" in res.output
+    assert (etc / "postroom.toml").read_text() == "# mine\n"
+    assert (etc / "rules.toml").is_file() and (etc / "canned" / "refund.txt").is_file()
+    assert (etc / "templates" / "ack.en.txt").is_file()
+    assert (etc / "dkim" / "example.test.postroom.key").stat().st_mode & 0o777 == 0o600
+    assert not (etc / "demo-rules.toml").exists()

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from postroom.admin.cli import main
-from postroom.testbed import free_port
+from postroom_testbed import free_port
 
 GOOD = """\
 [agents.meier]
@@ -58,8 +58,9 @@ INCOMPLETE: dict[str, str] = {
 }
 DAEMONS = {"milter", "smtpd"}
 # Not run here: the demo reads no config (tests/test_demo.py), the hidden worker gets its config from the milter
-# process over a socket (tests/test_milter_worker.py), dkim genkey reads none (tests/test_cli.py).
-NO_CONFIG = {"demo", "milter-worker", "dkim genkey"}
+# process over a socket (tests/test_milter_worker.py), dkim genkey and config example read none (tests/test_cli.py,
+# tests/test_deploy_guide.py).
+NO_CONFIG = {"demo", "milter-worker", "dkim genkey", "config example"}
 ARGUMENTS = {"number": "1", "agent": "meier", "path": "RULES", "message_path": "MAIL"}
 
 

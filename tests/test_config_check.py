@@ -203,7 +203,7 @@ def test_connect_reports_redis_persistence_and_the_schema(tmp_path: Path, redis_
 
 
 def test_connect_fails_on_an_unreachable_redis_and_database(tmp_path: Path) -> None:
-    from postroom.testbed import free_port  # noqa: PLC0415
+    from postroom_testbed import free_port  # noqa: PLC0415
 
     port = free_port()
     db = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x"

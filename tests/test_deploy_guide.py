@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.testbed import Login, MailUser, Stack, StackError
+from postroom_testbed import Login, MailUser, Stack, StackError
 
 pytestmark = pytest.mark.e2e
 

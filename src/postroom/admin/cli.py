@@ -31,13 +31,13 @@ from postroom.admin.common import (
 )
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
+from postroom.bundle import LoadError
 from postroom.config import Config, ConfigError, DkimKey, example_config_path
 from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
-from postroom.rules import LoadError
 from postroom.runtime import Runtime
-from postroom.store import StoreUnavailable
 from postroom.store.redis import RedisStore
+from postroom.tickets import StoreUnavailable
 from postroom.words import plural
 
 if TYPE_CHECKING:

@@ -18,9 +18,10 @@ import redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom.bundle import Loaded, LoadError, load_all
 from postroom.config import Config, ConfigError, config_lines, load_config, read_toml, resolve_paths
 from postroom.history import current_revision, head_revision
-from postroom.rules import Loaded, LoadError, load_all
+from postroom.store.redis import connect
 from postroom.words import plural
 
 
@@ -144,7 +145,7 @@ def redis_persistence(client: redis.Redis) -> tuple[bool, str]:
 
 def _connect_redis(config: Config, report: Report) -> None:
     url = config.redis.url
-    client = redis.Redis.from_url(url, socket_timeout=config.redis.timeout_seconds)
+    client = connect(url, timeout=config.redis.timeout_seconds)
     try:
         version = client.info("server").get("redis_version", "?")
         aof, how = redis_persistence(client)
