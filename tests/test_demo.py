@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,7 +81,17 @@ def test_the_demo_config_and_rules_load_as_a_daemon_loads_them(tmp_path: Path) -
 
 @pytest.mark.e2e
 def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
-    proc = _run_demo("--postfix")
+    # A short folder: unix socket paths inside it are limited to 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="pr-demo-"))
+    tmp_path.chmod(0o755)  # Postfix and Dovecot run parts of the stack as their own users
+    try:
+        proc = _run_demo("--postfix", "--workdir", str(tmp_path))
+        _check_postfix_demo(proc, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _check_postfix_demo(proc: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "lands in support@example.test/Meier as AW: [Support #1] Printer on fire" in out
@@ -93,6 +105,11 @@ def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
     assert re.search(r"│ meier\s+│ meier-[0-9a-f]{6}\s+│ 127\.0\.0\.1:\d+\s+│ 127\.0\.0\.1:\d+\s+│ Support", out)
     assert "INBOX (3 messages)" in out and "Meier (2 messages)" in out
     assert "everything it started is stopped" in out
+    # --workdir is honoured, and the milter's log it names is still there to read.
+    log = re.search(r"the milter's log stays in (\S+)", out)
+    assert log, out
+    assert Path(log.group(1)).is_file() and Path(log.group(1)).is_relative_to(tmp_path)
+    assert "opened (new)" in Path(log.group(1)).read_text()
 
 
 def test_sigterm_to_a_kept_demo_stops_its_redis_server(tmp_path: Path) -> None:

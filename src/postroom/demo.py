@@ -253,7 +253,7 @@ class Story:
         self.console.print(tree)
 
 
-def _wait_for_ctrl_c() -> None:
+def wait_for_ctrl_c() -> None:
     try:
         while True:
             time.sleep(3600)
@@ -261,7 +261,7 @@ def _wait_for_ctrl_c() -> None:
         pass
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     """SIGTERM (systemctl, kill, a closing terminal's SIGHUP) ends the demo like Ctrl-C: through the finally that
     stops its redis-server, instead of leaving it running without the demo."""
 
@@ -282,7 +282,7 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
     console.rule("postroom demo: a private Redis, SQLite and the postroom dev SMTP server")
     # The dev server's lines carry the id it gives each mail (as Postfix's queue id in the daemons' logs).
     plog.setup("warning")
-    _stop_on_sigterm()
+    stop_on_sigterm()
     redis = RedisServer(root)
     try:
         redis.start()
@@ -308,7 +308,7 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
                     soft_wrap=True,
                 )
                 plog.setup("info")  # each mail you send: what postroom did with it, under its id
-                _wait_for_ctrl_c()
+                wait_for_ctrl_c()
     except StackError as exc:
         console.print(f"[red]the demo could not start:[/] {exc}")
         return 1

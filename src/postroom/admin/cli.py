@@ -263,7 +263,7 @@ def demo_command(keep: bool, workdir: Path | None, postfix: bool) -> None:
     if postfix:
         from postroom.demo_postfix import run as run_postfix  # noqa: PLC0415
 
-        raise SystemExit(run_postfix(keep=keep))
+        raise SystemExit(run_postfix(keep=keep, workdir=workdir))
     from postroom.demo import run as run_demo  # noqa: PLC0415
 
     raise SystemExit(run_demo(keep=keep, workdir=workdir))
