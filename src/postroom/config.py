@@ -73,7 +73,7 @@ def check_database_url(value: str) -> str:
     except ImportError as exc:
         raise ValueError(
             f"{value!r}: its driver is not installed ({exc.name or exc}); postroom supports sqlite:/// "
-            'and postgresql+psycopg:// (psycopg, which ./dev install puts into the venv)'
+            "and postgresql+psycopg:// (psycopg, which ./dev install puts into the venv)"
         ) from None
     return value
 
