@@ -64,3 +64,13 @@ def test_config_example_copies_what_the_config_names_and_never_overwrites(tmp_pa
     assert (etc / "templates" / "ack.en.txt").is_file()
     assert (etc / "dkim" / "example.test.postroom.key").stat().st_mode & 0o777 == 0o600
     assert not (etc / "demo-rules.toml").exists()
+
+
+def test_help_never_breaks_a_name_at_its_hyphen_and_hides_the_worker() -> None:
+    runner = CliRunner()
+    for width in range(60, 121, 3):
+        for command in (["smtpd"], ["postfix-snippet"], ["milter"], ["config", "check"]):
+            out = runner.invoke(main, [*command, "--help"], terminal_width=width).output
+            assert not re.search(r"\w-\n", out), (width, command, out)
+    milter_help = runner.invoke(main, ["milter", "--help"]).output
+    assert "milter-worker" not in milter_help

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-import redis
-from sqlalchemy.exc import SQLAlchemyError
 
 from postroom import __version__
 from postroom import log as plog
 from postroom.admin import dovecot, snippets, tickets
 from postroom.admin.common import (
     CONFIG_OPTION,
-    EXIT_SERVICE,
-    EXIT_USAGE,
     daemon_runtime,
     fail,
     load_bundle_or_exit,
@@ -29,15 +24,14 @@ from postroom.admin.common import (
     reload_bundle,
     reload_runtime,
 )
+from postroom.admin.group import MainGroup, use_formatter
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
-from postroom.bundle import LoadError
-from postroom.config import Config, ConfigError, DkimKey, example_config_path
+from postroom.config import Config, DkimKey, example_config_path
 from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
 from postroom.runtime import Runtime
 from postroom.store.redis import RedisStore
-from postroom.tickets import StoreUnavailable
 from postroom.words import plural
 
 if TYPE_CHECKING:
@@ -49,57 +43,7 @@ log = logging.getLogger("postroom")
 _load = load_or_exit
 
 
-_NB_HYPHEN = "\u2011"  # stands in for "-" inside a word while click wraps, then turns back into "-"
-
-
-class _Formatter(click.HelpFormatter):
-    """click's wrapping breaks after a hyphen ("docs/deploy- milter.md", "postroom postfix- snippet"); names of
-    files and commands must stay whole to be copied, so hyphens inside words are hidden from the wrapper."""
-
-    def write_text(self, text: str) -> None:
-        super().write_text(re.sub(r"(?<=\S)-(?=\S)", _NB_HYPHEN, text))
-
-    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
-        hidden = [(a, re.sub(r"(?<=\S)-(?=\S)", _NB_HYPHEN, b)) for a, b in rows]
-        super().write_dl(hidden, col_max, col_spacing)
-
-    def getvalue(self) -> str:
-        return super().getvalue().replace(_NB_HYPHEN, "-")
-
-
-class _Context(click.Context):
-    formatter_class = _Formatter
-
-
-def _use_formatter(command: click.Command) -> None:
-    command.context_class = _Context
-    if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            _use_formatter(sub)
-
-
-class _Main(click.Group):
-    """The command group, which turns every configuration or service problem into one clear line, never into a
-    traceback: a mistake in a file is the admin's to fix (exit 2), an unreachable service the site's (exit 1)."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except (ConfigError, LoadError) as exc:
-            for problem in exc.problems:
-                click.echo(problem, err=True)
-            raise SystemExit(EXIT_USAGE) from None
-        except (StoreUnavailable, redis.RedisError) as exc:
-            click.echo(f"postroom: Redis: {exc}", err=True)
-        except SQLAlchemyError as exc:
-            click.echo(f"postroom: database: {getattr(exc, 'orig', None) or exc}", err=True)
-        except OSError as exc:
-            where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"postroom:{where}: {exc.strerror or exc}", err=True)
-        raise SystemExit(EXIT_SERVICE)
-
-
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="postroom")
 def main() -> None:
     """postroom turns a shared mailbox (support@, sales@) into a team inbox at the SMTP level.
@@ -395,7 +339,7 @@ main.add_command(rules_group)
 main.add_command(remind_command)
 main.add_command(digest_command)
 main.add_command(stats_command)
-_use_formatter(main)
+use_formatter(main)
 
 if __name__ == "__main__":
     sys.exit(main())
