@@ -18,15 +18,8 @@ from click.testing import CliRunner
 
 from postroom.admin.cli import main
 from postroom_testbed import free_port
+from tests.test_config_check import GOOD
 
-GOOD = """\
-[agents.meier]
-address = "meier@example.test"
-[mailboxes.support]
-address = "support@example.test"
-tag = "Support"
-agents = ["meier"]
-"""
 # Every config points at a Redis nobody listens on and at a database in the test's own folder, so nothing here
 # touches the machine's /var/lib/postroom or its Redis.
 SERVICES = """\
