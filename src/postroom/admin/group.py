@@ -60,6 +60,6 @@ class MainGroup(click.Group):
         except SQLAlchemyError as exc:
             click.echo(f"postroom: database: {getattr(exc, 'orig', None) or exc}", err=True)
         except OSError as exc:
-            where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"postroom:{where}: {exc.strerror or exc}", err=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"postroom: {where}{exc.strerror or exc}", err=True)
         raise SystemExit(EXIT_SERVICE)

@@ -326,4 +326,10 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failure:
-        raise failure[0]
+        if isinstance(failure[0], OSError):
+            raise failure[0]
+        # libmilter says only "cannot opensocket": name the socket and the usual reasons.
+        raise OSError(
+            f"cannot listen on [milter] socket {config.milter.socket} ({failure[0]}): does its folder exist, and "
+            "may postroom write there? (systemd's RuntimeDirectory=postroom makes /run/postroom)"
+        )
