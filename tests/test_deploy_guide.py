@@ -161,6 +161,9 @@ def test_deploy_milter_md_step_by_step(world: Path) -> None:
         # The guide's own checks printed what it promises.
         assert re.search(r"Support #1 .*assigned to meier", proc.stdout) or "assigned to meier" in proc.stdout
         assert "OK (1 mailbox, 3 agents" in proc.stdout
+        # Step 4's grep of the milter's log by the queue id Postfix logged found postroom's line about the mail.
+        queue_id = re.search(r"cleanup\[\d+\]: ([0-9A-F]+): message-id=<guide-1@", stack.postfix.log_path.read_text())
+        assert queue_id and f"{queue_id.group(1)}: mailbox support@example.test ticket #1 opened" in proc.stdout
         try:
             answer = stack.wait_for(SUPPORT, "Meier", 1)[-1]
         except StackError as exc:  # show what the guide printed and what the milter logged
