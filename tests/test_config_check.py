@@ -151,7 +151,7 @@ def test_a_key_file_that_is_no_key_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "k.key").write_text("not a key\n")
     path = write(tmp_path, GOOD + '[dkim."example.test"]\nselector = "s1"\nkey_file = "k.key"\n')
     code, out = check(path)
-    assert code == 2 and f"{path}:10: dkim.example.test.key_file: " in out and "not an RSA private key" in out
+    assert code == 2 and f"{path}:10: dkim.example.test.key_file: " in out and "not a PEM private key" in out
 
 
 def test_an_empty_file_is_an_error_not_ok(tmp_path: Path) -> None:
