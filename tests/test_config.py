@@ -72,7 +72,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
             "mailboxes.s.sla.normal.first_response",
         ),
         ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\n[mailboxes.s.sla.asap]\n", "mailboxes.s.sla.asap"),
-        ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\nleads = ['boss']\n", "mailboxes.s.leads[0]: unknown agent 'boss'"),
+        (
+            "[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\nleads = ['boss']\n",
+            "mailboxes.s.leads[0]: unknown agent 'boss'",
+        ),
         ("[metrics]\nmilter_listen = '0.0.0.0:9151'\n", "must be a loopback HOST:PORT"),
     ],
 )
