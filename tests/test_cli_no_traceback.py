@@ -54,7 +54,20 @@ DAEMONS = {"milter", "smtpd"}
 # process over a socket (tests/test_milter_worker.py), dkim genkey and config example read none (tests/test_cli.py,
 # tests/test_deploy_guide.py).
 NO_CONFIG = {"demo", "milter-worker", "dkim genkey", "config example"}
-ARGUMENTS = {"number": "1", "agent": "meier", "path": "RULES", "message_path": "MAIL"}
+# imap-event reads its mail from stdin (empty here); imap-event-followup gets the JSON imap-event makes.
+FOLLOWUP = (
+    '{"mailbox": "support@example.test", "number": 1, "message_id": "<m@x>", "dropped_in": "Meier", '
+    '"move_to": "", "note_folder": "Meier", "note_subject": "s", "note_body": "b"}'
+)
+ARGUMENTS = {
+    "number": "1",
+    "agent": "meier",
+    "path": "RULES",
+    "message_path": "MAIL",
+    "folder": "Support/Meier",
+    "user": "meier",
+    "followup_json": FOLLOWUP,
+}
 
 
 def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
