@@ -377,7 +377,7 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
     print(
         "setup:    a fresh testbed stack per run (Postfix -> LMTP -> Dovecot Maildir, private Redis), milter on a\n"
         "          unix socket, milter_default_action = tempfail; postroom runs `python -m postroom milter` with\n"
-        "          docs/examples/postroom.toml pointed at the stack's Redis and a SQLite history (log level info).\n"
+        "          the example postroom.toml pointed at the stack's Redis and a SQLite history (log level info).\n"
         "          Finished = Postfix queues empty and all messages in Maildir/new; time from starting smtp-source.\n"
         "          Milter CPU = utime+stime of the milter process and its worker processes over the measured batch\n"
         "          (including postroom's background history writes); peak RSS = VmHWM, summed over those\n"

@@ -3,7 +3,7 @@
 Usage: ``.venv/bin/python bench/memory.py [--size BYTES] [--configs empty,opendkim,postroom]``
 
 Inbound: customers send mails of ``--size`` bytes to support@example.test through the MX port; postroom runs the
-example config with the example rules (docs/examples/rules.toml), whose body conditions make it read every body.
+example config with the example rules (src/postroom/examples/rules.toml), whose body conditions make it read every body.
 Outbound: the agent meier sends mails of that size from support@example.test to a customer through the submission
 port (AUTH); postroom opens a ticket, rewrites and DKIM-signs each; OpenDKIM signs them with the same key.  Each
 case runs on a fresh stack and milter (bench/runloop.py), so the peak (VmHWM of the milter and its worker

@@ -362,7 +362,7 @@ def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) ->
     print(
         "setup:    a fresh testbed stack per run (Postfix MX + SASL submission -> LMTP -> Dovecot Maildir, private\n"
         "          Redis), milter on a unix socket, milter_default_action = tempfail; postroom runs `python -m\n"
-        "          postroom milter` with docs/examples/postroom.toml pointed at the stack's Redis and a SQLite\n"
+        "          postroom milter` with the example postroom.toml pointed at the stack's Redis and a SQLite\n"
         "          history (log level info). Finished = every reply in its customer's Maildir/new and Postfix's\n"
         "          queues empty; time from the first measured connection. Milter CPU = utime+stime of the milter\n"
         "          process and its workers over the measured replies (history writes included); peak RSS = VmHWM.\n"

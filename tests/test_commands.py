@@ -80,3 +80,20 @@ def test_parse_lines_never_raises_and_never_consumes_text(text: str) -> None:
     for line in lines[:consumed]:
         assert not line.strip() or line.strip().startswith("#")
     assert len(cmds) <= 20
+
+
+def test_a_canned_snippet_keeps_the_blank_line_the_agent_wrote_after_it() -> None:
+    msg = EmailMessage()
+    msg.set_content("#canned refund\n\nBest regards,\nMeier\n")
+    headers, body = headers_and_body(msg)
+    new_body, changed = commands.strip(headers, body, ["We refunded the invoice."])
+    new_headers = [(k, changed.get(k, v)) for k, v in headers]
+    assert texts(new_headers, new_body)["plain"] == "We refunded the invoice.\n\nBest regards,\nMeier\n"
+
+
+def test_removed_command_lines_take_the_blank_lines_after_them() -> None:
+    msg = EmailMessage()
+    msg.set_content("#close\n\nThanks, done.\n")
+    headers, body = headers_and_body(msg)
+    new_body, changed = commands.strip(headers, body, [""])
+    assert texts([(k, changed.get(k, v)) for k, v in headers], new_body)["plain"] == "Thanks, done.\n"

@@ -66,13 +66,16 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ),
         ("[mailboxes.support]\naddress = 'support@example.test'\n", "mailboxes.support.tag: Field required"),
         ("[milter\n", "not valid TOML"),
-        ("[sla]\nremind_before = '1 hour'\n", "sla.remind_before: Value error, '1 hour' is not a duration like 30m"),
+        ("[sla]\nremind_before = '1 hour'\n", "sla.remind_before: '1 hour' is not a duration like 30m"),
         (
             "[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\n[mailboxes.s.sla.normal]\nfirst_response = '4'\n",
             "mailboxes.s.sla.normal.first_response",
         ),
         ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\n[mailboxes.s.sla.asap]\n", "mailboxes.s.sla.asap"),
-        ("[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\nleads = ['boss']\n", "leads: unknown agent 'boss'"),
+        (
+            "[mailboxes.s]\naddress = 's@example.test'\ntag = 'S'\nleads = ['boss']\n",
+            "mailboxes.s.leads[0]: unknown agent 'boss'",
+        ),
         ("[metrics]\nmilter_listen = '0.0.0.0:9151'\n", "must be a loopback HOST:PORT"),
     ],
 )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import smtplib
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +62,8 @@ def test_demo_plays_the_story_and_ends_with_the_ticket_table_and_folders(tmp_pat
     assert "lands in schulze@example.test/INBOX as Support daily figures: backlog 2" in out
     assert "parts: multipart/alternative, text/plain, multipart/related, text/html, image/png" in out
     tree = out[out.index("Maildir folders in") :]
-    assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 messages\)", tree)
-    assert re.search(r"support@example.test\n.*INBOX \(1 messages\)\n.*Meier \(5 messages\)", tree)
+    assert re.search(r"alice@bigcorp.example\n.*INBOX \(1 message\)", tree)
+    assert re.search(r"support@example.test\n.*INBOX \(1 message\)\n.*Meier \(5 messages\)", tree)
     assert "everything it started is stopped" in out
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "demo" / "maildir" / "support@example.test" / "Meier" / "new").is_dir()
@@ -76,7 +81,17 @@ def test_the_demo_config_and_rules_load_as_a_daemon_loads_them(tmp_path: Path) -
 
 @pytest.mark.e2e
 def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
-    proc = _run_demo("--postfix")
+    # A short folder: unix socket paths inside it are limited to 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="pr-demo-"))
+    tmp_path.chmod(0o755)  # Postfix and Dovecot run parts of the stack as their own users
+    try:
+        proc = _run_demo("--postfix", "--workdir", str(tmp_path))
+        _check_postfix_demo(proc, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _check_postfix_demo(proc: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "lands in support@example.test/Meier as AW: [Support #1] Printer on fire" in out
@@ -90,3 +105,47 @@ def test_postfix_demo_plays_the_story_and_ends_with_the_ticket_table() -> None:
     assert re.search(r"│ meier\s+│ meier-[0-9a-f]{6}\s+│ 127\.0\.0\.1:\d+\s+│ 127\.0\.0\.1:\d+\s+│ Support", out)
     assert "INBOX (3 messages)" in out and "Meier (2 messages)" in out
     assert "everything it started is stopped" in out
+    # --workdir is honoured, and the milter's log it names is still there to read.
+    log = re.search(r"the milter's log stays in (\S+)", out)
+    assert log, out
+    assert Path(log.group(1)).is_file() and Path(log.group(1)).is_relative_to(tmp_path)
+    assert "opened (new)" in Path(log.group(1)).read_text()
+
+
+def test_sigterm_to_a_kept_demo_stops_its_redis_server(tmp_path: Path) -> None:
+    """`./dev demo --keep` ended by SIGTERM (kill, systemd, a closed terminal) leaves no redis-server behind, and
+    a mail sent to it meanwhile is logged under the id the dev server gave it."""
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "demo", "--keep", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Running until Ctrl-C"):
+                break
+        hint = next(x for x in proc.stdout if x.strip().startswith("swaks --server"))
+        port = int(re.search(r"--server 127\.0\.0\.1:(\d+)", hint).group(1))  # type: ignore[union-attr]
+        redis_pid = int((tmp_path / "redis" / "redis.pid").read_text())
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            reply = smtp.sendmail("carol@customer.test", ["support@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
+        assert reply == {}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "everything it started is stopped" in out, "".join(lines) + out
+    # The dev server's line about carol's mail, with the id it gave the mail (the 250 reply names it too).
+    assert re.search(r" INFO [0-9A-F]{10}: accept: .*filed into", out), out
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{redis_pid}").exists(), "the demo's redis-server outlived it"

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postroom.admin import dovecot
 from postroom.admin.cli import main
 from postroom.admin.dovecot import DEFAULT_DIR, DEFAULT_LOCATION, Layout, acl_text, dovecot_config
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
@@ -238,6 +239,16 @@ def test_snippet_command_errors_are_the_admins_not_tracebacks(tmp_path: Path) ->
     assert CliRunner().invoke(main, ["dovecot-snippet", "--write"]).exit_code == 2
     good = CliRunner().invoke(main, ["dovecot-snippet", "--config", str(path), "--dir", str(tmp_path)])
     assert good.exit_code == 0 and f"acl = vfile:{tmp_path}/acl" in good.output
+
+
+def test_snippet_reads_the_default_config_when_there_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = tmp_path / "postroom.toml"
+    monkeypatch.setattr(dovecot, "DEFAULT_CONFIG", default)
+    plain = CliRunner().invoke(main, ["dovecot-snippet"])
+    assert plain.exit_code == 0 and "namespace" not in plain.output  # no config anywhere: the LMTP lines
+    default.write_text(to_toml(team()))
+    found = CliRunner().invoke(main, ["dovecot-snippet"])
+    assert found.exit_code == 0 and "namespace postroom_support {" in found.output, found.output
 
 
 def test_the_deployment_guide_quotes_what_dovecot_snippet_prints() -> None:

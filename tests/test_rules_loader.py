@@ -266,4 +266,4 @@ def test_a_broken_config_on_reload_is_an_error_too(tmp_path: Path) -> None:
     path.write_text("colour = 'blue'\n" + path.read_text())
     result = reload(path, environ={})
     assert isinstance(result, LoadError)
-    assert result.problems == [f"{path}: colour: unknown key"]
+    assert result.problems == [f"{path}:1: colour: unknown key"]

@@ -96,8 +96,8 @@ def _installed_postroom(tmp_path: Path) -> Path:
 def test_unit_verifies(tmp_path: Path, daemon: str) -> None:
     unit = DAEMONS[daemon]
     # `systemd-analyze verify` also checks that every Exec*= binary exists and is executable.  The
-    # unit ships ExecStart=/usr/local/bin/postroom (a system-wide pip install), which isn't there on
-    # a developer machine or in CI, where postroom lives in a virtualenv.  So verify a copy in which
+    # unit ships ExecStart=/opt/postroom/bin/postroom (the venv of ./dev install), which isn't there on
+    # a developer machine or in CI, where postroom lives in .venv.  So verify a copy in which
     # only the ExecStart binary is replaced by this environment's real console script; every other
     # byte, including the arguments, is the shipped file.  The file name must stay the same: it
     # tells systemd the unit name and type.

@@ -18,13 +18,15 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from postroom.autoreply import NO_TEMPLATES, TemplateError, Templates, load_templates
 from postroom.commands import CannedError, load_canned
-from postroom.config import Config, ConfigError, load_config
+from postroom.config import Config, ConfigError, config_lines, load_config
 from postroom.dkim import DkimError, Keyring
 from postroom.rules.engine import NO_RULES, Ruleset
 from postroom.rules.loader import RulesError, load_rules
+from postroom.words import plural
 
 log = logging.getLogger("postroom")
 
@@ -48,34 +50,49 @@ class LoadError(RuntimeError):
 
 
 def load_all(config_path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Loaded:
-    """The config and what it names: ``rules_file``, ``[autoreply] templates_dir``, the DKIM keys."""
+    """The config and what it names: ``rules_file``, ``[autoreply] templates_dir``, the DKIM keys, canned replies.
+
+    Every problem of all of them is collected before :class:`LoadError` is raised, each naming its file and line
+    (the config's line and key for a file the config names that is missing or unreadable).
+    """
     name = os.fspath(config_path)
     try:
         config = load_config(name, environ)
     except ConfigError as exc:
-        raise LoadError(name, [f"{exc.path}: {p}" for p in exc.problems]) from None
+        raise LoadError(name, exc.problems) from None
+    keyed: list[tuple[tuple[str, ...], str]] = []
     problems: list[str] = []
-    try:
-        templates = load_templates(config)
-    except TemplateError as exc:
-        problems += exc.problems
-        templates = NO_TEMPLATES
-    rules = NO_RULES
-    if config.rules_file:
+    templates = NO_TEMPLATES
+    if config.autoreply.acknowledge and not Path(config.autoreply.templates_dir).is_dir():
+        keyed.append((("autoreply", "templates_dir"), f"{config.autoreply.templates_dir}: not a directory"))
+    else:
         try:
-            rules = load_rules(config.rules_file, config, templates if not problems else None)
+            templates = load_templates(config)
+        except TemplateError as exc:
+            problems += exc.problems
+    rules = NO_RULES
+    if config.rules_file and not Path(config.rules_file).is_file():
+        keyed.append((("rules_file",), f"{config.rules_file}: no such file"))
+    elif config.rules_file:
+        try:
+            rules = load_rules(config.rules_file, config, templates if not problems and not keyed else None)
         except RulesError as exc:
             problems += [p.format(exc.path) for p in exc.problems]
+    keys = Keyring({})
     try:
         keys = Keyring.from_config(config)
     except DkimError as exc:
-        problems.append(f"{name}: {exc}")
-        keys = Keyring({})
+        keyed += exc.problems
+    canned: Mapping[str, Mapping[str, str]] = {}
     try:
         canned = load_canned(config)
     except CannedError as exc:
-        problems.append(f"{name}: {exc}")
-        canned = {}
+        keyed += exc.problems
+    if keyed:
+        lines = config_lines(name)
+        problems = [
+            f"{name}:{lines.line(k)}: {'.'.join(k)}: {m}" for k, m in sorted(keyed, key=lambda p: lines.line(p[0]))
+        ] + problems
     if problems:
         raise LoadError(name, problems)
     return Loaded(config, rules, templates, keys, canned)
@@ -89,10 +106,10 @@ def reload(config_path: str | os.PathLike[str], environ: Mapping[str, str] | Non
         log.error("reload of %s failed, keeping the running config and rules:\n%s", exc.path, exc)
         return exc
     log.info(
-        "reloaded %s: %d mailboxes, %d rules from %s",
+        "reloaded %s: %s, %s from %s",
         os.fspath(config_path),
-        len(loaded.config.mailboxes),
-        len(loaded.rules.rules),
+        plural(len(loaded.config.mailboxes), "mailbox"),
+        plural(len(loaded.rules.rules), "rule"),
         loaded.rules.source or "(no rules file)",
     )
     return loaded

@@ -103,9 +103,13 @@ def _strip_plain(text: str, replacements: list[str]) -> str:
         return text
     lines = text.splitlines(keepends=True)
     rest = lines[consumed:]
+    inserted = "".join(r if r.endswith("\n") else r + "\n" for r in replacements if r)
+    if inserted:
+        # The agent's blank line between the snippet and their own words stays where they wrote it.
+        return inserted + "".join(rest)
     while rest and not rest[0].strip():
         rest = rest[1:]
-    return "".join(r for r in replacements if r) + "".join(rest)
+    return "".join(rest)
 
 
 def _strip_html(markup: str, replacements: list[str]) -> str:
@@ -424,21 +428,30 @@ def load_canned(config: Config) -> dict[str, dict[str, str]]:
     A snippet is ``<canned_dir>/<name>.txt`` (UTF-8); ``{customer_name}`` and ``{ticket}`` are filled in.
     """
     out: dict[str, dict[str, str]] = {}
+    problems: list[tuple[tuple[str, ...], str]] = []
     for key, box in config.mailboxes.items():
         if not box.canned_dir:
             continue
+        where = ("mailboxes", key, "canned_dir")
         folder = Path(box.canned_dir)
         if not folder.is_dir():
-            raise CannedError(f"mailboxes.{key}.canned_dir {folder}: not a directory")
+            problems.append((where, f"{folder}: not a directory"))
+            continue
         snippets: dict[str, str] = {}
         for path in sorted(folder.glob("*.txt")):
             try:
                 snippets[path.stem.lower()] = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise CannedError(f"mailboxes.{key}.canned_dir: {path}: {exc}") from None
+                problems.append((where, f"{path}: {exc}"))
         out[box.address] = snippets
+    if problems:
+        raise CannedError("; ".join(f"{'.'.join(k)}: {m}" for k, m in problems), problems)
     return out
 
 
 class CannedError(ValueError):
-    pass
+    """Every unreadable canned-reply folder or file, as (config key, message)."""
+
+    def __init__(self, message: str, problems: list[tuple[tuple[str, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__(message)

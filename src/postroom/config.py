@@ -1,6 +1,6 @@
 """The one configuration schema, its TOML loader and the environment overrides.
 
-Every key has a type, a default and a comment in ``docs/examples/postroom.toml``; unknown keys and bad values
+Every key has a type, a default and a comment in ``examples/postroom.toml`` (package data); unknown keys and bad values
 are errors that name the file and the key.  A loaded :class:`Config` is immutable: a reload builds a new one, so a
 connection keeps the config it started with.
 """
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from postroom import redis_connect
 from postroom.redis_connect import Target
+from postroom.tomllines import KeyLines, key_lines
 
 # Deployment and tests point the same file at other services without editing it.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
@@ -37,12 +38,51 @@ LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 
 class ConfigError(ValueError):
-    """A configuration problem, with every message naming the file and the key."""
+    """A configuration problem; each of ``problems`` is one line ``FILE:LINE: key: message``."""
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
         self.problems = problems
-        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+        super().__init__("\n".join(problems))
+
+
+def check_redis_url(value: str) -> str:
+    """A URL redis-py can connect with; the ValueError says what is wrong (at load, not at the first mail)."""
+    from redis.connection import parse_url  # noqa: PLC0415  (redis-py's own parser, so the two always agree)
+
+    if re.match(r"^redis\+(sentinel|cluster)://", value):
+        return value  # RedisConfig.target() reads these forms, together with the section's other keys
+    if not re.match(r"^(redis|rediss|unix)://", value):
+        raise ValueError(
+            f"{value!r} is not a Redis URL: redis://HOST:PORT/DB, rediss://..., unix:///PATH,"
+            " redis+sentinel://HOST:PORT,.../SERVICE/DB or redis+cluster://HOST:PORT,..."
+        )
+    try:
+        parse_url(value)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return value
+
+
+def check_database_url(value: str) -> str:
+    """A SQLAlchemy URL whose dialect and driver are installed; the ValueError names the package to install."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415  (SQLAlchemy only where a database URL is read)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError  # noqa: PLC0415
+
+    try:
+        dialect = make_url(value).get_dialect()
+    except (ArgumentError, ValueError):
+        raise ValueError(f"{value!r} is not a database URL: sqlite:////PATH or postgresql+psycopg://...") from None
+    except NoSuchModuleError:
+        raise ValueError(f"{value!r}: SQLAlchemy knows no such database (sqlite or postgresql+psycopg)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ValueError(
+            f"{value!r}: its driver is not installed ({exc.name or exc}); postroom supports sqlite:/// "
+            "and postgresql+psycopg:// (psycopg, which ./dev install puts into the venv)"
+        ) from None
+    return value
 
 
 class _Section(BaseModel):
@@ -86,6 +126,11 @@ class RedisConfig(_Section):
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
     message_index_days: Annotated[int, Field(ge=1, le=3650)] = 400
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_redis_url(value)
+
     @model_validator(mode="after")
     def _target(self) -> RedisConfig:
         self.target()  # a ValueError here names the section: "redis: ..."
@@ -102,6 +147,11 @@ class DatabaseConfig(_Section):
     url: str = "sqlite:////var/lib/postroom/history.sqlite3"
     auto_migrate: bool = True
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 200
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_database_url(value)
 
 
 # Business time as "90m" or "4h" (hours and minutes of opening hours); "" means no target.
@@ -229,9 +279,22 @@ class MailboxConfig(_Section):
         return value
 
 
+_SELECTOR = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$"
+
+
 class DkimKey(_Section):
-    selector: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    selector: Annotated[str, Field(pattern=_SELECTOR, max_length=63)]
     key_file: str
+
+    @staticmethod
+    def problems(domain: str, selector: str) -> list[str]:
+        """What is wrong with a domain and selector an admin typed (``dkim genkey``), in the config's own terms."""
+        out = []
+        if not re.match(rf"^{_DOMAIN}$", domain):
+            out.append(f"{domain!r} is not a domain name")
+        if not re.match(_SELECTOR, selector) or len(selector) > 63:
+            out.append(f"{selector!r} is not a selector (letters, digits, '-', '_', dot-separated labels)")
+        return out
 
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -367,19 +430,6 @@ class Config(_Section):
         }
         return {**data, "mailboxes": boxes}
 
-    @model_validator(mode="after")
-    def _cross_references(self) -> Config:
-        seen: dict[str, str] = {}
-        for key, box in self.mailboxes.items():
-            if box.address in seen:
-                raise ValueError(f"mailboxes.{key}.address {box.address} is also mailboxes.{seen[box.address]}")
-            seen[box.address] = key
-            for field_name in ("agents", "leads"):
-                for login in getattr(box, field_name):
-                    if login not in self.agents:
-                        raise ValueError(f"mailboxes.{key}.{field_name}: unknown agent {login!r} (no [agents.{login}])")
-        return self
-
     # -- derived look-ups; computed on demand because a Config is small and frozen --
 
     def mailbox_for(self, address: str) -> tuple[str, MailboxConfig, str] | None:
@@ -421,67 +471,144 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+Loc = tuple[int | str, ...]
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Loc, str]:
+    """Apply the POSTROOM_* overrides; returns which keys came from which variable (for the error messages)."""
+    applied: dict[Loc, str] = {}
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in environ:
             data.setdefault(section, {})
             if not isinstance(data[section], dict):
                 continue  # the schema reports the bad section itself
             data[section][key] = environ[var]
+            applied[(section, key)] = var
+    return applied
 
 
-def parse_config(data: dict[str, Any], path: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-parsed TOML document; ``environ`` overrides apply first."""
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _cross_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    """Mistakes between tables (unknown agents, one address twice), found on the raw document so they show up
+    together with every other mistake instead of after the rest is fixed."""
+    out: list[tuple[Loc, str]] = []
+    agents = _table(data, "agents")
+    owner: dict[str, str] = {}
+    for login, agent in agents.items():
+        address = agent.get("address") if isinstance(agent, dict) else None
+        if isinstance(address, str):
+            if address.lower() in owner:
+                out.append((("agents", login, "address"), f"{address} is also {owner[address.lower()]}.address"))
+            owner.setdefault(address.lower(), f"agents.{login}")
+    for key, box in _table(data, "mailboxes").items():
+        if not isinstance(box, dict):
+            continue
+        address = box.get("address")
+        if isinstance(address, str):
+            if address.lower() in owner:
+                out.append((("mailboxes", key, "address"), f"{address} is also {owner[address.lower()]}.address"))
+            owner.setdefault(address.lower(), f"mailboxes.{key}")
+        for field_name in ("agents", "leads"):
+            logins = box.get(field_name)
+            for n, login in enumerate(logins if isinstance(logins, list) else []):
+                if isinstance(login, str) and login not in agents:
+                    out.append((("mailboxes", key, field_name, n), f"unknown agent {login!r} (no [agents.{login}])"))
+    return out
+
+
+def parse_config(
+    data: dict[str, Any],
+    path: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    lines: KeyLines | None = None,
+    *,
+    need_mailbox: bool = False,
+) -> Config:
+    """Validate an already-parsed TOML document; ``environ`` overrides apply first.  ``lines`` (from the TOML
+    text) lets every problem name its line; all problems of the document are reported together.  A config file
+    must name a mailbox (``need_mailbox``); documents built in code for tests need not."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    _apply_env(data, os.environ if environ is None else environ)
+    from_env = _apply_env(data, os.environ if environ is None else environ)
+    found: list[tuple[Loc, str]] = []
+    config = None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
-            where = _location(err["loc"])
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            problems.append(f"{where}: {msg}")
-        raise ConfigError(path, problems) from None
+            found.append((err["loc"], "unknown key" if err["type"] == "extra_forbidden" else err["msg"]))
+    found += _cross_problems(data)
+    if need_mailbox and not _table(data, "mailboxes"):
+        found.append((("mailboxes",), "no [mailboxes.NAME] table: postroom would handle no mail"))
+    if not found:
+        assert config is not None
+        return config
+    problems = []
+    for loc, msg in found:
+        var = from_env.get(loc[:2])
+        where = f"{path}: {_location(loc)} (from {var})" if var else f"{path}:{_line(lines, loc)}{_location(loc)}"
+        problems.append(f"{where}: {msg.removeprefix('Value error, ')}")
+    raise ConfigError(path, problems)
+
+
+def _line(lines: KeyLines | None, loc: Loc) -> str:
+    return f"{lines.line(loc)}: " if lines is not None else " "
+
+
+def read_toml(name: str) -> tuple[dict[str, Any], KeyLines]:
+    """A TOML file's document and the lines of its keys; :class:`ConfigError` if it cannot be read or parsed."""
+    try:
+        with open(name, "rb") as fh:
+            raw = fh.read()
+        text = raw.decode("utf-8")
+        return tomllib.loads(text), key_lines(text)
+    except OSError as exc:
+        raise ConfigError(name, [f"{name}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(name, [f"{name}:{line}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+)", str(exc))
+        raise ConfigError(name, [f"{name}:{m.group(1) if m else 1}: not valid TOML: {exc}"]) from None
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate a TOML config file; raises :class:`ConfigError` naming file and key."""
+    """Load and validate a TOML config file; raises :class:`ConfigError` naming file, line and key."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(name, [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
-    # Relative paths are relative to the config file, so the shipped example works from any directory.
-    here = Path(name).resolve().parent
+    data, lines = read_toml(name)
+    resolve_paths(data, Path(name).resolve().parent)
+    return parse_config(data, name, environ, lines, need_mailbox=True)
+
+
+def resolve_paths(data: dict[str, Any], here: Path) -> None:
+    """Make the file names of a raw config document absolute: relative ones are relative to the config file, so
+    the shipped example works from any directory (``Path / an absolute path`` is that path)."""
     for section, key in (("dkim", "key_file"), ("mailboxes", "canned_dir")):
-        table = data.get(section)
-        if isinstance(table, dict):
-            for entry in table.values():
-                if isinstance(entry, dict) and isinstance(entry.get(key), str) and entry[key]:
-                    entry[key] = str(here / entry[key])
-    # The rules file and the auto-reply templates likewise (Path / an absolute path is that path).
+        for entry in _table(data, section).values():
+            if isinstance(entry, dict) and isinstance(entry.get(key), str) and entry[key]:
+                entry[key] = str(here / entry[key])
     if isinstance(data.get("rules_file"), str) and data["rules_file"]:
-        data["rules_file"] = str(Path(name).resolve().parent / data["rules_file"])
+        data["rules_file"] = str(here / data["rules_file"])
     autoreply = data.get("autoreply")
     if isinstance(autoreply, dict) and isinstance(autoreply.get("templates_dir"), str):
-        autoreply["templates_dir"] = str(Path(name).resolve().parent / autoreply["templates_dir"])
-    return parse_config(data, name, environ)
+        autoreply["templates_dir"] = str(here / autoreply["templates_dir"])
+
+
+def config_lines(path: str | os.PathLike[str]) -> KeyLines:
+    """The key lines of a config file that has loaded before (for problems found after loading it)."""
+    try:
+        return read_toml(os.fspath(path))[1]
+    except ConfigError:
+        return KeyLines({})
 
 
 def example_config_path() -> Path:
-    """The shipped example, used by the tests and the demo so it never goes stale."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "docs" / "examples" / "postroom.toml"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("docs/examples/postroom.toml not found beside the package")
+    """The shipped example (package data, beside its rules, templates, canned replies and example DKIM key), used
+    by the tests and the demo so it never goes stale, and found the same way in a checkout and in an install."""
+    return Path(__file__).resolve().parent / "examples" / "postroom.toml"
 
 
 def _toml_value(value: object) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from postroom import digest, remind, timeline
+from postroom import log as plog
 from postroom.admin.common import daemon_runtime
 from postroom.config import Config, example_config_path, load_config, parse_config, to_toml
 from postroom.dkim import dns_answer, public_txt
@@ -37,6 +39,7 @@ from postroom.history import make_engine
 from postroom.runtime import Runtime
 from postroom.smtpd.devserver import DEMO_PASSWORD, DevServer
 from postroom.store.redis import RedisStore
+from postroom.words import plural
 from postroom_testbed import RedisServer, StackError, free_port
 
 SUPPORT = "support@example.test"
@@ -94,7 +97,7 @@ def write_config(workdir: Path, redis_url: str, mail_port: int) -> Path:
     data["mailer"]["port"] = mail_port
     config = parse_config(data, "<demo>", environ={})
     path = workdir / "postroom.toml"
-    path.write_text("# Written by postroom demo from docs/examples/postroom.toml.\n" + to_toml(config))
+    path.write_text("# Written by postroom demo from the example postroom.toml.\n" + to_toml(config))
     return path
 
 
@@ -246,16 +249,27 @@ class Story:
         for owner, folders in self.maildirs.tree().items():
             branch = tree.add(owner)
             for folder, count in folders.items():
-                branch.add(f"{folder} ({count} messages)")
+                branch.add(f"{folder} ({plural(count, 'message')})")
         self.console.print(tree)
 
 
-def _wait_for_ctrl_c() -> None:
+def wait_for_ctrl_c() -> None:
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemctl, kill, a closing terminal's SIGHUP) ends the demo like Ctrl-C: through the finally that
+    stops its redis-server, instead of leaving it running without the demo."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
 
 
 def run(keep: bool = False, workdir: Path | None = None, console: Console | None = None) -> int:
@@ -266,6 +280,9 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
     root = Path(tempfile.mkdtemp(prefix="postroom-demo-")) if workdir is None else workdir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     console.rule("postroom demo: a private Redis, SQLite and the postroom dev SMTP server")
+    # The dev server's lines carry the id it gives each mail (as Postfix's queue id in the daemons' logs).
+    plog.setup("warning")
+    stop_on_sigterm()
     redis = RedisServer(root)
     try:
         redis.start()
@@ -290,13 +307,17 @@ def run(keep: bool = False, workdir: Path | None = None, console: Console | None
                     # Commands to copy: never broken at the terminal's width.
                     soft_wrap=True,
                 )
-                _wait_for_ctrl_c()
+                plog.setup("info")  # each mail you send: what postroom did with it, under its id
+                wait_for_ctrl_c()
     except StackError as exc:
         console.print(f"[red]the demo could not start:[/] {exc}")
         return 1
     except (OSError, smtplib.SMTPException) as exc:
         console.print(f"[red]the demo's SMTP server failed:[/] {exc}")
         return 1
+    except KeyboardInterrupt:
+        console.print("[bold]demo stopped; everything it started is stopped[/]")
+        return 130
     finally:
         redis.stop()
         if own_dir and not keep:

@@ -15,15 +15,18 @@ import time
 import uuid
 from email.message import EmailMessage
 from email.utils import make_msgid
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
 from postroom.config import example_config_path, load_config
+from postroom.demo import stop_on_sigterm, wait_for_ctrl_c
 from postroom.imap_event import namespace_prefix
 from postroom.store.redis import RedisStore
-from postroom_testbed import Deployment, StackError
+from postroom.words import plural
+from postroom_testbed import StackError
 from postroom_testbed.imap import Team, deploy_team
 
 CUSTOMERS = ("alice@customer.test", "bob@customer.test", "mallory@customer.test")
@@ -117,7 +120,7 @@ class Story:
         tree = Tree(f"IMAP folders of {self.box.address}")
         for folder in self.d.stack.folders(self.box.address):
             count = len(self.d.stack.fetch(self.box.address, folder))
-            tree.add(f"{folder} ({count} messages)")
+            tree.add(f"{folder} ({plural(count, 'message')})")
         self.console.print(tree)
 
 
@@ -139,7 +142,23 @@ def _access(team: Team, console: Console) -> None:
     console.print(table)
 
 
-def run(keep: bool = False, console: Console | None = None) -> int:
+def _hints(team: Team) -> str:
+    """What to try by hand while the demo keeps running; one command a line, never wrapped (to be copied)."""
+    d = team.deployment
+    smtp, sub = d.stack.postfix.smtp_port, d.stack.postfix.submission_port
+    return (
+        f"\nRunning until Ctrl-C.  In Thunderbird: an IMAP account on 127.0.0.1:{d.stack.dovecot.imap_port} and"
+        f" SMTP 127.0.0.1:{sub}, user meier with the password above, no encryption:"
+        " the folder Support is the team's INBOX, Support/Meier his.\n"
+        f"  swaks --server 127.0.0.1:{smtp} --to support@example.test --from carol@customer.test\n"
+        f"  swaks --server 127.0.0.1:{sub} --auth-user meier --auth-password {team.passwords['meier']} "
+        "--from meier@example.test --to bob@customer.test --header 'Subject: Re: [Support #2] Invoice wrong'"
+    )
+
+
+def run(keep: bool = False, console: Console | None = None, workdir: Path | None = None) -> int:
+    """The story on a private Postfix + Dovecot + Redis; with ``workdir`` (or ``keep``) its folder, with the
+    milter's log, stays after the demo for a look."""
     console = console or Console()
     if os.geteuid() != 0:
         console.print(
@@ -150,32 +169,29 @@ def run(keep: bool = False, console: Console | None = None) -> int:
     config = load_config(example_config_path(), environ={})
     passwords = {login: f"{login}-{secrets.token_hex(3)}" for login in config.agents}
     console.rule("postroom demo --postfix: a private Postfix + Dovecot + Redis with the postroom milter")
+    stays = keep or workdir is not None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
     try:
-        with deploy_team(config, passwords, CUSTOMERS) as team:
+        with deploy_team(config, passwords, CUSTOMERS, parent_dir=workdir, keep_dir=stays) as team:
             d = team.deployment
-            console.print(f"work folder {d.stack.root}; milter log {d.milter.log_path}")
+            log_path = d.milter.log_path
+            kept = "kept after the demo" if stays else "removed at the end; --workdir DIR keeps it"
+            console.print(f"work folder {d.stack.root} ({kept}); milter log {log_path}")
             _access(team, console)
             story = Story(team, console)
             story.run()
             story.summary()
             if keep:
-                _wait(d, console)
+                console.print(_hints(team), soft_wrap=True)
+                wait_for_ctrl_c()
     except StackError as exc:
         console.print(f"[red]the demo stack failed:[/] {exc}")
         return 1
-    console.print("[bold]demo finished; everything it started is stopped[/]")
-    return 0
-
-
-def _wait(d: Deployment, console: Console) -> None:
-    console.print(
-        f"\nRunning until Ctrl-C.  In Thunderbird: an IMAP account on 127.0.0.1:{d.stack.dovecot.imap_port} and"
-        f" SMTP 127.0.0.1:{d.stack.postfix.submission_port}, user meier with the password above, no encryption:"
-        " the folder Support is the team's INBOX, Support/Meier his.\n"
-        f"  swaks --server 127.0.0.1:{d.stack.postfix.smtp_port} --to support@example.test --from carol@customer.test"
-    )
-    try:
-        while True:
-            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        console.print("[bold]demo stopped; everything it started is stopped[/]")
+        return 130
+    where = f"; the milter's log stays in {log_path}" if stays else ""
+    console.print(f"[bold]demo finished; everything it started is stopped{where}[/]")
+    return 0

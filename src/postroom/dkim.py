@@ -43,7 +43,11 @@ MIN_BITS = 1024  # what dkimpy and most receivers refuse below
 
 
 class DkimError(RuntimeError):
-    pass
+    """A signing failure, or (from :meth:`Keyring.from_config`) every unusable key as (config key, message)."""
+
+    def __init__(self, message: str, problems: list[tuple[tuple[str, ...], str]] | None = None) -> None:
+        self.problems = problems or []
+        super().__init__(message)
 
 
 class SigningKey:
@@ -83,15 +87,18 @@ class Keyring:
     @classmethod
     def from_config(cls, config: Config) -> Keyring:
         keys: dict[str, SigningKey] = {}
+        problems: list[tuple[tuple[str, ...], str]] = []
         for domain, entry in config.dkim.items():
+            where = ("dkim", domain, "key_file")
             try:
                 pem = Path(entry.key_file).read_bytes()
-            except OSError as exc:
-                raise DkimError(f"dkim.{domain}.key_file {entry.key_file}: {exc.strerror}") from None
-            try:
                 keys[domain] = SigningKey(domain, entry.selector, pem)
+            except OSError as exc:
+                problems.append((where, f"{entry.key_file}: {exc.strerror}"))
             except DkimError as exc:
-                raise DkimError(f"dkim.{domain}.key_file {entry.key_file}: {exc}") from None
+                problems.append((where, f"{entry.key_file}: {exc}"))
+        if problems:
+            raise DkimError("; ".join(f"{'.'.join(k)}: {m}" for k, m in problems), problems)
         return cls(keys)
 
     def for_address(self, address: str) -> SigningKey | None:
@@ -245,6 +252,18 @@ def public_txt(private_pem: bytes) -> str:
         ["openssl", "rsa", "-pubout", "-outform", "DER"], input=private_pem, capture_output=True, check=True
     ).stdout
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def txt_strings(value: str, size: int = 255) -> list[str]:
+    """A TXT value cut into the character-strings DNS can hold (255 bytes each); resolvers join them again."""
+    data = value.encode("ascii")
+    return [data[i : i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
+
+
+def zone_line(domain: str, selector: str, value: str) -> str:
+    """The record as a zone-file line, in quoted strings of at most 255 bytes (one string would not load)."""
+    quoted = " ".join(f'"{part}"' for part in txt_strings(value))
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
 
 
 def generate(bits: int = 2048) -> bytes:

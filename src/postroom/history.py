@@ -105,7 +105,12 @@ def _ts(at: float) -> datetime:
 def _ensure_sqlite_dir(url: str) -> None:
     # SQLite opens the file but will not make its folder; a fresh demo or test dir has none yet.
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # The admin knows this folder as database.url: say so rather than only the errno's text.
+            why = f"cannot create the folder of the SQLite database of database.url ({exc.strerror})"
+            raise OSError(exc.errno, why, exc.filename) from None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
@@ -159,16 +164,18 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest Alembic revision.
+def migrate(url: str) -> tuple[str | None, str | None]:
+    """Bring the schema to the newest Alembic revision; returns (revision before, revision now) for
+    ``postroom db upgrade`` to say what it did.
 
     Alembic is imported only when there is something to migrate: a running milter then never holds it in memory
     (about 9 MiB) for a check that finds the schema up to date.
     """
     _ensure_sqlite_dir(url)
     head = head_revision()
-    if head is not None and current_revision(url) == head:
-        return
+    before = current_revision(url)
+    if head is not None and before == head:
+        return before, head
     from alembic import command  # noqa: PLC0415 -- lazily, see above
     from alembic.config import Config as AlembicConfig  # noqa: PLC0415
 
@@ -176,6 +183,7 @@ def migrate(url: str) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     command.upgrade(cfg, "head")
+    return before, current_revision(url)
 
 
 _TICKETS = Base.metadata.tables["tickets"]

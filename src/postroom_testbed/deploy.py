@@ -59,9 +59,17 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deploy(base: Config, customers: Sequence[str] = (), adapter: Adapter = "milter") -> Iterator[Deployment]:
+def deploy(
+    base: Config,
+    customers: Sequence[str] = (),
+    adapter: Adapter = "milter",
+    *,
+    parent_dir: Path | None = None,
+    keep_dir: bool = False,
+) -> Iterator[Deployment]:
     """Start a stack whose mailboxes and logins are the config's, plus postroom as ``adapter``: the milter
-    (``postroom milter``) or the after-queue filter (``postroom smtpd``); stop everything on exit."""
+    (``postroom milter``) or the after-queue filter (``postroom smtpd``); stop everything on exit.
+    ``parent_dir`` and ``keep_dir`` are the Stack's: where its folder goes, and whether it stays after the stop."""
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, not {adapter!r}")
     addresses = [box.address for box in base.mailboxes.values()]
@@ -69,7 +77,10 @@ def deploy(base: Config, customers: Sequence[str] = (), adapter: Adapter = "milt
     users = [MailUser(a) for a in dict.fromkeys([*addresses, *customers])]
     logins = [Login(name) for name in base.agents]
     milter, after_queue = ("auto", None) if adapter == "milter" else (None, "after-queue")
-    with Stack(users=users, logins=logins, milter=milter, filter=after_queue) as stack:
+    stack_at = Stack(
+        users=users, logins=logins, milter=milter, filter=after_queue, parent_dir=parent_dir, keep_dir=keep_dir
+    )
+    with stack_at as stack:
         workdir = stack.root / "postroom"
         config = config_for_stack(base, stack, workdir)
         daemon: MilterDaemon | SmtpdDaemon

@@ -117,13 +117,23 @@ class _SnippetWriter:
 
 
 @contextlib.contextmanager
-def deploy_team(base: Config, passwords: Mapping[str, str], customers: Sequence[str] = ()) -> Iterator[Team]:
-    """The config's shared mailboxes and agents (each with their password) behind the real milter."""
+def deploy_team(
+    base: Config,
+    passwords: Mapping[str, str],
+    customers: Sequence[str] = (),
+    *,
+    parent_dir: Path | None = None,
+    keep_dir: bool = False,
+) -> Iterator[Team]:
+    """The config's shared mailboxes and agents (each with their password) behind the real milter.
+    ``parent_dir`` and ``keep_dir`` are the Stack's: where its folder goes, and whether it stays after the stop."""
     users = [MailUser(box.address) for box in base.mailboxes.values()]
     users += [MailUser(c) for c in customers]
     logins = [Login(login, passwords[login]) for login in base.agents]
     writer = _SnippetWriter(base)
-    stack = Stack(users=users, logins=logins, milter="auto", dovecot_extra=writer)
+    stack = Stack(
+        users=users, logins=logins, milter="auto", dovecot_extra=writer, parent_dir=parent_dir, keep_dir=keep_dir
+    )
     writer.stack = stack
     with stack:
         assert writer.config is not None

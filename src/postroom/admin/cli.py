@@ -18,19 +18,22 @@ from postroom.admin import dovecot, snippets, tickets
 from postroom.admin.common import (
     CONFIG_OPTION,
     daemon_runtime,
+    fail,
     load_bundle_or_exit,
     load_or_exit,
     migrate_apart,
     reload_bundle,
     reload_runtime,
 )
+from postroom.admin.group import MainGroup, use_formatter
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
-from postroom.config import Config
-from postroom.dkim import generate, public_txt
+from postroom.config import Config, DkimKey, example_config_path
+from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
 from postroom.runtime import Runtime
 from postroom.store.redis import RedisStore
+from postroom.words import plural
 
 if TYPE_CHECKING:
     from postroom.milter.adapter import Pipeline
@@ -41,7 +44,7 @@ log = logging.getLogger("postroom")
 _load = load_or_exit
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="postroom")
 def main() -> None:
     """postroom turns a shared mailbox (support@, sales@) into a team inbox at the SMTP level.
@@ -58,7 +61,7 @@ def milter_command(config_path: Path) -> None:
 
     Point Postfix at it with `smtpd_milters = unix:/run/postroom/milter.sock` and
     `milter_default_action = accept` (see `postroom postfix-snippet`).  With [milter] workers >= 1 the pipeline runs
-    in that many child processes (`postroom milter-worker`), which this process starts, restarts and stops.
+    in that many child processes, which this process starts, restarts and stops.
     """
     from postroom.milter import run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
     from postroom.milter.worker import (  # noqa: PLC0415
@@ -89,7 +92,10 @@ def milter_command(config_path: Path) -> None:
     if loaded.config.database.auto_migrate:
         migrate_apart(loaded.config.database.url)  # once, before the workers open the database
     log.info(
-        "postroom %s milter starting with %s and %d worker processes", __version__, config_path, config.milter.workers
+        "postroom %s milter starting with %s and %s",
+        __version__,
+        config_path,
+        plural(config.milter.workers, "worker process"),
     )
     pool = WorkerPool(worker_command(config_path), config.milter.workers, REPLY_SECONDS, loaded)
 
@@ -202,7 +208,7 @@ def demo_command(keep: bool, workdir: Path | None, postfix: bool) -> None:
     if postfix:
         from postroom.demo_postfix import run as run_postfix  # noqa: PLC0415
 
-        raise SystemExit(run_postfix(keep=keep))
+        raise SystemExit(run_postfix(keep=keep, workdir=workdir))
     from postroom.demo import run as run_demo  # noqa: PLC0415
 
     raise SystemExit(run_demo(keep=keep, workdir=workdir))
@@ -214,11 +220,56 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def config_check(path: Path) -> None:
-    """Validate a config file; print every error with file and key, exit 2 on errors."""
-    config = _load(path)
-    click.echo(f"{path}: OK ({len(config.mailboxes)} mailboxes, {len(config.agents)} agents)")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--connect", is_flag=True, help="Also reach Redis (and report its persistence) and the database.")
+def config_check(path: Path | None, config_path: Path, connect: bool) -> None:
+    """The pre-flight before starting a daemon: load everything `postroom milter` and `postroom smtpd` load.
+
+    The config, its rules_file, auto-reply templates, DKIM key files and canned replies are read and checked
+    against each other (unknown agents, one address twice, a missing file); every mistake is printed in one run
+    as FILE:LINE: key: message, and the exit status is 2 if there is any.  With --connect it also connects to
+    Redis (saying whether it persists with AOF) and to the database (saying whether its schema is current); an
+    unreachable one is an error too.  Nothing is changed or created.  (The form `config check PATH` still works
+    but is deprecated: use --config PATH as every other command does.)
+    """
+    from postroom.admin.preflight import check  # noqa: PLC0415  (only this command reaches out to the services)
+
+    if path is not None:
+        click.echo("postroom: `config check PATH` is deprecated; use `config check --config PATH`", err=True)
+        config_path = path
+    report = check(config_path, connect=connect)
+    for line in report.errors:
+        click.echo(line, err=True)
+    for line in report.warnings:
+        click.echo(f"warning: {line}", err=True)
+    if report.errors:
+        raise fail(f"{config_path}: {plural(len(report.errors), 'error')}")
+    click.echo(f"{config_path}: OK ({'; '.join(report.notes)})")
+
+
+@config_group.command("example")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def config_example(directory: Path) -> None:
+    """Copy the example config into DIRECTORY with what it names beside it: rules.toml, templates/, canned/ and
+    dkim/ (an example key everybody has: make your own with `postroom dkim genkey`).  Files that exist are left
+    as they are.  Then edit DIRECTORY/postroom.toml and run `postroom config check --config` on it.
+    """
+    source = example_config_path().parent
+    for path in sorted(source.rglob("*")):
+        target = directory / path.relative_to(source)
+        if path.is_dir() or path.name == "demo-rules.toml":
+            continue
+        if target.exists():
+            click.echo(f"{target}: exists, left as it is")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The example key is a private key (of a well-known example, but the copy is where a real one will go).
+        mode = 0o600 if target.suffix == ".key" else 0o644
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(path.read_bytes())
+        click.echo(f"{target}: written")
 
 
 @main.group("dkim")
@@ -239,7 +290,15 @@ def dkim_group() -> None:
 )
 @click.option("--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True)
 def dkim_genkey(domain: str, selector: str, directory: Path, bits: int) -> None:
-    """Write a new RSA key for DOMAIN and print the DNS TXT record and the config lines for it."""
+    """Write a new RSA key for DOMAIN and print the DNS TXT record and the config lines for it.
+
+    The record is printed as a zone-file line whose value is split into strings of at most 255 bytes, as DNS
+    requires for a 2048-bit key; most DNS providers' web forms take the strings joined into one value.
+    """
+    problems = DkimKey.problems(domain, selector)
+    if problems:
+        raise fail("\n".join(f"postroom dkim genkey: {p}" for p in problems))
+    domain = domain.lower()
     path = directory / f"{domain}.{selector}.key"
     if path.exists():
         click.echo(f"{path} exists; not overwriting a key that may be published", err=True)
@@ -252,7 +311,7 @@ def dkim_genkey(domain: str, selector: str, directory: Path, bits: int) -> None:
         fh.write(pem)
     click.echo(f"wrote {path} (chown it to the postroom user)")
     click.echo("\nDNS record:")
-    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{public_txt(pem)}"')
+    click.echo(zone_line(domain, selector, public_txt(pem)))
     click.echo("\npostroom.toml:")
     click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nkey_file = "{path}"')
 
@@ -267,14 +326,21 @@ def db_group() -> None:
 def db_upgrade(config_path: Path) -> None:
     """Create or migrate the history schema to the newest revision."""
     config = _load(config_path)
-    migrate(config.database.url)
-    click.echo(f"database at {config.database.url.split('@')[-1]} is at the newest revision")
+    before, now = migrate(config.database.url)
+    where = f"database at {config.database.url.split('@')[-1]}"
+    if before is None:
+        click.echo(f"{where}: created the history schema (revision {now})")
+    elif before != now:
+        click.echo(f"{where}: migrated the history schema from revision {before} to {now}")
+    else:
+        click.echo(f"{where}: already at the newest revision {now}; nothing to do")
 
 
 main.add_command(rules_group)
 main.add_command(remind_command)
 main.add_command(digest_command)
 main.add_command(stats_command)
+use_formatter(main)
 
 if __name__ == "__main__":
     sys.exit(main())

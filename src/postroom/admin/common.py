@@ -29,6 +29,8 @@ log = logging.getLogger("postroom")
 
 # Exit status for a mistake of the admin's (bad config, unknown ticket or agent), as click uses for usage errors.
 EXIT_USAGE = 2
+# Exit status when a service (Redis, SQL, a file the system should provide) fails rather than the admin's input.
+EXIT_SERVICE = 1
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -36,7 +38,7 @@ CONFIG_OPTION = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("/etc/postroom/postroom.toml"),
     show_default=True,
-    help="The TOML configuration file (see docs/examples/postroom.toml).",
+    help="The TOML configuration file (see src/postroom/examples/postroom.toml).",
 )
 
 
@@ -51,7 +53,7 @@ def load_or_exit(path: Path) -> Config:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(f"{exc.path}: {problem}", err=True)
+            click.echo(problem, err=True)
         raise SystemExit(EXIT_USAGE) from None
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger("postroom.imap_event")
 # folder: Support/Meier with its mail) nor "a" (change the ACLs).  RFC 4314 letters as Dovecot spells them.
 AGENT_RIGHTS = "lrwstipek"
 SIEVE_PROGRAM = "postroom-imap-event"
+DEFAULT_CONFIG = Path("/etc/postroom/postroom.toml")  # read when it exists and no --config is given
 DEFAULT_DIR = Path("/etc/dovecot/postroom")
 DEFAULT_LOCATION = "maildir:/var/vmail/{address}/Maildir"
 
@@ -288,7 +289,8 @@ def write_files(config: Config, layout: Layout) -> list[Path]:
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Make the whole shared-mailbox configuration from this config file (without it: the LMTP lines only).",
+    help="Make the whole shared-mailbox configuration from this config file [default: /etc/postroom/postroom.toml"
+    " if it exists; without a config: the LMTP lines only].",
 )
 @click.option(
     "--dir",
@@ -323,6 +325,8 @@ def dovecot_snippet_command(
     the ticket, into Done closes it, back into the INBOX releases it.  postroom logs in as the master user
     [imap] master_user.  With --write the files are written into --dir; include postroom.conf from dovecot.conf.
     """
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = DEFAULT_CONFIG  # the default every other command reads
     if config_path is None:
         if write:
             raise fail("--write needs --config")

@@ -24,6 +24,7 @@ from postroom.parts import Parts
 from postroom.rules import MemoryAssignmentState, RulesError, Ruleset, load_rules
 from postroom.store.memory import MemoryStore
 from postroom.verdict import AddHeader, AddRecipient, Envelope, SetHeader
+from postroom.words import plural
 
 
 @click.group("rules")
@@ -36,7 +37,7 @@ def _config_or_exit(path: Path) -> Config:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(f"{exc.path}: {problem}", err=True)
+            click.echo(problem, err=True)
         raise SystemExit(2) from None
 
 
@@ -81,7 +82,7 @@ def check_command(path: Path, config_path: Path | None) -> None:
     if failed:
         raise SystemExit(2)
     checked = f"against {config_path}" if config_path else "without a config: agents and mailboxes not checked"
-    click.echo(f"{path}: OK ({len(ruleset.rules)} rules, {len(ruleset.groups)} groups; {checked})")
+    click.echo(f"{path}: OK ({plural(len(ruleset.rules), 'rule')}, {plural(len(ruleset.groups), 'group')}; {checked})")
     _print_table(ruleset)
 
 

@@ -19,10 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from postroom.admin.common import CONFIG_OPTION, fail, load_or_exit, redis_store
+from postroom.admin.common import CONFIG_OPTION, EXIT_SERVICE, fail, load_or_exit, redis_store
 from postroom.config import Config, MailboxConfig
 from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
 from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
+from postroom.words import plural
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 ACTOR = "admin"
 STATES = ("new", "open", "pending", "closed")
 UNASSIGNED = "unassigned"
-# Exit status when a service (Redis, SQL) fails rather than the admin's input.
-EXIT_SERVICE = 1
 
 MAILBOX_OPTION = click.option(
     "--mailbox",
@@ -163,7 +162,7 @@ def list_command(
         )
     console = _console()
     console.print(table)
-    console.print(f"{len(found)} ticket(s)")
+    console.print(plural(len(found), "ticket"))
 
 
 @dataclass

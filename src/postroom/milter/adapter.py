@@ -271,6 +271,16 @@ def make_factory(pipeline: Pipeline | Runtime) -> tuple[type[PostroomMilter], _H
     return cls, holder
 
 
+def _listen_failure(socket: str, exc: Exception) -> OSError:
+    if isinstance(exc, OSError):
+        return exc
+    # libmilter says only "cannot opensocket": name the socket and the usual reasons.
+    return OSError(
+        f"cannot listen on [milter] socket {socket} ({exc}): does its folder exist, and may postroom write there? "
+        "(systemd's RuntimeDirectory=postroom makes /run/postroom)"
+    )
+
+
 def run(
     pipeline: Pipeline,
     reload: Callable[[Pipeline], Pipeline | None] | None = None,
@@ -326,4 +336,4 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failure:
-        raise failure[0]
+        raise _listen_failure(config.milter.socket, failure[0])

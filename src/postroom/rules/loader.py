@@ -1,6 +1,6 @@
 """The rules file: TOML, checked on load, every mistake named with its file, rule and line.
 
-Format (docs/examples/rules.toml is the commented example)::
+Format (src/postroom/examples/rules.toml is the commented example)::
 
     [groups]                      # optional: named sets of agents for the assign_* actions
     billing = ["meier", "mueller"]

@@ -1,7 +1,7 @@
 """The conditions a rule may have: one small named predicate per condition key of the rules file.
 
 Each class is the whole story of one key: its ``key`` in the file, a ``description`` for the admin (the header of
-docs/examples/rules.toml lists them all, and a test keeps it complete), ``parse`` turning the TOML value into the
+examples/rules.toml lists them all, and a test keeps it complete), ``parse`` turning the TOML value into the
 predicate or raising ValueError with a message for the admin, ``matches`` and ``explain``.  They are frozen
 dataclasses, so two rules with the same condition compare equal: that is how the loader finds rules a previous
 ``stop`` rule makes unreachable.

@@ -1,0 +1,65 @@
+"""What every ``postroom`` command shares at the top: one clear line instead of a traceback for a config or service
+problem, and help text whose names of files and commands are never broken at a hyphen."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import click
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from postroom.admin.common import EXIT_SERVICE, EXIT_USAGE
+from postroom.bundle import LoadError
+from postroom.config import ConfigError
+from postroom.tickets import StoreUnavailable
+
+_NB_HYPHEN = "\u2011"  # stands in for "-" inside a word while click wraps, then turns back into "-"
+
+
+class _Formatter(click.HelpFormatter):
+    """click's wrapping breaks after a hyphen ("docs/deploy- milter.md", "postroom postfix- snippet"); names of
+    files and commands must stay whole to be copied, so hyphens inside words are hidden from the wrapper."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(re.sub(r"(?<=\S)-(?=\S)", _NB_HYPHEN, text))
+
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        hidden = [(a, re.sub(r"(?<=\S)-(?=\S)", _NB_HYPHEN, b)) for a, b in rows]
+        super().write_dl(hidden, col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(_NB_HYPHEN, "-")
+
+
+class _Context(click.Context):
+    formatter_class = _Formatter
+
+
+def use_formatter(command: click.Command) -> None:
+    command.context_class = _Context
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            use_formatter(sub)
+
+
+class MainGroup(click.Group):
+    """The command group, which turns every configuration or service problem into one clear line, never into a
+    traceback: a mistake in a file is the admin's to fix (exit 2), an unreachable service the site's (exit 1)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, LoadError) as exc:
+            for problem in exc.problems:
+                click.echo(problem, err=True)
+            raise SystemExit(EXIT_USAGE) from None
+        except (StoreUnavailable, redis.RedisError) as exc:
+            click.echo(f"postroom: Redis: {exc}", err=True)
+        except SQLAlchemyError as exc:
+            click.echo(f"postroom: database: {getattr(exc, 'orig', None) or exc}", err=True)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"postroom: {where}{exc.strerror or exc}", err=True)
+        raise SystemExit(EXIT_SERVICE)
