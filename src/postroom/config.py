@@ -50,12 +50,12 @@ def check_redis_url(value: str) -> str:
     """A URL redis-py can connect with; the ValueError says what is wrong (at load, not at the first mail)."""
     from redis.connection import parse_url  # noqa: PLC0415  (redis-py's own parser, so the two always agree)
 
-    if re.match(r"^redis\+(sentinel|cluster)://", value):
-        return value  # RedisConfig.target() reads these forms, together with the section's other keys
+    if re.match(r"^rediss?\+\w+://", value):
+        return value  # RedisConfig.target() reads (or refuses) these forms, together with the section's other keys
     if not re.match(r"^(redis|rediss|unix)://", value):
         raise ValueError(
-            f"{value!r} is not a Redis URL: redis://HOST:PORT/DB, rediss://..., unix:///PATH,"
-            " redis+sentinel://HOST:PORT,.../SERVICE/DB or redis+cluster://HOST:PORT,..."
+            f"{value!r} is not a Redis URL: url must start with redis://, rediss://, unix://, redis+sentinel:// or"
+            " redis+cluster://"
         )
     try:
         parse_url(value)  # type: ignore[no-untyped-call]

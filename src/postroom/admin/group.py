@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import click
 import redis
+from redis.exceptions import RedisClusterException
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.admin.common import EXIT_SERVICE, EXIT_USAGE
@@ -55,7 +56,7 @@ class MainGroup(click.Group):
             for problem in exc.problems:
                 click.echo(problem, err=True)
             raise SystemExit(EXIT_USAGE) from None
-        except (StoreUnavailable, redis.RedisError) as exc:
+        except (StoreUnavailable, redis.RedisError, RedisClusterException) as exc:
             click.echo(f"postroom: Redis: {exc}", err=True)
         except SQLAlchemyError as exc:
             click.echo(f"postroom: database: {getattr(exc, 'orig', None) or exc}", err=True)

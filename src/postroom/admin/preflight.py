@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import redis_connect
 from postroom.bundle import Loaded, LoadError, load_all
 from postroom.config import Config, ConfigError, config_lines, load_config, read_toml, resolve_paths
 from postroom.history import current_revision, head_revision
-from postroom.store.redis import connect
 from postroom.words import plural
 
 
@@ -145,10 +147,22 @@ def redis_persistence(client: redis.Redis) -> tuple[bool, str]:
 
 def _connect_redis(config: Config, report: Report) -> None:
     url = config.redis.url
-    client = connect(url, timeout=config.redis.timeout_seconds)
     try:
-        version = client.info("server").get("redis_version", "?")
-        aof, how = redis_persistence(client)
+        # The daemons' own way in (one Redis, Sentinel or Cluster, with the section's other keys).
+        client = redis_connect.connect(config.redis.target(), config.redis.timeout_seconds)
+    except (redis.RedisError, RedisClusterException) as exc:
+        report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {exc}")
+        return
+    try:
+        # On a Cluster every primary keeps its own data: one node's settings stand for the deployment's
+        # (deploy-ha.md asks for the same on every node).
+        node = (
+            client.get_redis_connection(client.get_default_node())  # type: ignore[no-untyped-call]
+            if isinstance(client, RedisCluster)
+            else client
+        )
+        version = node.info("server").get("redis_version", "?")
+        aof, how = redis_persistence(node)
     except redis.RedisError as exc:
         report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {exc}")
         return
