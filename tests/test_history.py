@@ -27,6 +27,7 @@ from postroom.history import (
     sqlite_text_time,
     write,
 )
+from postroom.spool import Spool
 from postroom.tickets import Record
 
 BOX = "support@example.test"
@@ -45,10 +46,10 @@ def test_migrations_create_the_schema(db_url: str) -> None:
     engine.dispose()
 
 
-def test_writer_records_tickets_messages_events(db_url: str) -> None:
+def test_writer_records_tickets_messages_events(db_url: str, tmp_path: Path) -> None:
     migrate(db_url)
     engine = make_engine(db_url)
-    writer = HistoryWriter(engine, batch_size=3)
+    writer = HistoryWriter(engine, Spool(tmp_path / "spool", 1 << 20), batch_size=3)
     writer.start()
     writer.submit([rec(1, "opened", customer="alice@c", ticket_subject="Hello", message_id="m1@c", queue_id="Q1")])
     writer.submit([rec(1, "followup", owner="meier", state="open", message_id="m2@c", queue_id="Q2")])
@@ -65,21 +66,27 @@ def test_writer_records_tickets_messages_events(db_url: str) -> None:
     engine.dispose()
 
 
-def test_a_dead_database_loses_history_lines_not_the_thread(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    # No migration: every write fails; the writer logs the queue ids and keeps serving.
+def test_a_dead_database_delays_history_and_loses_none(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No migration: every write fails; the records wait in the spool, in order, until the database works.
     engine = make_engine(sqlite_url)
-    writer = HistoryWriter(engine)
+    writer = HistoryWriter(engine, Spool(tmp_path / "spool", 1 << 20), max_backoff=0.2)
     writer.start()
-    with caplog.at_level(logging.ERROR, logger="postroom.history"):
-        writer.submit([rec(1, "opened", queue_id="QDEAD")])
-        assert writer.flush()
-    assert "QDEAD" in caplog.text
-    migrate(sqlite_url)
-    writer.submit([rec(1, "opened", queue_id="QLIVE", message_id="x@y")])
-    assert writer.flush()
+    with caplog.at_level(logging.WARNING, logger="postroom.history"):
+        writer.submit([rec(1, "opened", queue_id="Q1", message_id="a@c", customer="alice@c")])
+        writer.submit([rec(1, "followup", queue_id="Q2", message_id="b@c", owner="meier", state="open")])
+        assert not writer.flush(timeout=1.0)
+        assert "history: database unavailable" in caplog.text
+        migrate(sqlite_url)
+        assert writer.flush(timeout=10.0)
+        assert "history: database back" in caplog.text
     writer.close()
     with Session(engine) as s:
-        assert s.scalars(select(MessageRow.queue_id)).all() == ["QLIVE"]
+        assert s.scalars(select(MessageRow.queue_id).order_by(MessageRow.id)).all() == ["Q1", "Q2"]
+        assert s.scalars(select(TicketRow.owner)).all() == ["meier"]
+    assert list((tmp_path / "spool").iterdir()) == []  # all sent: nothing left behind
+    engine.dispose()
 
 
 Rows = list[tuple[object, ...]]
@@ -181,10 +188,10 @@ def test_sqlite_times_are_stored_as_sqlalchemy_stores_them(at: float) -> None:
     assert sqlite_text_time(value) == process(value)
 
 
-def test_flush_writes_at_once_without_waiting_out_the_linger(sqlite_url: str) -> None:
+def test_flush_writes_at_once_without_waiting_out_the_linger(sqlite_url: str, tmp_path: Path) -> None:
     migrate(sqlite_url)
     engine = make_engine(sqlite_url)
-    writer = HistoryWriter(engine, linger=60.0)
+    writer = HistoryWriter(engine, Spool(tmp_path / "spool", 1 << 20), linger=60.0)
     writer.start()
     writer.submit([rec(1, "opened", queue_id="Q1", message_id="a@c")])
     writer.submit([rec(1, "followup", queue_id="Q2", message_id="b@c")])

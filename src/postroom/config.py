@@ -147,6 +147,16 @@ class DatabaseConfig(_Section):
     url: str = "sqlite:////var/lib/postroom/history.sqlite3"
     auto_migrate: bool = True
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 200
+    spool_dir: str = ""
+    spool_max_mb: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+
+    def spool_path(self) -> Path:
+        """The history spool's folder: as set, else beside a SQLite file, else /var/lib/postroom/spool."""
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        if self.url.startswith("sqlite:///") and not self.url.startswith("sqlite:///:memory:"):
+            return Path(self.url.removeprefix("sqlite:///")).parent / "spool"
+        return Path("/var/lib/postroom/spool")
 
     @field_validator("url")
     @classmethod

@@ -1,20 +1,18 @@
 """The durable history in SQL (SQLAlchemy 2): tickets, messages and events.
 
-Redis answers the hot path; this is what team leads query, and what Redis's tickets could be rebuilt from (no
-command does that yet: there is no ``postroom admin rebuild``).  Mail threads never wait for SQL:
-:class:`HistoryWriter` takes records on a queue and writes them in batches from one background thread, so a slow
-or dead database costs history lines (logged), never mail.
+Redis answers the hot path; this is the durable record team leads query.  Mail threads never wait for SQL:
+:class:`HistoryWriter` appends records to an on-disk spool (:mod:`postroom.spool`) and one background thread
+writes them in batches, so a slow, stopped or frozen database delays history lines and loses none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
-import queue
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +45,7 @@ from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from postroom.spool import Spool
 from postroom.tickets import Record
 
 log = logging.getLogger("postroom.history")
@@ -89,6 +88,7 @@ class MessageRow(Base):
 
 class EventRow(Base):
     __tablename__ = "events"
+    __table_args__ = (Index("ix_events_record_key", "record_key", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
@@ -96,6 +96,8 @@ class EventRow(Base):
     actor: Mapped[str] = mapped_column(String(320), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The record's unique key: a record the spool delivers twice is stored once (NULL for rows older than it).
+    record_key: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 def _ts(at: float) -> datetime:
@@ -134,7 +136,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A frozen server must not hold a connection attempt forever (the spool keeps the records meanwhile).
+    connect_args = {"connect_timeout": 10} if make_url(url).get_backend_name() == "postgresql" else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 _REVISION = re.compile(r"^(down_)?revision(?:\s*:[^=]*)?\s*=\s*(?:[\"']([^\"']*)[\"']|None)", re.MULTILINE)
@@ -322,9 +326,10 @@ def write(session: Session, records: list[Record]) -> None:
     creation time from its first record, and every ticket ends with owner, state, priority and update time of
     its last one.  A batch costs one look-up of the tickets it names and one multi-row statement per table.
     """
+    conn = session.connection()
+    records = _unseen(conn, records)
     if not records:
         return
-    conn = session.connection()
     first: dict[_Key, Record] = {}
     last: dict[_Key, Record] = {}
     for rec in records:
@@ -388,7 +393,7 @@ def write(session: Session, records: list[Record]) -> None:
             "at": _ts(rec.at),
         }
         for rec in records
-        if rec.message_id or rec.queue_id
+        if rec.direction and (rec.message_id or rec.queue_id)
     ]
     if messages:
         _execute_many(conn, _INSERT_MESSAGES, messages)
@@ -399,96 +404,154 @@ def write(session: Session, records: list[Record]) -> None:
             "actor": rec.actor,
             "detail": rec.detail,
             "at": _ts(rec.at),
+            "record_key": rec.key,
         }
         for rec in records
     ]
     _execute_many(conn, _INSERT_EVENTS, events)
 
 
-class _Signal(enum.Enum):
-    FLUSH = "flush"  # write what is queued now, without lingering for more
-    STOP = "stop"
+def _unseen(conn: Connection, records: list[Record]) -> list[Record]:
+    """The records whose key the history does not hold yet, each once: what makes a replay idempotent."""
+    by_key = {rec.key: rec for rec in records}
+    keys = list(by_key)
+    for start in range(0, len(keys), _LOOKUP_CHUNK):
+        chunk = keys[start : start + _LOOKUP_CHUNK]
+        for (key,) in conn.execute(select(_EVENTS.c.record_key).where(_EVENTS.c.record_key.in_(chunk))):
+            by_key.pop(key, None)
+    return [rec for rec in records if by_key.pop(rec.key, None) is not None]
 
 
 class HistoryWriter:
-    """Writes records from a queue in batches on one thread; mail threads only enqueue.
+    """Mail threads append records to the on-disk :class:`~postroom.spool.Spool`; one thread sends them to SQL.
 
     After the first record of a batch the thread lingers up to ``linger`` seconds (or until ``batch_size``
-    records) for more: at mail speed the queue is nearly always empty, and one statement per table for many
-    records costs far less CPU than one per record.  History lags the mail by at most that long.
+    records) for more: one statement per table for many records costs far less CPU than one per record.  While
+    the database is away the thread retries with a growing pause (up to ``max_backoff``), logging once when it
+    goes and once when it is back; the records wait on disk, in order, and none is dropped.
     """
 
-    def __init__(self, engine: Engine, batch_size: int = 200, linger: float = 0.2) -> None:
+    def __init__(
+        self, engine: Engine, spool: Spool, batch_size: int = 200, linger: float = 0.2, max_backoff: float = 10.0
+    ) -> None:
         self._engine = engine
+        self.spool = spool
         self._batch = batch_size
         self._linger = linger
-        self._q: queue.Queue[list[Record] | _Signal] = queue.Queue()
+        self._max_backoff = max_backoff
         self._thread = threading.Thread(target=self._run, name="postroom-history", daemon=True)
-        self._idle = threading.Event()
-        self._idle.set()
+        self._wake = threading.Event()  # records were appended, or flush/close is waiting
         self._hurry = threading.Event()  # flush or close is waiting: stop lingering
+        self._stop = threading.Event()
+        self._drained = threading.Condition()
+        self._failing_since = 0.0
+        self._adopted_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, records: list[Record]) -> None:
-        if records:
-            self._idle.clear()
-            self._q.put(records)
+    def submit(self, records: list[Record]) -> bool:
+        """Spool the records (one write to local disk, never a wait for SQL); False when the spool is full."""
+        if not records:
+            return True
+        ok = self.spool.append([r.to_dict() for r in records])
+        self._wake.set()
+        return ok
 
     def depth(self) -> int:
         """Batches queued and not yet written (the metrics' history queue depth)."""
         return self._q.qsize()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far is written (tests, shutdown)."""
-        if self._thread.is_alive():
-            self._q.put(_Signal.FLUSH)
-            self._hurry.set()
-        self._q.join()
-        return self._idle.wait(timeout)
+        """Wait until everything submitted so far is in SQL; False when the database did not take it in time.
+
+        Whatever is not in SQL yet is on disk (fsync'd) and is sent by this or the next process.
+        """
+        deadline = time.monotonic() + timeout
+        self._hurry.set()
+        self._wake.set()
+        try:
+            with self._drained:
+                while self.spool.bytes_waiting() > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._thread.is_alive():
+                        self.spool.sync()
+                        return False
+                    self._drained.wait(min(left, 0.5))
+            return True
+        finally:
+            self._hurry.clear()
 
     def close(self, timeout: float = 10.0) -> None:
-        self._q.put(_Signal.STOP)
+        """Stop after one last attempt to send what is spooled; what SQL did not take stays on disk."""
         self._hurry.set()
+        self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Stuck in a call to a frozen database: the records are safe on disk; the next start sends them.
+            self.spool.sync()
+            log.warning("history: database did not answer within %.0f s; the spool keeps the rest", timeout)
+            return
+        self.spool.close()
 
     def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            items = [item]
-            if not isinstance(item, _Signal) and self._q.qsize() < self._batch:
-                # Let the next records gather in the queue: sleeping through the linger instead of waking for each
-                # record keeps this thread off the CPU and out of the mail threads' way (flush and close wake it).
+        backoff = 0.0
+        while not self._stop.is_set():
+            if backoff:
+                self._stop.wait(backoff)
+            elif not self._wake.wait(1.0):
+                self._adopt_orphans()
+                continue
+            self._wake.clear()
+            if not self._hurry.is_set() and self.spool.bytes_waiting() and not backoff:
+                # Let records gather: sleeping through the linger keeps this thread off the CPU and out of the
+                # mail threads' way (flush and close cut it short).
                 self._hurry.wait(self._linger)
-            size = 0 if isinstance(item, _Signal) else len(item)
-            while size < self._batch and not isinstance(items[-1], _Signal):
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                items.append(item)
-                if not isinstance(item, _Signal):
-                    size += len(item)
-            signal = items[-1] if isinstance(items[-1], _Signal) else None
-            if signal is not None:
-                self._hurry.clear()
-            batch = [rec for it in items if not isinstance(it, _Signal) for rec in it]
-            if batch:
-                self._write(batch)
-            for _ in items:
-                self._q.task_done()
-            if self._q.empty():
-                self._idle.set()
-            if signal is _Signal.STOP:
-                return
+            backoff = 0.0 if self._send_all() else min(max(backoff * 2, 0.25), self._max_backoff)
+            with self._drained:
+                self._drained.notify_all()
 
-    def _write(self, batch: list[Record]) -> None:
+    def _adopt_orphans(self) -> None:
+        # A worker process that died leaves its segments unlocked: pick them up now and then.
+        now = time.monotonic()
+        if now - self._adopted_at >= 30.0:
+            self._adopted_at = now
+            if self.spool.adopt():
+                self._wake.set()
+
+    def _send_all(self) -> bool:
+        """Send batches until the spool is empty; False when the database failed."""
+        self.spool.sync()
+        while not self._stop.is_set() or self._hurry.is_set():
+            batch = self.spool.read(self._batch)
+            if batch is None:
+                return True
+            if not self._write([Record.from_dict(item) for item in batch.items]):
+                return False
+            self.spool.commit(batch)
+        return True
+
+    def _write(self, batch: list[Record]) -> bool:
         try:
             with Session(self._engine) as session, session.begin():
                 write(session, batch)
-        except SQLAlchemyError:
-            # History is not the mail: the message was already delivered.  Log every lost line with its queue id
-            # so an admin can replay it from the Postfix log.
-            ids = ", ".join(sorted({r.queue_id for r in batch if r.queue_id}))
-            log.exception("history: could not write %d records (queue ids: %s)", len(batch), ids or "-")
+        except SQLAlchemyError as exc:
+            if not self._failing_since:
+                self._failing_since = time.monotonic()
+                log.error(
+                    "history: database unavailable (%s); records wait in the spool %s (%d bytes) and are "
+                    "written when it is back",
+                    str(exc).splitlines()[0],
+                    self.spool.directory,
+                    self.spool.bytes_waiting(),
+                )
+            return False
+        if self._failing_since:
+            log.warning(
+                "history: database back after %.0f s; replaying the spool (%d bytes)",
+                time.monotonic() - self._failing_since,
+                self.spool.bytes_waiting(),
+            )
+            self._failing_since = 0.0
+        return True

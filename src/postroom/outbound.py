@@ -113,13 +113,14 @@ class Journal:
     now: float
     records: list[Record] = field(default_factory=list)
 
-    def add(self, ticket: Ticket, event: str, mid: str = "", detail: str = "") -> None:
+    def add(self, ticket: Ticket, event: str, mid: str = "", detail: str = "", direction: str = "") -> None:
+        """An event; with ``direction`` also the mail's message row (one per mail, not one per command)."""
         self.records.append(
             Record.of(
                 ticket,
                 event,
                 self.now,
-                direction="outbound",
+                direction=direction,
                 queue_id=self.mail.queue_id,
                 message_id=mid,
                 actor=self.mail.login,
@@ -236,7 +237,7 @@ def to_customer(step: Step, found: Ticket | None, plan: commands.Plan) -> Outcom
     message_logger(mail.queue_id).info(
         "%s: %s %s by %s (owner %s)", box.address, mark, settled.event, mail.login, ticket.owner or "-"
     )
-    step.journal.add(ticket, settled.event, mid=own_id)
+    step.journal.add(ticket, settled.event, mid=own_id, direction="outbound")
     return step.outcome(Verdict.accept(*edits, summary=f"{mark} {settled.event} by {mail.login}"))
 
 
@@ -253,7 +254,8 @@ def claim_or_open(step: Step, found: Ticket | None, plan: commands.Plan, own_id:
             owner=mail.login,
             state="open",
         )
-        ticket = store.open(box.address, new, now)
+        # By Message-ID: a retry after a timeout that still opened the ticket uses it instead of opening a ghost.
+        ticket, _created = store.open_unless_seen(box.address, new, own_id, now)
         if step.parts.assign is not None:
             step.parts.assign.count_assigned(box.address, mail.login)
         return Settled(ticket, "opened_by_agent")
@@ -264,8 +266,6 @@ def claim_or_open(step: Step, found: Ticket | None, plan: commands.Plan, own_id:
         if box.on_rival_reply == "reject":
             return Settled(ticket, "rival_refused", refused=claim)
         event = f"rival_reply_{box.on_rival_reply}"
-    elif plan.takeover and claim.previous_owner not in ("", mail.login):
-        event = "takeover"
     customers = [x.strip("<>").lower() for x in mail.external]
     return Settled(store.touch(box.address, ticket.number, [own_id], customers, now), event)
 
@@ -279,7 +279,9 @@ def refuse_rival(step: Step, claim: Claim) -> Verdict:
     message_logger(step.mail.queue_id).info(
         "%s: mail by %s refused, %s owned by %s", step.box.address, step.mail.login, mark, ticket.owner
     )
-    step.journal.add(ticket, "rival_refused")
+    step.journal.add(
+        ticket, "rival_refused", mid=message_id(step.mail.message.header("Message-ID")), direction="refused"
+    )
     return Verdict.reject(refusal, summary=f"{mark} rival mail by {step.mail.login} refused")
 
 
@@ -399,7 +401,7 @@ def to_team(step: Step, ticket: Ticket | None, plan: commands.Plan) -> Outcome:
     ticket = apply_commands(step, ticket, plan)
     own_id = message_id(mail.message.header("Message-ID"))
     ticket = step.parts.store.touch(box.address, ticket.number, [own_id] if own_id else [], [], step.now)
-    step.journal.add(ticket, "note", mid=own_id)
+    step.journal.add(ticket, "note", mid=own_id, direction="note")
     return step.outcome(file_note(step, ticket))
 
 

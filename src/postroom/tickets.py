@@ -8,9 +8,10 @@ objects; the adapters in :mod:`postroom.store` (Redis, and an in-memory store fo
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 PRIORITIES = ("low", "normal", "high", "urgent")
 # Tags travel comma-separated in Redis and space-separated in X-Postroom-Tags and Keywords: neither may be in one.
@@ -120,7 +121,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Record:
-    """One mail's effect on one ticket, as the pipeline reports it."""
+    """One mail's (or one command's) effect on one ticket, as the pipeline reports it.
+
+    ``direction`` is the message row's: "inbound", "outbound", "note", "refused" (a submission Postfix was told to
+    refuse), or "" for an event that is not a message of its own (a command in a mail whose message row another
+    record carries, an admin's change).  ``key`` is unique per record and stays with it through the history's
+    spool, so a record delivered twice is stored once.
+    """
 
     mailbox: str
     number: int
@@ -139,6 +146,15 @@ class Record:
     subject: str = ""
     actor: str = ""
     detail: str = ""
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Record:
+        """A record read back from the spool; unknown fields (a newer version's) are ignored."""
+        return Record(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
 
     @staticmethod
     def of(
@@ -173,6 +189,9 @@ class Record:
             actor=actor,
             detail=detail,
         )
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
 class AssignmentState(Protocol):

@@ -21,6 +21,7 @@ from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
 from postroom.parts import Parts
 from postroom.runtime import Runtime
+from postroom.spool import Spool
 from postroom.store.assignment import RedisAssignmentState
 from postroom.store.redis import RedisStore
 from postroom.tickets import StoreUnavailable
@@ -142,7 +143,7 @@ def daemon_runtime(
     config = loaded.config
     if migrate_db and config.database.auto_migrate:
         migrate_apart(config.database.url)
-    history = HistoryWriter(make_engine(config.database.url), config.database.batch_size)
+    history = history_writer(config)
     history.start()
     store = redis_store(config)
     try:
@@ -174,9 +175,30 @@ def daemon_runtime(
         yield runtime
     finally:
         mailer.stop(timeout=10)
-        history.flush(timeout=10)
-        history.close()
+        stop_history(history)
         log.info("postroom %s stopped", daemon)
+
+
+def history_writer(config: Config) -> HistoryWriter:
+    """The history writer with its spool; exits 2 naming the folder when the spool cannot be made."""
+    try:
+        spool = Spool(config.database.spool_path(), config.database.spool_max_mb * 1024 * 1024)
+    except OSError as exc:
+        raise fail(f"[database] spool_dir {config.database.spool_path()}: {exc.strerror or exc}") from None
+    return HistoryWriter(make_engine(config.database.url), spool, config.database.batch_size)
+
+
+def stop_history(history: HistoryWriter) -> bool:
+    """SIGTERM: send what the spool holds to SQL (10 s at most); what is left waits on disk for the next start."""
+    done = history.flush(timeout=10)
+    if not done:
+        log.warning(
+            "history: %d bytes not yet in the database stay in the spool %s; the next start writes them",
+            history.spool.bytes_waiting(),
+            history.spool.directory,
+        )
+    history.close()
+    return done
 
 
 def reload_runtime(current: Runtime, config_path: Path) -> Runtime | None:

@@ -1,13 +1,16 @@
 """``postroom tickets``: list, show, assign and close tickets from the shell.
 
 The current state of a ticket is Redis's (what the mail path sees); its history is SQL's.  Changes go to Redis
-first, the way an agent's command by mail does, and are then recorded in SQL with the actor "admin".  An unknown
+first, the way an agent's command by mail does, and are then recorded in SQL with the invoking user as the actor
+(under sudo, the user who ran sudo).  An unknown
 mailbox, ticket, agent or state is the admin's mistake: a message on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +32,15 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-ACTOR = "admin"
+
+def invoking_user() -> str:
+    """Who ran the command: sudo's caller if under sudo, else the login of the process."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 STATES = ("new", "open", "pending", "closed")
 UNASSIGNED = "unassigned"
 
@@ -289,7 +300,7 @@ def _change(config: Config, box: MailboxConfig, number: int, changes: Changes, *
         raise _service_error(f"{config.redis.target().describe()} is not reachable", exc) from None
     # No message id and no queue id: an admin's change is an event of the ticket, not a mail.
     record = Record.of(
-        ticket, event, now, direction="inbound", queue_id="", message_id="", actor=ACTOR, subject="", detail=detail
+        ticket, event, now, direction="", queue_id="", message_id="", actor=invoking_user(), subject="", detail=detail
     )
     try:
         if config.database.auto_migrate:
