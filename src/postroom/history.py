@@ -445,10 +445,13 @@ class HistoryWriter:
         self._stop = threading.Event()
         self._drained = threading.Condition()
         self._failing_since = 0.0
+        self._failures = 0  # failed attempts so far (flush stops waiting on a new one)
         self._adopted_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
+        if self.spool.bytes_waiting():
+            self._wake.set()  # a stopped process's records (adopted by the spool) go first
 
     def submit(self, records: list[Record]) -> bool:
         """Spool the records (one write to local disk, never a wait for SQL); False when the spool is full."""
@@ -465,16 +468,18 @@ class HistoryWriter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is in SQL; False when the database did not take it in time.
 
-        Whatever is not in SQL yet is on disk (fsync'd) and is sent by this or the next process.
+        While the database is failing, one more attempt is made at once and its failure ends the wait (a stop
+        need not wait out the timeout).  Whatever is not in SQL yet is on disk and is sent later.
         """
         deadline = time.monotonic() + timeout
+        failures = self._failures
         self._hurry.set()
         self._wake.set()
         try:
             with self._drained:
                 while self.spool.bytes_waiting() > 0:
                     left = deadline - time.monotonic()
-                    if left <= 0 or not self._thread.is_alive():
+                    if left <= 0 or not self._thread.is_alive() or self._failures > failures:
                         self.spool.sync()
                         return False
                     self._drained.wait(min(left, 0.5))
@@ -499,7 +504,7 @@ class HistoryWriter:
         backoff = 0.0
         while not self._stop.is_set():
             if backoff:
-                self._stop.wait(backoff)
+                self._hurry.wait(backoff)  # flush and close cut the pause short
             elif not self._wake.wait(1.0):
                 self._adopt_orphans()
                 continue
@@ -537,6 +542,7 @@ class HistoryWriter:
             with Session(self._engine) as session, session.begin():
                 write(session, batch)
         except SQLAlchemyError as exc:
+            self._failures += 1
             if not self._failing_since:
                 self._failing_since = time.monotonic()
                 log.error(
