@@ -8,19 +8,19 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, MessageRow, make_engine, migrate, write
+from postroom.history import EventRow, MessageRow, Record, make_engine, migrate, write
 from postroom.pipeline import process
 from postroom.rules import MemoryAssignmentState
 from tests.fakes import MemoryStore
 from tests.test_outbound import config, open_ticket, reply
 
 
-def stored(tmp_path: Path, records: list[object]) -> tuple[list[tuple[str, str]], list[str]]:
+def stored(tmp_path: Path, records: list[Record]) -> tuple[list[tuple[str, str]], list[str]]:
     url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
     migrate(url)
     engine = make_engine(url)
     with Session(engine) as s, s.begin():
-        write(s, records)  # type: ignore[arg-type]
+        write(s, records)
     with Session(engine) as s:
         messages = [(m.direction, m.message_id) for m in s.scalars(select(MessageRow).order_by(MessageRow.id))]
         events = list(s.scalars(select(EventRow.kind).order_by(EventRow.id)))

@@ -13,8 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from postroom.config import to_toml, with_changes
+from postroom.history import MessageRow, make_engine
 from postroom_testbed import Deployment, MilterDaemon, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
@@ -88,3 +91,8 @@ def test_sigterm_stops_cleanly_and_flushes_history(milter_deployment: Deployment
     log = d.daemon.log_text()
     assert "SIGTERM: stopping" in log and "postroom milter stopped" in log
     assert "Traceback" not in log
+    # The last mail's history row is in SQL, not only promised by a log line.
+    engine = make_engine(d.config.database.url)
+    with Session(engine) as s:
+        assert s.scalars(select(MessageRow.subject)).all() == ["Last one"]
+    engine.dispose()
