@@ -10,14 +10,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from postroom.testbed import Deployment, deploy
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.config import to_toml, with_changes
 from postroom.history import EventRow, MessageRow
-from postroom.testbed_postgres import PostgresServer, postgres_server
+from postroom_testbed import Deployment, PostgresServer, deploy, postgres_server
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 

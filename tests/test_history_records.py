@@ -8,11 +8,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, MessageRow, Record, make_engine, migrate, write
-from postroom.pipeline import process
+from postroom.history import EventRow, MessageRow, make_engine, migrate, write
 from postroom.rules import MemoryAssignmentState
-from tests.fakes import MemoryStore
-from tests.test_outbound import config, open_ticket, reply
+from postroom.store.memory import MemoryStore
+from postroom.tickets import Record
+from tests.test_outbound import config, open_ticket, process, reply
 
 
 def stored(tmp_path: Path, records: list[Record]) -> tuple[list[tuple[str, str]], list[str]]:

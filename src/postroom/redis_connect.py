@@ -16,7 +16,7 @@ error naming the key); :func:`connect` builds the client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import unquote, urlsplit
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the config schema parses URLs with this module; only connec
     import redis
     from redis.cluster import RedisCluster
 
-__all__ = ["Target", "client_from_url", "connect", "parse"]
+__all__ = ["Target", "client_from_url", "connect", "node_for", "parse"]
 
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -191,13 +191,22 @@ def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cl
     return _with_keys(url, scheme, sentinels, service_name, cluster)
 
 
-def connect(target: Target, timeout: float) -> redis.Redis | RedisCluster:
-    """A client with one connection pool (per node for Cluster), replies decoded as str."""
+def connect(
+    target: Target, timeout: float, on_connect: Callable[[Any], None] | None = None
+) -> redis.Redis | RedisCluster:
+    """A client with one connection pool (per node for Cluster), replies decoded as str.
+
+    ``on_connect`` (one Redis, Sentinel) replaces redis-py's handshake on every new connection: the ticket store's
+    restart watch (postroom.epoch).  Cluster runs its own handshake there and every node has its own run_id, so it
+    is not given one: on Cluster an emptied node is noticed by the open script (NOEPOCH) instead.
+    """
     import redis  # noqa: PLC0415 - see the TYPE_CHECKING import above
     from redis.cluster import ClusterNode, RedisCluster  # noqa: PLC0415
     from redis.sentinel import Sentinel  # noqa: PLC0415
 
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "decode_responses": True}
+    if on_connect is not None and target.mode != "cluster":
+        common["redis_connect_func"] = on_connect
     if target.mode == "single":
         return redis.Redis.from_url(target.url, **common)
     common.update(username=target.username, password=target.password)
@@ -212,3 +221,13 @@ def connect(target: Target, timeout: float) -> redis.Redis | RedisCluster:
 def client_from_url(url: str, timeout: float = 2.0) -> redis.Redis | RedisCluster:
     """Any of the three URL forms (tests, benchmarks, admin tools given a URL)."""
     return connect(parse(url), timeout)
+
+
+def node_for(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
+    """The plain client of the server that holds ``key``: the client itself, or on Cluster the slot's node (for
+    pipelines and scripts of one mailbox, whose keys share one slot)."""
+    from redis.cluster import RedisCluster  # noqa: PLC0415
+
+    if not isinstance(client, RedisCluster):
+        return client
+    return client.get_redis_connection(client.get_node_from_key(key))  # type: ignore[no-untyped-call]

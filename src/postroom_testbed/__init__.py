@@ -1,7 +1,8 @@
 """A whole private mail stack (Postfix, Dovecot, Redis) on free loopback ports in one temp dir.
 
 Not part of postroom's mail handling: a package of its own beside ``postroom``, one module per server
-(:mod:`.postfix`, :mod:`.dovecot`, :mod:`.redis_server`), with :mod:`.processes` (ports, process groups, logs),
+(:mod:`.postfix`, :mod:`.dovecot`, :mod:`.redis_server`; :mod:`.postgres_server` for the history outage
+tests), with :mod:`.processes` (ports, process groups, logs),
 :mod:`.stack` (the three together), :mod:`.daemons` (the real ``postroom milter`` / ``postroom smtpd`` started
 against a stack) and :mod:`.deploy` (both, configured from a postroom config).
 
@@ -26,6 +27,7 @@ from postroom_testbed.daemons import MilterDaemon, PostroomDaemon, SmtpdDaemon
 from postroom_testbed.deploy import ADAPTERS, Adapter, Deployment, config_for_stack, deploy
 from postroom_testbed.dovecot import Dovecot, Login, MailUser, imap_quote
 from postroom_testbed.postfix import MILTER_MACROS, SUBMISSION_DAEMON_NAME, Postfix
+from postroom_testbed.postgres_server import PostgresServer, postgres_server
 from postroom_testbed.processes import LOOPBACK, StackError, free_port, log_tail, pid_alive
 from postroom_testbed.redis_server import RedisServer
 from postroom_testbed.stack import Stack
@@ -42,6 +44,7 @@ __all__ = [
     "MailUser",
     "MilterDaemon",
     "Postfix",
+    "PostgresServer",
     "PostroomDaemon",
     "RedisServer",
     "SmtpdDaemon",
@@ -53,4 +56,5 @@ __all__ = [
     "imap_quote",
     "log_tail",
     "pid_alive",
+    "postgres_server",
 ]

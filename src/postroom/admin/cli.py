@@ -26,6 +26,7 @@ from postroom.admin.common import (
     reload_runtime,
 )
 from postroom.admin.group import MainGroup, use_formatter
+from postroom.admin.rebuild_cli import admin_group
 from postroom.admin.rules_cli import rules_group
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config, DkimKey, example_config_path
@@ -340,6 +341,7 @@ main.add_command(rules_group)
 main.add_command(remind_command)
 main.add_command(digest_command)
 main.add_command(stats_command)
+main.add_command(admin_group)
 use_formatter(main)
 
 if __name__ == "__main__":

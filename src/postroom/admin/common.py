@@ -6,8 +6,9 @@ import contextlib
 import logging
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 import redis
@@ -17,9 +18,11 @@ from redis.cluster import RedisCluster
 from postroom import __version__, redis_connect
 from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import Config, ConfigError, load_config
+from postroom.epoch import RestartWatch, persistence_problems
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
 from postroom.parts import Parts
+from postroom.rebuild import BackgroundRebuild, history_floor
 from postroom.runtime import Runtime
 from postroom.spool import Spool
 from postroom.store.assignment import RedisAssignmentState
@@ -58,7 +61,7 @@ def load_or_exit(path: Path) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def redis_client(config: Config) -> redis.Redis | RedisCluster:
+def redis_client(config: Config, on_connect: Callable[[Any], None] | None = None) -> redis.Redis | RedisCluster:
     """One client (one pool; per node on Cluster) for one Redis, a Sentinel-watched primary or a Cluster.
 
     Exits 1 with a clear line when a Cluster cannot be reached at all: redis-py needs its slot map to build the
@@ -66,21 +69,25 @@ def redis_client(config: Config) -> redis.Redis | RedisCluster:
     """
     target = config.redis.target()
     try:
-        return redis_connect.connect(target, config.redis.timeout_seconds)
+        return redis_connect.connect(target, config.redis.timeout_seconds, on_connect=on_connect)
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         click.echo(f"{target.describe()} is not reachable: {exc}", err=True)
         raise SystemExit(1) from None
 
 
 def redis_store(config: Config) -> RedisStore:
-    return RedisStore(
-        redis_client(config),
+    """The ticket store; its restart watch makes the epoch guard check each mailbox again after a Redis restart."""
+    watch = RestartWatch()
+    store = RedisStore(
+        redis_client(config, on_connect=watch),
         key_prefix=config.redis.key_prefix,
         message_index_days=config.redis.message_index_days,
         confirm_replicas=config.redis.confirm_replicas,
         # Well inside the socket timeout, so a missing replica is a clear UnconfirmedWrite and not a timeout.
         confirm_timeout=config.redis.timeout_seconds / 2,
     )
+    watch.listen(store.guard.forget)
+    return store
 
 
 def load_bundle_or_exit(path: Path, environ: Mapping[str, str] | None = None) -> Loaded:
@@ -146,8 +153,10 @@ def daemon_runtime(
     history = history_writer(config)
     history.start()
     store = redis_store(config)
+    rebuilder = guard_store(config, store)
     try:
         store.ping()
+        warn_persistence(store)
     except StoreUnavailable as exc:
         # Start anyway: mail keeps flowing under the failure policy until Redis is back.
         log.warning(
@@ -175,8 +184,33 @@ def daemon_runtime(
         yield runtime
     finally:
         mailer.stop(timeout=10)
+        rebuilder.wait(timeout=5)
         stop_history(history)
         log.info("postroom %s stopped", daemon)
+
+
+def guard_store(config: Config, store: RedisStore) -> BackgroundRebuild:
+    """Tie the store's loss check to the history: the numbers it knows, and a rebuild after a loss."""
+    engine = make_engine(config.database.url)
+    rebuilder = BackgroundRebuild(
+        engine,
+        store.client,
+        config.redis.key_prefix,
+        [box.address for box in config.mailboxes.values()],
+        config.redis.message_index_days * 86400,
+    )
+    store.guard.floor = history_floor(engine)
+    store.guard.on_loss = rebuilder.request
+    return rebuilder
+
+
+def warn_persistence(store: RedisStore) -> None:
+    try:
+        problems = persistence_problems(store.client)
+    except redis.exceptions.RedisError as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    for problem in problems:
+        log.warning("%s (see docs/deploy-milter.md, Redis)", problem)
 
 
 def history_writer(config: Config) -> HistoryWriter:

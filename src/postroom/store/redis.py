@@ -9,7 +9,7 @@ one more for the ticket a reference names) and one write script (open or touch).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -21,14 +21,19 @@ from redis.connection import Connection
 from redis.exceptions import RedisClusterException
 
 from postroom import redis_connect
+from postroom.epoch import EpochGuard, HistoryUnavailable, RestartWatch, is_no_epoch
 from postroom.store import keyspace, scripts
 from postroom.tickets import Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
 
 
-def connect(url: str, *, timeout: float) -> redis.Redis | RedisCluster:
+def connect(url: str, *, timeout: float, on_connect: Callable[[Any], None] | None = None) -> redis.Redis | RedisCluster:
     """A client with its own connection pool (per node on Cluster); a process makes one and hands it to every Redis
-    adapter.  ``url`` in any of the forms of :mod:`postroom.redis_connect`: one Redis, Sentinel or Cluster."""
-    return redis_connect.client_from_url(url, timeout)
+    adapter.  ``url`` in any of the forms of :mod:`postroom.redis_connect`: one Redis, Sentinel or Cluster.
+
+    ``on_connect`` replaces redis-py's handshake on every new connection (it must call ``conn.on_connect()``):
+    the ticket store's restart watch (postroom.epoch); not used on Cluster (see redis_connect.connect).
+    """
+    return redis_connect.connect(redis_connect.parse(url), timeout, on_connect=on_connect)
 
 
 def ticket_from_hash(mailbox: str, number: int, h: Mapping[str, str]) -> Ticket:
@@ -95,21 +100,33 @@ class _ScriptRunner:
     def _pool_for(self, key: str) -> redis.ConnectionPool:
         return self._pool if self._pool is not None else self.node(key).connection_pool
 
-    def __call__(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    def __call__(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], prepare: Callable[[], None] | None = None
+    ) -> Any:
+        """Run the script; ``prepare`` runs once the connection is there (a new one has noticed a Redis restart)."""
         try:
-            return self._call(self._pool_for(keys[0]), script, keys, args)
+            return self._call(self._pool_for(keys[0]), script, keys, args, prepare)
         except redis.exceptions.MovedError:
             # The slot moved before the script ran (resharding, a replica promoted): it did not run, so one more
             # try on the node the refreshed map names is safe.
             self.moved()
-            return self._call(self._pool_for(keys[0]), script, keys, args)
+            return self._call(self._pool_for(keys[0]), script, keys, args, prepare)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisClusterException):
             self.moved()
             raise
 
-    def _call(self, pool: redis.ConnectionPool, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    def _call(
+        self,
+        pool: redis.ConnectionPool,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        prepare: Callable[[], None] | None,
+    ) -> Any:
         conn = pool.get_connection()
         try:
+            if prepare is not None:
+                prepare()
             reply = self._exchange(conn, "EVALSHA", script.sha, keys, args)
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # Redis restarted, failed over or SCRIPT FLUSH: EVAL runs the script and caches it for EVALSHA.
@@ -180,10 +197,14 @@ class RedisStore:
         self._update = client.register_script(scripts.with_owner_index(scripts.UPDATE))
         # confirm_replicas: each write script is followed by WAIT in the same round trip (see UnconfirmedWrite).
         self._run = _ScriptRunner(client, confirm_replicas, max(1, int(confirm_timeout * 1000)))
+        self.guard = EpochGuard(client, key_prefix)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, message_index_days: int, timeout: float) -> RedisStore:
-        return cls(connect(url, timeout=timeout), key_prefix, message_index_days)
+        watch = RestartWatch()
+        store = cls(connect(url, timeout=timeout, on_connect=watch), key_prefix, message_index_days)
+        watch.listen(store.guard.forget)
+        return store
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -300,10 +321,26 @@ class RedisStore:
         args.append(len(new.message_ids))
         args += list(new.message_ids)
         try:
-            reply = cast(list[Any], self._run(self._open, [self.counter_key(mailbox)], args))
+            counter = self.counter_key(mailbox)
+
+            def check() -> None:
+                if self.guard.needs_check(mailbox):
+                    self.guard.check(mailbox, counter)
+
+            try:
+                reply = cast(list[Any], self._run(self._open, [counter], args, check))
+            except redis.exceptions.ResponseError as exc:
+                if not is_no_epoch(exc):
+                    raise
+                self.guard.forget()
+                self.guard.check(mailbox, self.counter_key(mailbox))
+                reply = cast(list[Any], self._run(self._open, [self.counter_key(mailbox)], args))
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except HistoryUnavailable as exc:
+            raise StoreUnavailable(f"Redis lost its data and the history cannot tell the last number: {exc}") from exc
         number = int(reply[0])
+        self.guard.issued(mailbox, number)
         if len(reply) > 1:
             flat = reply[1]
             return ticket_from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True))), False

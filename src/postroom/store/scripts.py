@@ -63,6 +63,7 @@ end
 # senders takes part in, this is the same mail again (Postfix retrying after a lost "250", a client sending
 # twice, two routes to one mailbox) and the script returns {number, that ticket's hash} instead of opening a
 # second ticket; checked inside the script, so two copies arriving at once still open one ticket.
+# Without the mailbox's epoch key (Redis emptied) it opens nothing: see postroom.epoch.
 OPEN = (
     "#!lua\n"
     + _INDEX
@@ -79,6 +80,7 @@ end
 local nparts = tonumber(ARGV[i]); i = i + 1
 local parts = {}
 for _ = 1, nparts do table.insert(parts, ARGV[i]); i = i + 1 end
+if redis.call('EXISTS', base .. 'epoch') == 0 then return redis.error_reply('NOEPOCH mailbox not checked') end
 if seen_id ~= '' then
   local seen = redis.call('GET', base .. 'm:' .. seen_id)
   if seen then

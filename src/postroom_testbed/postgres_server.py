@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from postroom.testbed import LOOPBACK, free_port
+from postroom_testbed.processes import LOOPBACK, free_port
 
 
 def _bindir() -> Path:

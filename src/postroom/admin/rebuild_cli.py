@@ -1,0 +1,56 @@
+"""``postroom admin rebuild``: Redis's tickets, participants, Message-ID index and counters again from the history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import redis.exceptions
+from sqlalchemy.exc import SQLAlchemyError
+
+from postroom.admin.common import CONFIG_OPTION, load_or_exit, redis_store
+from postroom.history import make_engine
+from postroom.rebuild import rebuild
+
+# Exit status when a service (Redis, SQL) fails rather than the admin's input.
+EXIT_SERVICE = 1
+
+
+@click.group("admin")
+def admin_group() -> None:
+    """Maintenance of postroom's state."""
+
+
+@admin_group.command("rebuild")
+@CONFIG_OPTION
+def rebuild_command(config_path: Path) -> None:
+    """Restore Redis from the SQL history, for every mailbox in --config.
+
+    Raises each counter above the highest ticket number in the history, and writes the tickets, participants and
+    Message-ID index entries Redis is missing; what Redis has stays (it is newer).  Safe while mail flows and safe
+    to run twice.  The daemons run it by themselves when they find that Redis lost its data.  Not restored: tags,
+    #away flags, round-robin turns and auto-reply caps, which the history does not hold.
+    """
+    config = load_or_exit(config_path)
+    store = redis_store(config)
+    engine = make_engine(config.database.url)
+    try:
+        done = rebuild(
+            engine,
+            store.client,
+            config.redis.key_prefix,
+            [box.address for box in config.mailboxes.values()],
+            config.redis.message_index_days * 86400,
+        )
+    except redis.exceptions.RedisError as exc:
+        click.echo(f"Redis at {config.redis.url}: {exc}", err=True)
+        raise SystemExit(EXIT_SERVICE) from None
+    except SQLAlchemyError as exc:
+        click.echo(f"history database: {str(exc).splitlines()[0]}", err=True)
+        raise SystemExit(EXIT_SERVICE) from None
+    finally:
+        engine.dispose()
+    for r in done:
+        click.echo(
+            f"{r.mailbox}: {r.tickets} tickets and {r.message_ids} Message-IDs restored; next number after #{r.highest}"
+        )
