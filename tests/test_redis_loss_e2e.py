@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from postroom.history import TicketRow, make_engine
-from postroom.testbed import ADAPTERS, Adapter, Deployment, deploy
+from postroom_testbed import ADAPTERS, Adapter, Deployment, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 

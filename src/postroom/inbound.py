@@ -39,7 +39,7 @@ from postroom.mime import (
 )
 from postroom.parts import Parts
 from postroom.rules import Decision, MessageFacts, evaluate
-from postroom.tickets import KEEP, Changes, NewTicket, Record, Ticket, recount
+from postroom.tickets import KEEP, Changes, NewTicket, Pending, Record, Ticket, recount
 from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, Outcome, RemoveRecipient, SetHeader, Verdict
 
 
@@ -167,6 +167,28 @@ def through_mailbox(step: Step) -> MailboxResult:
     headers, recipient_edits = mailbox_edits(step, applied.ticket, decision)
     headers += due_header(step, applied)
     return MailboxResult(step.routed, decision, applied, headers, recipient_edits, record(step, applied))
+
+
+def degraded_pending(message: Message, config: Config, now: float) -> list[Pending]:
+    """What the tickets of a mail delivered degraded need, one per shared mailbox it went to (postroom.backlog)."""
+    try:
+        mail = CustomerMail.read(message)
+        return [
+            Pending(
+                mailbox=r.box.address,
+                message_id=mail.own_id,
+                customer=mail.customer,
+                senders=tuple(mail.senders),
+                subject=subject.strip_token(mail.text_subject, r.box.tag),
+                queue_id=mail.queue_id,
+                at=now,
+            )
+            for r in route(message.envelope, config)
+        ]
+    except Exception:  # noqa: BLE001 - logged with its traceback; the failure path must not fail
+        # Already the failure path: a mail that cannot be read for its ticket is still delivered.
+        message_logger(message.envelope.queue_id).exception("cannot keep the degraded mail for ticketing later")
+        return []
 
 
 def route(envelope: Envelope, config: Config) -> list[Routed]:

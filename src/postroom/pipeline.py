@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from postroom import metrics, replies
 from postroom.config import Config
-from postroom.inbound import inbound
+from postroom.inbound import degraded_pending, inbound
 from postroom.log import message_logger
 from postroom.mime import STATUS_HEADER, Message, strip_internal
 from postroom.outbound import outbound
 from postroom.parts import NO_KEYS, Parts
 from postroom.tickets import StoreUnavailable
-from postroom.verdict import AddHeader, Outcome, Verdict
+from postroom.verdict import Action, AddHeader, Outcome, Verdict
 
 __all__ = ["NO_KEYS", "STATUS_HEADER", "Message", "Outcome", "Parts", "process"]
 
@@ -33,7 +33,10 @@ def process(message: Message, parts: Parts, now: float) -> Outcome:
     except StoreUnavailable as exc:
         metrics.REDIS_ERRORS.inc()
         log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
-        return _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
+        outcome = _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
+        if outcome.verdict.action is Action.ACCEPT:
+            outcome.pending = degraded_pending(message, config, now)
+        return outcome
     except Exception:
         # Our bug, not the customer's: deliver (or retry) rather than lose or bounce the mail.
         log.exception("unexpected error in the pipeline; policy %s", config.milter.on_error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from postroom.backlog import Backlog
 from postroom.bundle import Loaded
 from postroom.config import Config
 from postroom.history import HistoryWriter
@@ -25,6 +26,7 @@ class Runtime:
     parts: Parts  # config, stores, rules, templates, keys, canned replies: what the pipeline runs with
     history: HistoryWriter | None = None
     mailer: Mailer | None = None  # sends auto-replies through the local Postfix
+    backlog: Backlog | None = None  # tickets mail delivered degraded once Redis is back
 
     @property
     def config(self) -> Config:
@@ -44,6 +46,8 @@ class Runtime:
         """History first: Redis has changed whether or not Postfix takes every edit."""
         if self.history is not None and outcome.records:
             self.history.submit(outcome.records)
+        if self.backlog is not None and outcome.pending:
+            self.backlog.submit(outcome.pending)
 
     def send(self, outgoing: Iterable[OutgoingMail]) -> None:
         """Hand the mails a mail caused (its outcome's auto-replies) to the mailer, once that mail was taken."""

@@ -194,6 +194,31 @@ class Record:
 _RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A mail delivered degraded into one shared mailbox: what its ticket needs."""
+
+    mailbox: str
+    message_id: str
+    customer: str
+    senders: tuple[str, ...]
+    subject: str
+    queue_id: str
+    at: float
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Pending:
+        return Pending(
+            mailbox=str(data["mailbox"]),
+            message_id=str(data.get("message_id", "")),
+            customer=str(data.get("customer", "")),
+            senders=tuple(str(s) for s in data.get("senders", ())),
+            subject=str(data.get("subject", "")),
+            queue_id=str(data.get("queue_id", "")),
+            at=float(data.get("at", 0.0)),
+        )
+
+
 class AssignmentState(Protocol):
     """Presence, turns and loads of agents, per mailbox (its shared address).
 

@@ -16,7 +16,7 @@ from postroom.replies import Reply
 
 if TYPE_CHECKING:
     from postroom.mailer import OutgoingMail
-    from postroom.tickets import Record
+    from postroom.tickets import Pending, Record
 
 
 class Action(enum.Enum):
@@ -179,3 +179,5 @@ class Outcome:
     # Mails we write because of this one (auto-replies); the adapter hands them to the mailer once the
     # verdict is applied, so nothing is sent for a mail Postfix did not take.
     outgoing: list[OutgoingMail] = field(default_factory=list)
+    # A mail delivered degraded: what its tickets need once Redis is back (postroom.backlog).
+    pending: list[Pending] = field(default_factory=list)

@@ -16,6 +16,7 @@ import redis.exceptions
 from redis.cluster import RedisCluster
 
 from postroom import __version__, redis_connect
+from postroom.backlog import Backlog
 from postroom.bundle import Loaded, LoadError, load_all, reload
 from postroom.config import Config, ConfigError, load_config
 from postroom.epoch import RestartWatch, persistence_problems
@@ -167,6 +168,8 @@ def daemon_runtime(
         )
     # The assignment state shares the ticket store's client: one connection pool per process.
     assign = RedisAssignmentState(store.client, config.redis.key_prefix)
+    backlog = Backlog(_spool(config, "degraded"), store, history)
+    backlog.start()
     mailer = Mailer.from_config(config)
     mailer.start()
     log.info("postroom %s %s starting with %s", __version__, daemon, config_path)
@@ -179,11 +182,12 @@ def daemon_runtime(
         templates=loaded.templates,
         assign=assign,
     )
-    runtime = Runtime(parts, history, mailer)
+    runtime = Runtime(parts, history, mailer, backlog)
     try:
         yield runtime
     finally:
         mailer.stop(timeout=10)
+        backlog.close()
         rebuilder.wait(timeout=5)
         stop_history(history)
         log.info("postroom %s stopped", daemon)
@@ -215,11 +219,15 @@ def warn_persistence(store: RedisStore) -> None:
 
 def history_writer(config: Config) -> HistoryWriter:
     """The history writer with its spool; exits 2 naming the folder when the spool cannot be made."""
+    return HistoryWriter(make_engine(config.database.url), _spool(config), config.database.batch_size)
+
+
+def _spool(config: Config, sub: str = "") -> Spool:
+    where = config.database.spool_path() / sub if sub else config.database.spool_path()
     try:
-        spool = Spool(config.database.spool_path(), config.database.spool_max_mb * 1024 * 1024)
+        return Spool(where, config.database.spool_max_mb * 1024 * 1024)
     except OSError as exc:
-        raise fail(f"[database] spool_dir {config.database.spool_path()}: {exc.strerror or exc}") from None
-    return HistoryWriter(make_engine(config.database.url), spool, config.database.batch_size)
+        raise fail(f"[database] spool_dir {where}: {exc.strerror or exc}") from None
 
 
 def stop_history(history: HistoryWriter) -> bool:
