@@ -45,7 +45,8 @@ class Backlog:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
         if not self._thread.is_alive():
             self.spool.close()
 
@@ -91,14 +92,16 @@ class Backlog:
             "opened" if created else "already opened",
             p.queue_id or "-",
         )
+        # Not created: the open call that timed out while the mail was delivered (a ghost until now) or this
+        # backlog's own replay after a crash; either way the ticket is this mail's, and the history gets it.
         return Record.of(
             ticket,
-            "opened" if created else "duplicate",
+            "opened",
             p.at,
             direction="inbound",
             queue_id=p.queue_id,
             message_id=p.message_id,
             actor=p.customer,
             subject=p.subject,
-            detail="delivered degraded, ticketed after recovery",
+            detail="delivered degraded, ticketed after recovery" if created else "delivered degraded, its ticket kept",
         )
