@@ -13,7 +13,8 @@ from postroom.config import example_config_path, load_config
 from postroom.parts import Parts
 from postroom.pipeline import Message, process
 from postroom.spool import Spool
-from postroom.store import NewTicket, RedisStore
+from postroom.store.redis import RedisStore
+from postroom.tickets import NewTicket
 from postroom.verdict import Action, Envelope
 
 BOX = "support@example.test"

@@ -462,8 +462,8 @@ class HistoryWriter:
         return ok
 
     def depth(self) -> int:
-        """Batches queued and not yet written (the metrics' history queue depth)."""
-        return self._q.qsize()
+        """Bytes of records spooled and not yet written to SQL (the metrics' history queue depth)."""
+        return self.spool.bytes_waiting()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is in SQL; False when the database did not take it in time.

@@ -16,6 +16,7 @@ from postroom.log import message_logger
 from postroom.mime import STATUS_HEADER, Message, strip_internal
 from postroom.outbound import outbound
 from postroom.parts import NO_KEYS, Parts
+from postroom.policy import Failure, on_failure
 from postroom.tickets import StoreUnavailable
 from postroom.verdict import Action, AddHeader, Outcome, Verdict
 
@@ -28,24 +29,24 @@ def process(message: Message, parts: Parts, now: float) -> Outcome:
     log = message_logger(message.envelope.queue_id)
     # Authenticated submissions are agents' mail (the outbound path); everything else is customer mail.
     is_outbound = bool(message.envelope.auth_login)
+    policy = on_failure(config, authenticated=is_outbound).value
     try:
         return outbound(message, parts, now) if is_outbound else inbound(message, parts, now)
     except StoreUnavailable as exc:
         metrics.REDIS_ERRORS.inc()
-        log.error("ticket store unavailable: %s; policy %s", exc, "tempfail" if is_outbound else config.milter.on_error)
+        log.error("ticket store unavailable: %s; policy %s", exc, policy)
         outcome = _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
         if outcome.verdict.action is Action.ACCEPT:
             outcome.pending = degraded_pending(message, config, now)
         return outcome
     except Exception:
         # Our bug, not the customer's: deliver (or retry) rather than lose or bounce the mail.
-        log.exception("unexpected error in the pipeline; policy %s", config.milter.on_error)
+        log.exception("unexpected error in the pipeline; policy %s", policy)
         return _fail_safe(message, config, replies.S451_TEMPORARY_FAILURE, is_outbound)
 
 
 def _fail_safe(message: Message, config: Config, reply: replies.Reply, is_outbound: bool) -> Outcome:
-    # An agent's reply must never leave unrewritten from a personal address: the client retries it later.
-    if is_outbound or config.milter.on_error == "tempfail":
+    if on_failure(config, authenticated=is_outbound) is Failure.TEMPFAIL:
         return Outcome(Verdict.tempfail(reply, summary="tempfail by policy"))
     return Outcome(
         Verdict.accept(

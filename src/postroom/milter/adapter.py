@@ -20,13 +20,14 @@ import Milter
 import milter
 
 from postroom import log as plog
-from postroom import metrics
+from postroom import metrics, replies
 from postroom.body import Body
 from postroom.bounce import might_be_report
 from postroom.config import Config
 from postroom.milter.worker import Handled, LocalPipeline, skipped_body
 from postroom.mime import fold
 from postroom.pipeline import STATUS_HEADER, Message
+from postroom.policy import Failure, on_failure
 from postroom.rules import Ruleset
 from postroom.runtime import Runtime  # shared with the after-queue filter
 from postroom.verdict import (
@@ -170,8 +171,9 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             handled = pipeline.handle(message, time.time())
         except Exception:
             # No worker answered (it died or hung): the same policy as a crash inside the pipeline.
-            log.exception("the pipeline did not answer; policy %s", self._policy(pipeline.config))
-            metrics.observe(bool(self.auth_login), self._policy(pipeline.config), time.perf_counter() - started)
+            policy = on_failure(pipeline.config, authenticated=bool(self.auth_login))
+            log.exception("the pipeline did not answer; policy %s", policy.value)
+            metrics.observe(bool(self.auth_login), policy.value, time.perf_counter() - started)
             return self._apply_failed(pipeline.config)
         metrics.observe(bool(self.auth_login), metrics.verdict_label(handled.verdict), time.perf_counter() - started)
         try:
@@ -191,12 +193,10 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
                 log.exception("the mail was accepted but its auto-replies could not be sent")
         return rc
 
-    def _policy(self, config: Config) -> str:
-        return "tempfail" if config.milter.on_error == "tempfail" or self.auth_login else "degraded"
-
     def _apply_failed(self, config: Config) -> int:
-        if self._policy(config) == "tempfail":
-            self.setreply("451", "4.3.0", "postroom: temporary failure, please try again later")
+        if on_failure(config, authenticated=bool(self.auth_login)) is Failure.TEMPFAIL:
+            reply = replies.S451_TEMPORARY_FAILURE
+            self.setreply(str(reply.code), reply.status, *reply.lines())
             return Milter.TEMPFAIL  # type: ignore[no-any-return]
         try:
             self.addheader(STATUS_HEADER, "degraded")

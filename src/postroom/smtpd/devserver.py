@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from postroom import __version__, replies
 from postroom import log as plog
 from postroom.pipeline import Message
+from postroom.policy import Failure, on_failure
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse, without_login_claims
 from postroom.smtpd.rewrite import degraded, rewrite
@@ -156,8 +157,7 @@ class DevHandler:
             out = rewrite(raw, mail_from, rcpts, verdict.edits)
         except Exception:
             log.exception("could not apply the verdict (%s)", verdict.summary)
-            # The same policy as both adapters: an agent's reply never leaves unrewritten.
-            if rt.config.milter.on_error == "tempfail" or login:
+            if on_failure(rt.config, authenticated=bool(login)) is Failure.TEMPFAIL:
                 return smtp_reply(replies.S451_TEMPORARY_FAILURE)
             out = degraded(raw, mail_from, rcpts)
             applied = False

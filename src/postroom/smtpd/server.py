@@ -31,6 +31,7 @@ from postroom import __version__, metrics, replies
 from postroom import log as plog
 from postroom.config import SmtpdConfig
 from postroom.pipeline import Message
+from postroom.policy import Failure, on_failure
 from postroom.replies import Reply
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, Submitter, parse, submitter, without_login_claims
@@ -250,7 +251,7 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
             out = rewrite(raw, mail.mail_from, mail.rcpts, verdict.edits)
         except Exception:
             log.exception("could not apply the verdict (%s)", verdict.summary)
-            if config.milter.on_error == "tempfail" or who.login:
+            if on_failure(config, authenticated=bool(who.login)) is Failure.TEMPFAIL:
                 return smtp_reply(replies.S451_TEMPORARY_FAILURE)
             out = degraded(raw, mail.mail_from, mail.rcpts)
             applied = False
