@@ -6,6 +6,7 @@ Lua scripts' own key names, the owner index's cost) are at the end.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -15,7 +16,8 @@ import redis
 from postroom.store import keyspace, scripts
 from postroom.store.memory import MemoryStore
 from postroom.store.redis import RedisStore
-from postroom.tickets import KEEP, Changes, NewTicket, Ticket, TicketStore
+from postroom.tickets import KEEP, Changes, NewTicket, StoreUnavailable, Ticket, TicketStore
+from postroom_testbed import free_port
 from tests.conftest import REDIS_MODES, empty_redis_url
 
 BOX = "support@example.test"
@@ -179,6 +181,61 @@ def test_tickets_lists_every_ticket_newest_first(store: Contract) -> None:
 # -- the Redis store only --------------------------------------------------------------------------------------
 
 
+def test_owned_since_is_when_the_owner_took_the_ticket(store: Contract) -> None:
+    """What the rival's refusal names ("belongs to Meier since ..."): the first claim, not the ticket's creation."""
+    store.open(BOX, new(), 1.0)
+    assert store.claim(BOX, 1, "meier", 2.0).owned_since == 2.0
+    assert store.claim(BOX, 1, "meier", 3.0).owned_since == 2.0  # answering again keeps the time
+    assert store.claim(BOX, 1, "mueller", 4.0).owned_since == 2.0  # the rival is told since when
+    assert store.claim(BOX, 1, "mueller", 5.0, force=True).owned_since == 5.0
+    store.update(BOX, 1, Changes(owner="schulze"), 6.0)
+    assert store.claim(BOX, 1, "meier", 7.0).owned_since == 6.0
+
+
+def test_claim_race_has_one_winner(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    winners: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def claim(login: str) -> None:
+        barrier.wait()
+        if store.claim(BOX, 1, login, 2.0).won:
+            winners.append(login)
+
+    threads = [threading.Thread(target=claim, args=(f"agent{i}",)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(winners) == 1
+
+
+def test_unknown_tickets_are_key_errors(store: Contract) -> None:
+    with pytest.raises(KeyError):
+        store.update(BOX, 42, Changes(state="closed"), 1.0)
+    with pytest.raises(KeyError):
+        store.claim(BOX, 42, "meier", 1.0)
+    with pytest.raises(KeyError):
+        store.assign(BOX, 42, "meier", 1.0)
+
+
+def test_a_dead_store_raises_store_unavailable(store: Contract) -> None:
+    dead: Contract
+    if isinstance(store, MemoryStore):
+        dead = MemoryStore()
+        dead.down = True
+    else:
+        dead = RedisStore.from_url(
+            f"redis://127.0.0.1:{free_port()}/0", key_prefix="postroom", message_index_days=1, timeout=0.5
+        )
+    with pytest.raises(StoreUnavailable):
+        dead.open(BOX, new(), 1.0)
+    with pytest.raises(StoreUnavailable):
+        dead.lookup(BOX, ["m1@c"], [1], ["alice@customer.test"])
+    with pytest.raises(StoreUnavailable):
+        dead.away(BOX, ["meier"])
+
+
 def test_scripts_build_the_key_names_of_the_keyspace(redis_url: str) -> None:
     """The open script and the owner index name keys in Lua: they must be the keyspace's names."""
     store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=2.0)
@@ -190,6 +247,7 @@ def test_scripts_build_the_key_names_of_the_keyspace(redis_url: str) -> None:
         keyspace.participants_key("postroom", BOX, 1),
         keyspace.message_key("postroom", BOX, "m1@c"),
         keyspace.owned_key("postroom", BOX, "meier"),
+        keyspace.epoch_key("postroom", BOX),
     }
     assert set(client.keys("*")) == expected
     store.open(BOX, new("mallory@evil.test"), 2.0)  # the same Message-ID from a stranger: disputed

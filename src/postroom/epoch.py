@@ -28,7 +28,7 @@ import redis.exceptions
 from redis.cluster import RedisCluster
 
 from postroom.redis_connect import node_for
-from postroom.store.keyspace import key_base
+from postroom.store.keyspace import epoch_key
 
 log = logging.getLogger("postroom")
 
@@ -43,11 +43,6 @@ local had = redis.call('EXISTS', KEYS[2])
 if had == 0 then redis.call('SET', KEYS[2], ARGV[2]) end
 return {before, had}
 """
-
-
-def epoch_key(prefix: str, mailbox: str) -> str:
-    """Exists as long as the mailbox's Redis state is continuous with the history (set by :class:`EpochGuard`)."""
-    return f"{key_base(prefix, mailbox)}epoch"
 
 
 class RestartWatch:

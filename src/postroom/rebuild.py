@@ -24,10 +24,10 @@ from sqlalchemy import RowMapping, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from postroom.epoch import RAISE, Floor, HistoryUnavailable, epoch_key
+from postroom.epoch import RAISE, Floor, HistoryUnavailable
 from postroom.history import MessageRow, TicketRow
 from postroom.redis_connect import node_for
-from postroom.store.keyspace import key_base, owned_indexed_key
+from postroom.store.keyspace import epoch_key, key_base, owned_indexed_key
 
 log = logging.getLogger("postroom")
 

@@ -69,3 +69,8 @@ def open_counts_key(prefix: str, mailbox: str) -> str:
 def reply_cap_key(prefix: str, mailbox: str, correspondent: str) -> str:
     """Auto-replies sent to one correspondent from one mailbox within the current 24-hour window."""
     return f"{key_base(prefix, mailbox)}ar:{correspondent.lower()}"
+
+
+def epoch_key(prefix: str, mailbox: str) -> str:
+    """Exists as long as the mailbox's Redis state is continuous with the history (postroom.epoch)."""
+    return f"{key_base(prefix, mailbox)}epoch"

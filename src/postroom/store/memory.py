@@ -23,6 +23,7 @@ class MemoryStore:
         self.index: dict[tuple[str, str], int] = {}
         self.disputed: set[tuple[str, str]] = set()
         self.seq: dict[str, int] = {}
+        self.owned_since: dict[tuple[str, int], float] = {}  # as the Redis hash's owned_since
         self.down = False
         self.absent: set[tuple[str, str]] = set()
 
@@ -62,6 +63,8 @@ class MemoryStore:
             mailbox, n, new.owner, new.state, new.priority, new.tags, new.customer, new.subject, now, now, new.linked
         )
         self.ticket_map[(mailbox, n)] = t
+        if new.owner:
+            self.owned_since[(mailbox, n)] = now
         self.participants[(mailbox, n)] = set(new.participants)
         for mid in new.message_ids:
             self._index(mailbox, mid, n, new.participants)
@@ -102,11 +105,15 @@ class MemoryStore:
         won = previous in ("", login) or force
         if won:
             t = self.ticket_map[(mailbox, number)] = replace(t, owner=login, state="open", updated=now)
-        return Claim(won, t, previous, now if won and previous != login else t.created)
+            if previous != login:
+                self.owned_since[(mailbox, number)] = now
+        return Claim(won, t, previous, self.owned_since.get((mailbox, number)) or t.created)
 
     def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket:
         self._check()
         t = self.ticket_map[(mailbox, number)]
+        if changes.owner not in (KEEP, t.owner):
+            self.owned_since[(mailbox, number)] = now
         tags = [x for x in t.tags if x not in changes.remove_tags]
         tags += [x for x in dict.fromkeys(changes.add_tags) if x not in tags and x not in changes.remove_tags]
         t = replace(
