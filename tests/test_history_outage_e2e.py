@@ -93,12 +93,14 @@ def test_database_outage_while_mail_flows_loses_no_history_row(pg: PostgresServe
 def test_sigterm_during_an_outage_keeps_the_rows_for_the_next_start(pg: PostgresServer) -> None:
     with deploy(e2e_base_config(), CUSTOMERS, adapter="smtpd") as d:
         on_postgres(d, pg)
+        send(d, 0, 1)
+        assert len(wait_rows(pg, 1)[0]) == 1
         pg.stop("fast")
-        send(d, 0, 10)
-        d.stack.wait_for(SUPPORT, "INBOX", 10)
+        send(d, 1, 10)
+        d.stack.wait_for(SUPPORT, "INBOX", 11)
         d.daemon.stop()  # SIGTERM while the database is away: the rows stay in the spool on disk
         assert "stay in the spool" in d.daemon.log_text()
         pg.start()
         d.daemon.start()
-        queue_ids, events = wait_rows(pg, 10)
-        assert len(set(queue_ids)) == len(queue_ids) == 10 and events == 10, d.daemon.log_text()
+        queue_ids, events = wait_rows(pg, 11)
+        assert len(set(queue_ids)) == len(queue_ids) == 11 and events == 11, d.daemon.log_text()

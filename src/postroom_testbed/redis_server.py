@@ -20,7 +20,11 @@ from postroom_testbed.processes import (
 
 
 class RedisServer:
-    """A private redis-server on a free port, no persistence, data dir inside ``workdir``."""
+    """A private redis-server on a free port, data dir inside ``workdir``.
+
+    No persistence unless ``appendonly`` is set (then AOF with ``appendfsync everysec``, as docs/deploy-milter.md
+    asks of production), so a restart after :meth:`kill` comes back empty or with its AOF.
+    """
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -29,6 +33,7 @@ class RedisServer:
         self.pidfile = self.dir / "redis.pid"
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self.appendonly = False
 
     @property
     def url(self) -> str:
@@ -56,7 +61,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", LOOPBACK,
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
             # Kept in the foreground as our own child (pid file still written): a crash at
             # start-up shows as an exit status at once, and stop() can wait() on it, with no
             # pid file race and no zombie left for PID 1.
@@ -70,6 +76,12 @@ class RedisServer:
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         _wait_listening([self.port], self._proc, "redis-server", self.log_path)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer: nothing is saved on the way out."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(_STOP_TIMEOUT)
 
     def stop(self) -> None:
         proc = self._proc
