@@ -28,6 +28,7 @@ from postroom.admin.common import (
 from postroom.admin.group import MainGroup, use_formatter
 from postroom.admin.rebuild_cli import admin_group
 from postroom.admin.rules_cli import rules_group
+from postroom.admin.sweep_cli import sweep_command
 from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config, DkimKey, example_config_path
 from postroom.dkim import generate, public_txt, zone_line
@@ -342,6 +343,7 @@ main.add_command(remind_command)
 main.add_command(digest_command)
 main.add_command(stats_command)
 main.add_command(admin_group)
+main.add_command(sweep_command)
 use_formatter(main)
 
 if __name__ == "__main__":

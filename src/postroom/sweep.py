@@ -1,0 +1,154 @@
+"""``postroom sweep``: mails that reached a shared mailbox without postroom get their ticket, in place.
+
+A mail delivered degraded (Redis was away) or while the milter was down (Postfix's ``milter_default_action =
+accept``) sits in the shared mailbox without a token in its subject and without ``X-Postroom-Ticket``.  The sweep
+logs in to each shared mailbox over IMAP as a Dovecot master user, finds those mails (``SEARCH NOT HEADER
+X-Postroom-Ticket ""``), runs each through the inbound pipeline as the customer's mail it is, and replaces it by
+the ticketed version: APPENDed to the same folder with the same flags and internal date, and only once the server
+said the replacement is stored is the original flagged \\Deleted and expunged (UID EXPUNGE, that mail alone).
+
+A mail whose ticket the backlog already opened (postroom.backlog) finds that ticket by its Message-ID.  Copies of
+agents' replies (From a shared address) are left alone, and no acknowledgement goes out for a swept mail: the
+customer wrote long enough ago that a late one would confuse more than help.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from postroom.config import Config, MailboxConfig
+from postroom.mime import Message, addresses
+from postroom.runtime import Runtime
+from postroom.smtpd.message import RawMail, parse
+from postroom.smtpd.rewrite import rewrite
+from postroom.verdict import Action, AddHeader, Envelope, SetHeader
+
+log = logging.getLogger("postroom")
+
+TICKET_HEADER = "X-Postroom-Ticket"
+_LIST = re.compile(rb'^\((?P<flags>[^)]*)\) (?:"[^"]*"|NIL) (?P<name>.+)$')
+_DATE = re.compile(rb'INTERNALDATE "([^"]+)"')
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run (not configured, IMAP refused the login); the message says what to fix."""
+
+
+@dataclass
+class Swept:
+    mailbox: str
+    folder: str
+    replaced: int = 0
+    skipped: int = 0  # not a customer's mail, or the store still away
+    failed: int = 0
+
+
+def sweep(runtime: Runtime, now: float) -> list[Swept]:
+    """Sweep every shared mailbox once; see the module docstring."""
+    cfg = runtime.config.sweep
+    if not cfg.master_user:
+        raise SweepError("[sweep] master_user is not set: the sweep needs a Dovecot master user")
+    try:
+        password = Path(cfg.master_password_file).read_text().strip()
+    except OSError as exc:
+        raise SweepError(f"[sweep] master_password_file {cfg.master_password_file!r}: {exc.strerror}") from None
+    done: list[Swept] = []
+    for box in runtime.config.mailboxes.values():
+        try:
+            imap = imaplib.IMAP4(cfg.imap_host, cfg.imap_port, timeout=60)
+        except OSError as exc:
+            raise SweepError(f"IMAP at {cfg.imap_host}:{cfg.imap_port}: {exc}") from None
+        try:
+            try:
+                imap.login(f"{box.address}*{cfg.master_user}", password)
+            except imaplib.IMAP4.error as exc:
+                raise SweepError(f"IMAP login for {box.address} as master user {cfg.master_user}: {exc}") from None
+            done += [_folder(runtime, imap, box, folder, now) for folder in _folders(imap)]
+        finally:
+            imap.shutdown()
+    return done
+
+
+def _folders(imap: imaplib.IMAP4) -> list[str]:
+    _typ, data = imap.list()
+    names: list[str] = []
+    for line in data:
+        m = _LIST.match(line) if isinstance(line, bytes) else None
+        if m is None or b"\\noselect" in m.group("flags").lower():
+            continue
+        name = m.group("name").decode("utf-8", "replace")
+        names.append(name[1:-1].replace('\\"', '"').replace("\\\\", "\\") if name.startswith('"') else name)
+    return names
+
+
+def _quote(folder: str) -> str:
+    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _folder(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: str, now: float) -> Swept:
+    swept = Swept(box.address, folder)
+    if imap.select(_quote(folder))[0] != "OK":
+        return swept
+    _typ, found = imap.uid("SEARCH", "NOT", "HEADER", TICKET_HEADER, '""')
+    for uid in (found[0] or b"").decode().split():
+        outcome = _replace(runtime, imap, box, folder, uid, now=now)
+        setattr(swept, outcome, getattr(swept, outcome) + 1)
+    if swept.replaced or swept.failed:
+        log.info(
+            "sweep %s/%s: %d replaced, %d left, %d failed",
+            box.address,
+            folder,
+            swept.replaced,
+            swept.skipped,
+            swept.failed,
+        )
+    return swept
+
+
+def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: str, uid: str, *, now: float) -> str:
+    """One mail: "replaced", "skipped" or "failed" (the original then stays as it is)."""
+    _typ, fetched = imap.uid("FETCH", uid, "(FLAGS INTERNALDATE BODY.PEEK[])")
+    part = next((p for p in fetched if isinstance(p, tuple)), None)
+    if part is None:
+        return "skipped"  # expunged meanwhile
+    meta, raw = part
+    date = _DATE.search(meta)
+    flags = "(" + " ".join(f.decode() for f in imaplib.ParseFlags(meta) if f.lower() != b"\\recent") + ")"
+    replacement = _ticketed(runtime, box, raw, now)
+    if replacement is None or date is None:
+        return "skipped"
+    typ, data = imap.append(_quote(folder), flags, f'"{date.group(1).decode()}"', replacement)
+    if typ != "OK":
+        # The original stays: nothing is deleted before its replacement is stored.
+        log.error("sweep %s/%s: could not store the ticketed mail (UID %s): %s", box.address, folder, uid, data)
+        return "failed"
+    imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+    imap.uid("EXPUNGE", uid)
+    return "replaced"
+
+
+def _ticketed(runtime: Runtime, box: MailboxConfig, raw: bytes, now: float) -> bytes | None:
+    """The mail as postroom would have delivered it, or None to leave it as it is."""
+    mail: RawMail = parse(raw)
+    headers = [(k, v) for k, v in mail.headers if k.lower() != "return-path"]
+    if _from_shared(runtime.config, headers):
+        return None  # the team's copy of an agent's reply, not a customer's mail
+    sender = next((v for k, v in mail.headers if k.lower() == "return-path"), "").strip().strip("<>")
+    envelope = Envelope(mail_from=f"<{sender}>", rcpts=[f"<{box.address}>"], queue_id="sweep")
+    outcome = runtime.process(Message(envelope, headers, body=lambda: mail.body), now)
+    if outcome.verdict.action is not Action.ACCEPT or not any(
+        isinstance(e, AddHeader | SetHeader) and e.name == TICKET_HEADER for e in outcome.verdict.edits
+    ):
+        return None  # still degraded: the next sweep tries again
+    runtime.record(outcome)
+    kept = RawMail(mail.headers, mail.body)
+    return rewrite(kept, envelope.mail_from, envelope.rcpts, outcome.verdict.edits).data
+
+
+def _from_shared(config: Config, headers: list[tuple[str, str]]) -> bool:
+    shared = {b.address for b in config.mailboxes.values()}
+    return any(a in shared for k, v in headers if k.lower() == "from" for a in addresses(v))

@@ -1,0 +1,99 @@
+"""postroom sweep: mails that reached the shared mailbox while the milter was down (Postfix delivered them
+unmodified) are replaced in place by their ticketed versions, keeping flags and date, over IMAP with a Dovecot
+master user; the customer's next mail threads into the ticket."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from postroom.config import to_toml, with_changes
+from postroom_testbed import LOOPBACK, Deployment, deploy
+from tests.conftest import CUSTOMERS, e2e_base_config
+from tests.test_inbound_e2e import SUPPORT, customer_mail
+
+pytestmark = pytest.mark.e2e
+ALICE, BOB = CUSTOMERS[0], CUSTOMERS[1]
+
+
+def run_sweep(d: Deployment) -> str:
+    secret = d.daemon.workdir / "sweep.secret"
+    secret.write_text(d.stack.dovecot.master_password + "\n")
+    sweep = {
+        "imap_host": LOOPBACK,
+        "imap_port": d.stack.dovecot.imap_port,
+        "master_user": d.stack.dovecot.master_login,
+        "master_password_file": str(secret),
+    }
+    path = d.daemon.workdir / "sweep.toml"
+    path.write_text(to_toml(with_changes(d.config, {"sweep": sweep})))
+    done = subprocess.run(
+        [sys.executable, "-m", "postroom", "sweep", "--config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def flags_and_dates(d: Deployment) -> list[tuple[str, str, str]]:
+    """(subject, flags, internal date) of every mail in the shared INBOX."""
+    imap = imaplib.IMAP4(LOOPBACK, d.stack.dovecot.imap_port)
+    try:
+        imap.login(SUPPORT, "secret")
+        imap.select("INBOX")
+        _typ, data = imap.fetch("1:*", "(FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        out = []
+        for part in data:
+            if isinstance(part, tuple):
+                meta, header = part
+                subject = header.decode().split(":", 1)[1].strip()
+                flags = " ".join(sorted(f.decode() for f in imaplib.ParseFlags(meta)))
+                date = re.search(rb'INTERNALDATE "([^"]+)"', meta)
+                out.append((subject, flags, date.group(1).decode() if date else ""))
+        return sorted(out)
+    finally:
+        imap.logout()
+
+
+def mark_seen(d: Deployment, subject: str) -> None:
+    imap = imaplib.IMAP4(LOOPBACK, d.stack.dovecot.imap_port)
+    try:
+        imap.login(SUPPORT, "secret")
+        imap.select("INBOX")
+        _typ, found = imap.search(None, "SUBJECT", f'"{subject}"')
+        imap.store(found[0].decode(), "+FLAGS", "(\\Seen \\Flagged)")
+    finally:
+        imap.logout()
+
+
+def test_sweep_tickets_mail_that_bypassed_the_milter_in_place() -> None:
+    with deploy(e2e_base_config(), CUSTOMERS, adapter="milter") as d:
+        d.daemon.stop()  # Postfix delivers unmodified meanwhile (milter_default_action = accept)
+        first = customer_mail(ALICE, "Printer on fire")
+        d.stack.send(first, mail_from=ALICE, rcpts=[SUPPORT])
+        d.stack.send(customer_mail(BOB, "Invoice wrong"), mail_from=BOB, rcpts=[SUPPORT])
+        d.stack.wait_for(SUPPORT, "INBOX", 2)
+        mark_seen(d, "Printer on fire")
+        before = flags_and_dates(d)
+        d.daemon.start()
+
+        out = run_sweep(d)
+        assert "2 mail(s) ticketed" in out, out
+        after = flags_and_dates(d)
+        subjects = [s for s, _f, _d in after]
+        printer = next(s for s in subjects if s.endswith("Printer on fire"))
+        n = re.match(r"\[Support #(\d+)\] Printer on fire$", printer)
+        assert n is not None and len(subjects) == 2
+        assert {s.split("]")[0] for s in subjects} == {"[Support #1", "[Support #2"}
+        # Same flags and internal date as the mails they replace; nothing lost, nothing doubled.
+        assert sorted((s.split("] ")[1], f, dt) for s, f, dt in after) == sorted(before)
+        assert all(m["X-Postroom-Ticket"] for m in d.stack.fetch(SUPPORT))
+        assert "0 mail(s) ticketed" in run_sweep(d)  # nothing left to do
+
+        again = customer_mail(ALICE, "Re: Printer on fire", in_reply_to=str(first["Message-ID"]))
+        d.stack.send(again, mail_from=ALICE, rcpts=[SUPPORT])
+        got = d.stack.wait_for(SUPPORT, "INBOX", 3)
+        assert f"Re: [Support #{n.group(1)}] Printer on fire" in [str(m["Subject"]) for m in got]
