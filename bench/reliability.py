@@ -227,7 +227,13 @@ def run(name: str, count: int, rate: float, seconds: float) -> Row:
     return row
 
 
+def _stop(signum: int, frame: object) -> None:
+    # Killed with SIGTERM, Python would skip the with-blocks and leave the stack and the PostgreSQL cluster running.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--rate", type=float, default=30.0)
