@@ -70,3 +70,5 @@ def test_redis_restarted_empty_issues_no_number_twice_and_old_mail_threads_again
         got = d.stack.wait_for(SUPPORT, "INBOX", 11)
         assert str(got[-1]["Subject"]) == "Re: [Support #1] Printer on fire"
         assert "Redis lost data for support@example.test" in d.daemon.log_text()
+        # The test's Redis keeps nothing on disk, which the daemon said when it started.
+        assert "Redis runs without AOF persistence" in d.daemon.log_text()
