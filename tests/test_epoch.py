@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from postroom.history import make_engine, migrate, write
 from postroom.rebuild import history_floor, rebuild
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, Record, StoreUnavailable
-from postroom_testbed import RedisServer
+from postroom_testbed import RedisServer, postgres_server
 
 BOX = "support@example.test"
 
@@ -127,3 +128,22 @@ def test_persistence_problems_name_aof_and_eviction(redis_url: str) -> None:
         assert any("noeviction" in p for p in persistence_problems(client))
     finally:
         client.config_set("maxmemory-policy", "noeviction")
+
+
+def test_a_frozen_history_does_not_hold_the_mail(redis_url: str, tmp_path: Path) -> None:
+    """The floor query gives up in time: with the epoch key there, Redis is trusted and the ticket opens."""
+    with postgres_server() as pg:
+        migrate(pg.url)
+        engine = make_engine(pg.url)
+        store = make(redis_url)
+        store.guard.floor = history_floor(engine, timeout=1.0)
+        assert store.open(BOX, new(), 1.0).number == 1  # epoch set while the database answers
+        store.guard.forget()  # as after a Redis restart
+        pg.freeze()
+        try:
+            started = time.monotonic()
+            assert store.open(BOX, new(), 2.0).number == 2
+            assert time.monotonic() - started < 10
+        finally:
+            pg.thaw()
+        engine.dispose()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -115,14 +117,24 @@ def _chunks(items: Sequence[_T]) -> Iterable[Sequence[_T]]:
         yield items[start : start + _CHUNK]
 
 
-def history_floor(engine: Engine) -> Floor:
-    """The highest ticket number the history knows for a mailbox: what a counter must never fall below."""
+def history_floor(engine: Engine, timeout: float = 5.0) -> Floor:
+    """The highest ticket number the history knows for a mailbox: what a counter must never fall below.
+
+    Asked on the mail path (once per mailbox after Redis restarted), so it gives up after ``timeout`` seconds: a
+    frozen database holds a query forever, and a mail must not wait for it.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postroom-floor")
+
+    def query(mailbox: str) -> int:
+        with engine.connect() as conn:
+            found = conn.execute(select(func.max(TicketRow.number)).where(TicketRow.mailbox == mailbox))
+            return int(found.scalar() or 0)
 
     def floor(mailbox: str) -> int:
         try:
-            with engine.connect() as conn:
-                found = conn.execute(select(func.max(TicketRow.number)).where(TicketRow.mailbox == mailbox))
-                return int(found.scalar() or 0)
+            return pool.submit(query, mailbox).result(timeout)
+        except FutureTimeout:
+            raise HistoryUnavailable(f"the database did not answer within {timeout:g} s") from None
         except SQLAlchemyError as exc:
             raise HistoryUnavailable(str(exc).splitlines()[0]) from exc
 
