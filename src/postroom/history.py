@@ -508,6 +508,7 @@ class HistoryWriter:
             elif not self._wake.wait(1.0):
                 self._adopt_orphans()
                 continue
+            self._adopt_orphans()  # also under steady load, when the thread is never idle for a second
             self._wake.clear()
             if not self._hurry.is_set() and self.spool.bytes_waiting() and not backoff:
                 # Let records gather: sleeping through the linger keeps this thread off the CPU and out of the
