@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formataddr, getaddresses
 
 from postroom import commands, replies, subject
@@ -229,6 +229,9 @@ def to_customer(step: Step, found: Ticket | None, plan: commands.Plan) -> Outcom
     settled = claim_or_open(step, found, plan, own_id)
     if settled.refused is not None:
         return step.outcome(refuse_rival(step, settled.refused))
+    if settled.event == "takeover":
+        # The mail's own record is the takeover event: the #takeover line needs no second one.
+        plan = replace(plan, events=[e for e in plan.events if e[0] != "takeover"])
     ticket = apply_commands(step, settled.ticket, plan)
     edits += rewrite(step, ticket, plan)
     edits += team_copy(step, ticket, settled.event)
@@ -266,6 +269,8 @@ def claim_or_open(step: Step, found: Ticket | None, plan: commands.Plan, own_id:
         if box.on_rival_reply == "reject":
             return Settled(ticket, "rival_refused", refused=claim)
         event = f"rival_reply_{box.on_rival_reply}"
+    elif plan.takeover and claim.previous_owner not in ("", mail.login):
+        event = "takeover"
     customers = [x.strip("<>").lower() for x in mail.external]
     return Settled(store.touch(box.address, ticket.number, [own_id], customers, now), event)
 

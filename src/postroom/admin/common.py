@@ -155,17 +155,7 @@ def daemon_runtime(
     history.start()
     store = redis_store(config)
     rebuilder = guard_store(config, store)
-    try:
-        store.ping()
-        warn_persistence(store)
-    except StoreUnavailable as exc:
-        # Start anyway: mail keeps flowing under the failure policy until Redis is back.
-        log.warning(
-            "%s is not reachable (%s); mail will get policy %r until it is",
-            config.redis.target().describe(),
-            exc,
-            config.milter.on_error,
-        )
+    check_redis(config, store)
     # The assignment state shares the ticket store's client: one connection pool per process.
     assign = RedisAssignmentState(store.client, config.redis.key_prefix)
     backlog = Backlog(_spool(config, "degraded"), store, history)
@@ -208,11 +198,20 @@ def guard_store(config: Config, store: RedisStore) -> BackgroundRebuild:
     return rebuilder
 
 
-def warn_persistence(store: RedisStore) -> None:
+def check_redis(config: Config, store: RedisStore) -> None:
+    """At start: is Redis there, and does it keep what postroom writes?  Warnings only; mail flows either way."""
     try:
+        store.ping()
         problems = persistence_problems(store.client)
-    except redis.exceptions.RedisError as exc:
-        raise StoreUnavailable(str(exc)) from exc
+    except (StoreUnavailable, redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        # Start anyway: mail keeps flowing under the failure policy until Redis is back.
+        log.warning(
+            "%s is not reachable (%s); mail will get policy %r until it is",
+            config.redis.target().describe(),
+            exc,
+            config.milter.on_error,
+        )
+        return
     for problem in problems:
         log.warning("%s (see docs/deploy-milter.md, Redis)", problem)
 
