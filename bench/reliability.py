@@ -47,7 +47,8 @@ from sqlalchemy import create_engine, func, select
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
 from postroom.history import EventRow, MessageRow
-from postroom_testbed import Deployment, PostgresServer, deploy, postgres_server
+from postroom_testbed import Deployment, PostgresServer, postgres_server
+from postroom_testbed.imap import deploy_team
 
 SUPPORT = "support@example.test"
 SENDERS = [f"customer{i}@customer.test" for i in range(20)]
@@ -147,17 +148,10 @@ def send_all(d: Deployment, count: int, rate: float, at_third: Callable[[], None
 
 def run_sweep(d: Deployment, pg: PostgresServer) -> None:
     """``postroom sweep`` once, as systemd/postroom-sweep.timer runs it every minute."""
-    secret = d.daemon.workdir / "sweep.secret"
-    secret.write_text(d.stack.dovecot.master_password + "\n")
-    sweep = {
-        "imap_host": "127.0.0.1",
-        "imap_port": d.stack.dovecot.imap_port,
-        "master_user": d.stack.dovecot.master_login,
-        "master_password_file": str(secret),
-    }
+    # It logs in as the [imap] master user that deploy_team's Dovecot has (what dovecot-snippet writes).
     database = {"url": pg.url, "spool_dir": str(d.daemon.workdir / "spool")}
     path = d.daemon.workdir / "sweep.toml"
-    path.write_text(to_toml(with_changes(d.config, {"sweep": sweep, "database": database})))
+    path.write_text(to_toml(with_changes(d.config, {"database": database})))
     subprocess.run([sys.executable, "-m", "postroom", "sweep", "--config", str(path)], capture_output=True, check=False)
 
 
@@ -210,7 +204,9 @@ def run(name: str, count: int, rate: float, seconds: float) -> Row:
     row = Row(name)
     started = time.monotonic()
     base = load_config(example_config_path(), environ={})
-    with postgres_server() as pg, deploy(base, adapter="milter") as d:
+    passwords = {agent: f"{agent}-pw" for agent in base.agents}
+    with postgres_server() as pg, deploy_team(base, passwords) as team:
+        d = team.deployment
         database = {"url": pg.url, "spool_dir": str(d.daemon.workdir / "spool")}
         d.daemon.stop()
         d.daemon.reconfigure(to_toml(with_changes(d.config, {"database": database})))

@@ -1,6 +1,7 @@
 """postroom sweep: mails that reached the shared mailbox while the milter was down (Postfix delivered them
-unmodified) are replaced in place by their ticketed versions, keeping flags and date, over IMAP with a Dovecot
-master user; the customer's next mail threads into the ticket."""
+unmodified) are replaced in place by their ticketed versions, keeping flags and date, over IMAP with postroom's
+one Dovecot master user (what ``postroom dovecot-snippet`` sets up, as in production); the customer's next mail
+threads into the ticket."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import sys
 
 import pytest
 
-from postroom.config import to_toml, with_changes
-from postroom_testbed import LOOPBACK, Deployment, deploy
+from postroom_testbed import LOOPBACK, Deployment
+from postroom_testbed.imap import deploy_team
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 
@@ -21,18 +22,13 @@ ALICE, BOB = CUSTOMERS[0], CUSTOMERS[1]
 
 
 def run_sweep(d: Deployment) -> str:
-    secret = d.daemon.workdir / "sweep.secret"
-    secret.write_text(d.stack.dovecot.master_password + "\n")
-    sweep = {
-        "imap_host": LOOPBACK,
-        "imap_port": d.stack.dovecot.imap_port,
-        "master_user": d.stack.dovecot.master_login,
-        "master_password_file": str(secret),
-    }
-    path = d.daemon.workdir / "sweep.toml"
-    path.write_text(to_toml(with_changes(d.config, {"sweep": sweep})))
+    """``postroom sweep`` with the milter's own config: it logs in as the [imap] master user, the one
+    ``postroom dovecot-snippet`` gave this Dovecot (also used by imap-event)."""
     done = subprocess.run(
-        [sys.executable, "-m", "postroom", "sweep", "--config", str(path)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "postroom", "sweep", "--config", str(d.daemon.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -70,7 +66,9 @@ def mark_seen(d: Deployment, subject: str) -> None:
 
 
 def test_sweep_tickets_mail_that_bypassed_the_milter_in_place() -> None:
-    with deploy(e2e_base_config(), CUSTOMERS, adapter="milter") as d:
+    config = e2e_base_config()
+    with deploy_team(config, {a: f"{a}-pw" for a in config.agents}, CUSTOMERS) as team:
+        d = team.deployment
         d.daemon.stop()  # Postfix delivers unmodified meanwhile (milter_default_action = accept)
         first = customer_mail(ALICE, "Printer on fire")
         d.stack.send(first, mail_from=ALICE, rcpts=[SUPPORT])

@@ -393,15 +393,6 @@ class ImapConfig(_Section):
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
 
-class SweepConfig(_Section):
-    """``postroom sweep``: tickets mails that reached a shared mailbox without postroom, over IMAP."""
-
-    imap_host: str = "127.0.0.1"
-    imap_port: Annotated[int, Field(ge=1, le=65535)] = 143
-    master_user: str = ""  # a Dovecot master user; "" turns the sweep off
-    master_password_file: str = ""
-
-
 class Config(_Section):
     milter: MilterConfig = MilterConfig()
     smtpd: SmtpdConfig = SmtpdConfig()
@@ -418,7 +409,6 @@ class Config(_Section):
     sla: SlaConfig = SlaConfig()
     metrics: MetricsConfig = MetricsConfig()
     imap: ImapConfig = ImapConfig()
-    sweep: SweepConfig = SweepConfig()
 
     @field_validator("dkim")
     @classmethod

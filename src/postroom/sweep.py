@@ -2,7 +2,8 @@
 
 A mail delivered degraded (Redis was away) or while the milter was down (Postfix's ``milter_default_action =
 accept``) sits in the shared mailbox without a token in its subject and without ``X-Postroom-Ticket``.  The sweep
-logs in to each shared mailbox over IMAP as a Dovecot master user, finds those mails (``SEARCH NOT HEADER
+logs in to each shared mailbox over IMAP as postroom's Dovecot master user (``[imap]``, the one
+``postroom dovecot-snippet`` sets up), finds those mails (``SEARCH NOT HEADER
 X-Postroom-Ticket ""``), runs each through the inbound pipeline as the customer's mail it is, and replaces it by
 the ticketed version: APPENDed to the same folder with the same flags and internal date, and only once the server
 said the replacement is stored is the original flagged \\Deleted and expunged (UID EXPUNGE, that mail alone).
@@ -18,9 +19,9 @@ import imaplib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from postroom.config import Config, MailboxConfig
+from postroom.imap_event import imap_quote, master_login, namespace_prefix
 from postroom.mime import Message, addresses
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse
@@ -49,31 +50,31 @@ class Swept:
 
 def sweep(runtime: Runtime, now: float) -> list[Swept]:
     """Sweep every shared mailbox once; see the module docstring."""
-    cfg = runtime.config.sweep
-    if not cfg.master_user:
-        raise SweepError("[sweep] master_user is not set: the sweep needs a Dovecot master user")
-    try:
-        password = Path(cfg.master_password_file).read_text().strip()
-    except OSError as exc:
-        raise SweepError(f"[sweep] master_password_file {cfg.master_password_file!r}: {exc.strerror}") from None
+    imap_cfg = runtime.config.imap
     done: list[Swept] = []
     for box in runtime.config.mailboxes.values():
         try:
-            imap = imaplib.IMAP4(cfg.imap_host, cfg.imap_port, timeout=60)
-        except OSError as exc:
-            raise SweepError(f"IMAP at {cfg.imap_host}:{cfg.imap_port}: {exc}") from None
-        try:
-            try:
-                imap.login(f"{box.address}*{cfg.master_user}", password)
-            except imaplib.IMAP4.error as exc:
-                raise SweepError(f"IMAP login for {box.address} as master user {cfg.master_user}: {exc}") from None
-            done += [_folder(runtime, imap, box, folder, now) for folder in _folders(imap)]
-        finally:
-            imap.shutdown()
+            with master_login(runtime.config, box.address) as imap:
+                done += [_folder(runtime, imap, box, folder, now) for folder in _folders(imap, runtime.config)]
+        except imaplib.IMAP4.error as exc:
+            raise SweepError(f"IMAP for {box.address} as master user {imap_cfg.master_user}: {exc}") from None
+        except (OSError, IndexError) as exc:
+            raise SweepError(_unreachable(runtime.config, exc)) from None
     return done
 
 
-def _folders(imap: imaplib.IMAP4) -> list[str]:
+def _unreachable(config: Config, exc: OSError | IndexError) -> str:
+    cfg = config.imap
+    if isinstance(exc, IndexError) or exc.filename == cfg.master_password_file:
+        reason = "empty" if isinstance(exc, IndexError) else exc.strerror
+        return f"[imap] master_password_file {cfg.master_password_file!r}: {reason}"
+    return f"IMAP at {cfg.host}:{cfg.port}: {exc}"
+
+
+def _folders(imap: imaplib.IMAP4, config: Config) -> list[str]:
+    """The shared mailbox's own folders (INBOX, the agents', Done): not the public namespaces, which show the same
+    mailboxes again to their agents."""
+    public = {namespace_prefix(b) for b in config.mailboxes.values()}
     _typ, data = imap.list()
     names: list[str] = []
     for line in data:
@@ -81,17 +82,15 @@ def _folders(imap: imaplib.IMAP4) -> list[str]:
         if m is None or b"\\noselect" in m.group("flags").lower():
             continue
         name = m.group("name").decode("utf-8", "replace")
-        names.append(name[1:-1].replace('\\"', '"').replace("\\\\", "\\") if name.startswith('"') else name)
+        name = name[1:-1].replace('\\"', '"').replace("\\\\", "\\") if name.startswith('"') else name
+        if name.split("/", 1)[0] not in public:
+            names.append(name)
     return names
-
-
-def _quote(folder: str) -> str:
-    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _folder(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: str, now: float) -> Swept:
     swept = Swept(box.address, folder)
-    if imap.select(_quote(folder))[0] != "OK":
+    if imap.select(imap_quote(folder))[0] != "OK":
         return swept
     _typ, found = imap.uid("SEARCH", "NOT", "HEADER", TICKET_HEADER, '""')
     for uid in (found[0] or b"").decode().split():
@@ -121,7 +120,7 @@ def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: 
     replacement = _ticketed(runtime, box, raw, now)
     if replacement is None or date is None:
         return "skipped"
-    typ, data = imap.append(_quote(folder), flags, f'"{date.group(1).decode()}"', replacement)
+    typ, data = imap.append(imap_quote(folder), flags, f'"{date.group(1).decode()}"', replacement)
     if typ != "OK":
         # The original stays: nothing is deleted before its replacement is stored.
         log.error("sweep %s/%s: could not store the ticketed mail (UID %s): %s", box.address, folder, uid, data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import secrets
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -136,10 +135,6 @@ class Dovecot:
         self.mail_dir = workdir / "mail"
         self.config_path = self.dir / "dovecot.conf"
         self.passwd_path = self.dir / "users"
-        # A Dovecot master user (``support@example.test*postroom-sweep``): what ``postroom sweep`` logs in as.
-        self.master_path = self.dir / "master-users"
-        self.master_login = "postroom-sweep"
-        self.master_password = secrets.token_hex(8)
         self.log_path = workdir / "dovecot.log"
         self.imap_port = free_port()
         self.lmtp_port = free_port()
@@ -191,13 +186,6 @@ lda_mailbox_autosubscribe = yes
 namespace inbox {{
   inbox = yes
   separator = /
-}}
-auth_master_user_separator = *
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {self.master_path}
-  master = yes
-  result_success = continue
 }}
 passdb {{
   driver = passwd-file
@@ -259,10 +247,8 @@ service auth {{
         extra = self.extra_config(self) if self.extra_config is not None else ""
         self.config_path.write_text(self.config_text() + extra)
         self.passwd_path.write_text(self.passwd_text())
-        self.master_path.write_text(f"{self.master_login}:{{PLAIN}}{self.master_password}::::::\n")
-        # The auth process runs as the unprivileged "dovecot" user and must read them.
+        # The auth process runs as the unprivileged "dovecot" user and must read it.
         self.passwd_path.chmod(0o644)
-        self.master_path.chmod(0o644)
         # -F keeps the master as our child so we hold its pid and exit status. stdin from
         # /dev/null and output into the log: an inherited pipe would make pytest wait for EOF.
         with self.log_path.open("ab") as log:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from postroom.admin.common import CONFIG_OPTION, daemon_runtime, fail
+from postroom.admin.common import CONFIG_OPTION, daemon_runtime
 from postroom.sweep import SweepError, sweep
 
 # Exit status when a service (IMAP) fails rather than the admin's input.
@@ -20,14 +20,12 @@ def sweep_command(config_path: Path) -> None:
     """Find mails without a ticket in the shared mailboxes and replace each by its ticketed version.
 
     Mails delivered degraded (Redis was away) or while the milter was down carry no X-Postroom-Ticket header.
-    Over IMAP, as the Dovecot master user of [sweep], each gets its ticket (or the one the backlog opened for it)
-    and is replaced in its folder with the same flags and date; the original is deleted only after the
-    replacement is stored.  Safe to run at any time and as often as wanted (systemd/postroom-sweep.timer runs it
-    every minute).
+    Over IMAP, as postroom's Dovecot master user ([imap], see dovecot-snippet), each gets its ticket (or the one
+    the backlog opened for it) and is replaced in its folder with the same flags and date; the original is
+    deleted only after the replacement is stored.  Safe to run at any time and as often as wanted
+    (systemd/postroom-sweep.timer runs it every minute).
     """
     with daemon_runtime(config_path, "sweep") as runtime:
-        if not runtime.config.sweep.master_user:
-            raise fail(f"{config_path}: [sweep] master_user is not set: the sweep needs a Dovecot master user")
         try:
             done = sweep(runtime, time.time())
         except SweepError as exc:
