@@ -39,7 +39,6 @@ LONG_ALLOWED = {
     ("bench/inbound.py", "main"): "a benchmark's command line: options, then the printed report",
     ("bench/profile_postroom.py", "main"): "a benchmark's command line: options, then the printed report",
     ("src/postroom_testbed/dovecot.py", "config_text"): "one dovecot.conf as text, no logic",
-    ("src/postroom/history.py", "write"): "issue 14 rewrites history.py; split once it has landed",
 }
 
 

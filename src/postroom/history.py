@@ -340,48 +340,59 @@ def write(session: Session, records: list[Record]) -> None:
     known = [key for key in first if key in ids]
     fresh = [key for key in first if key not in ids]
     if fresh:
-        rows = []
-        for key in fresh:
-            a, z = first[key], last[key]
-            rows.append(
-                {
-                    "mailbox": a.mailbox,
-                    "number": a.number,
-                    "customer": a.customer,
-                    "subject": a.ticket_subject,
-                    "linked": a.linked,
-                    "created_at": _ts(a.at),
-                    "owner": z.owner,
-                    "state": z.state,
-                    "priority": z.priority,
-                    "updated_at": _ts(z.at),
-                }
-            )
-        if conn.dialect.insert_executemany_returning and not _on_sqlite(conn):
-            # Rows come back in any order, matched by their key (asking for parameter order would make
-            # SQLAlchemy insert one row per statement where the back end has no sentinel to sort by).
-            result = conn.execute(_INSERT_TICKETS_RETURNING, rows)
-            ids.update(((mailbox, number), row_id) for mailbox, number, row_id in result)
-        else:
-            # sqlite3's executemany (and a back end without RETURNING) returns no rows: one SELECT reads the
-            # new ids back.
-            _execute_many(conn, _INSERT_TICKETS, rows)
-            ids.update(_ticket_ids(conn, fresh))
+        ids.update(_insert_tickets(conn, [(first[key], last[key]) for key in fresh]))
     if known:
-        _execute_many(
-            conn,
-            _UPDATE_TICKETS,
-            [
-                {
-                    "b_id": ids[key],
-                    "b_owner": last[key].owner,
-                    "b_state": last[key].state,
-                    "b_priority": last[key].priority,
-                    "b_updated_at": _ts(last[key].at),
-                }
-                for key in known
-            ],
-        )
+        _update_tickets(conn, [(ids[key], last[key]) for key in known])
+    _insert_messages_and_events(conn, records, ids)
+
+
+def _insert_tickets(conn: Connection, spans: list[tuple[Record, Record]]) -> dict[_Key, int]:
+    """Rows for new tickets, each from its (first, last) record of the batch; their ids by (mailbox, number)."""
+    rows = [
+        {
+            "mailbox": a.mailbox,
+            "number": a.number,
+            "customer": a.customer,
+            "subject": a.ticket_subject,
+            "linked": a.linked,
+            "created_at": _ts(a.at),
+            "owner": z.owner,
+            "state": z.state,
+            "priority": z.priority,
+            "updated_at": _ts(z.at),
+        }
+        for a, z in spans
+    ]
+    if conn.dialect.insert_executemany_returning and not _on_sqlite(conn):
+        # Rows come back in any order, matched by their key (asking for parameter order would make
+        # SQLAlchemy insert one row per statement where the back end has no sentinel to sort by).
+        result = conn.execute(_INSERT_TICKETS_RETURNING, rows)
+        return {(mailbox, number): row_id for mailbox, number, row_id in result}
+    # sqlite3's executemany (and a back end without RETURNING) returns no rows: one SELECT reads the new ids back.
+    _execute_many(conn, _INSERT_TICKETS, rows)
+    return _ticket_ids(conn, [(a.mailbox, a.number) for a, _ in spans])
+
+
+def _update_tickets(conn: Connection, latest: list[tuple[int, Record]]) -> None:
+    """Owner, state, priority and update time of known tickets, from each one's last record (with its row id)."""
+    _execute_many(
+        conn,
+        _UPDATE_TICKETS,
+        [
+            {
+                "b_id": row_id,
+                "b_owner": rec.owner,
+                "b_state": rec.state,
+                "b_priority": rec.priority,
+                "b_updated_at": _ts(rec.at),
+            }
+            for row_id, rec in latest
+        ],
+    )
+
+
+def _insert_messages_and_events(conn: Connection, records: list[Record], ids: dict[_Key, int]) -> None:
+    """One message row per record that names a mail, one event row per record."""
     messages = [
         {
             "ticket_id": ids[(rec.mailbox, rec.number)],
