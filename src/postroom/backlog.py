@@ -7,8 +7,16 @@ few seconds to open the tickets, in arrival order, and records each in the histo
 the mail finds it (rewritten, signed, with the token), as if Redis had never been away.  The mail already in the
 mailbox keeps its old subject and headers (no token).
 
-Replaying is safe: a mail's ticket is opened with its Message-ID, so the same mail again (a replay after a crash)
-gets the ticket it opened, not a second one.
+Replaying is safe: a mail's ticket is opened with its Message-ID (or, for a mail without one, an ID derived from
+its queue id and headers), so the same mail again (a replay after a crash) gets the ticket it opened, not a second
+one.
+
+No ghost tickets.  A store call the client gave up on (a timeout) may still have run in Redis and opened the
+mail's ticket.  Delivered degraded, the mail takes that ticket here.  Refused with a 451 (``on_error =
+"tempfail"``), the mail is not in the mailbox, and its sender may or may not send it again: the ticket is closed,
+tagged ``void`` and recorded as ``void`` in the history, unless the retry came first (it touched the ticket); a
+retry that comes later finds the ticket under the same key and makes it its own again (postroom.inbound).  A failed
+call that never reached Redis leaves nothing to settle.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import asdict
 
 from postroom.history import HistoryWriter
 from postroom.spool import Spool
-from postroom.tickets import NewTicket, Pending, Record, StoreUnavailable, TicketStore
+from postroom.tickets import Changes, NewTicket, Pending, Record, StoreUnavailable, Ticket, TicketStore
 
 log = logging.getLogger("postroom")
 
@@ -65,7 +73,10 @@ class Backlog:
         records: list[Record] = []
         try:
             for item in batch.items:
-                records.append(self._ticket(Pending.from_dict(item)))
+                pending = Pending.from_dict(item)
+                record = self._ticket(pending) if pending.kind == "degraded" else self._settle(pending)
+                if record is not None:
+                    records.append(record)
         except StoreUnavailable:
             # Still down: the ones done so far are recorded; their retry later finds their ticket by Message-ID.
             if self._history is not None and records:
@@ -82,9 +93,9 @@ class Backlog:
             customer=p.customer,
             subject=p.subject[:300],
             participants=p.senders,
-            message_ids=(p.message_id,) if p.message_id else (),
+            message_ids=(p.key,) if p.key else (),
         )
-        ticket, created = self._store.open_unless_seen(p.mailbox, new, p.message_id, p.at)
+        ticket, created = self._store.open_unless_seen(p.mailbox, new, p.key, p.at)
         log.info(
             "%s #%d %s for the mail delivered degraded (queue id %s)",
             p.mailbox,
@@ -105,3 +116,36 @@ class Backlog:
             subject=p.subject,
             detail="delivered degraded, ticketed after recovery" if created else "delivered degraded, its ticket kept",
         )
+
+    def _settle(self, p: Pending) -> Record | None:
+        """A mail refused for now: the ticket its failed call opened, if nothing used it since, is made void."""
+        ticket = self._opened_for(p)
+        if ticket is None or ticket.updated > p.at or "void" in ticket.tags:
+            # Never opened, or its retry came first (touched it), or settled before (a replay after a crash).
+            return None
+        ticket = self._store.update(p.mailbox, ticket.number, Changes(state="closed", add_tags=("void",)), p.at)
+        log.warning(
+            "%s #%d void: opened for a mail refused for now (queue id %s, a store call postroom gave up on); "
+            "if it is sent again, the ticket is its own again",
+            p.mailbox,
+            ticket.number,
+            p.queue_id or "-",
+        )
+        return Record.of(
+            ticket,
+            "void",
+            p.at,
+            direction="",
+            queue_id="",
+            message_id="",
+            actor="postroom",
+            subject=p.subject,
+            detail="opened for a mail refused for now (451) by a store call postroom gave up on",
+        )
+
+    def _opened_for(self, p: Pending) -> Ticket | None:
+        """The ticket opened under the mail's key, if any (a lookup that also honours a disputed ID)."""
+        if not p.key:
+            return None
+        found = self._store.lookup(p.mailbox, [p.key], [], list(p.senders)).by_reference
+        return found

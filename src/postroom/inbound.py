@@ -30,6 +30,7 @@ from postroom.mime import (
     Message,
     addresses,
     charset_hint,
+    derived_id,
     encode_header_value,
     folder_address,
     header_text,
@@ -61,6 +62,7 @@ class CustomerMail:
     info: subject.SubjectInfo
     refs: list[str]  # References and In-Reply-To, oldest first
     own_id: str  # the mail's own Message-ID, "" when it has none
+    open_key: str  # what its ticket is opened under: own_id, else an ID derived from its headers and body
     senders: list[str]  # From addresses and the envelope sender, lower case, each once
     customer: str  # the first From address, else the envelope sender
     charset: str = "utf-8"  # what a raw 8-bit subject was read in, so writing it back keeps its bytes
@@ -72,12 +74,15 @@ class CustomerMail:
         text_subject, charset = header_text(raw_subject or "", charset_hint(message.header("Content-Type")))
         from_addrs = addresses(message.header("From"))
         envelope_sender = message.envelope.mail_from.strip("<>").lower()
+        own_id = message_id(message.header("Message-ID"))
         return CustomerMail(
             message=message,
             text_subject=text_subject,
             info=subject.parse(text_subject),
             refs=references(message),
-            own_id=message_id(message.header("Message-ID")),
+            own_id=own_id,
+            # Never written into the mail: only the open script and the backlog of this same mail look for it.
+            open_key=own_id or derived_id(message, "", "no-message-id.invalid"),
             senders=list(dict.fromkeys([*from_addrs, *([envelope_sender] if envelope_sender else [])])),
             customer=from_addrs[0] if from_addrs else envelope_sender,
             charset=charset,
@@ -169,8 +174,9 @@ def through_mailbox(step: Step) -> MailboxResult:
     return MailboxResult(step.routed, decision, applied, headers, recipient_edits, record(step, applied))
 
 
-def degraded_pending(message: Message, config: Config, now: float) -> list[Pending]:
-    """What the tickets of a mail delivered degraded need, one per shared mailbox it went to (postroom.backlog)."""
+def degraded_pending(message: Message, config: Config, now: float, kind: str = "degraded") -> list[Pending]:
+    """What the tickets of a mail postroom could not decide need, one per shared mailbox it went to
+    (postroom.backlog); ``kind`` as in :class:`~postroom.tickets.Pending`."""
     try:
         mail = CustomerMail.read(message)
         return [
@@ -182,6 +188,8 @@ def degraded_pending(message: Message, config: Config, now: float) -> list[Pendi
                 subject=subject.strip_token(mail.text_subject, r.box.tag),
                 queue_id=mail.queue_id,
                 at=now,
+                open_key=mail.open_key,
+                kind=kind,
             )
             for r in route(message.envelope, config)
         ]
@@ -264,16 +272,27 @@ def _open(step: Step, thread: Thread, decision: Decision) -> Applied:
         # A stranger's or a forwarded ticket's token is not this ticket's name.
         subject=subject.strip_token(mail.text_subject, step.routed.box.tag)[:300],
         participants=tuple(mail.senders),
-        message_ids=(mail.own_id,) if mail.own_id else (),
+        message_ids=(mail.open_key,),
         linked=thread.linked,
         owner=decision.owner,
         priority=decision.priority or "normal",
         tags=decision.tags,
     )
-    ticket, created = step.parts.store.open_unless_seen(step.address, new, mail.own_id, step.now)
+    # Under open_key, also without a Message-ID: if the client gives up on this call while Redis still runs it,
+    # the backlog entry of this mail (postroom.backlog) finds the ticket instead of leaving it a ghost.
+    ticket, created = step.parts.store.open_unless_seen(step.address, new, mail.open_key, step.now)
+    if not created and "void" in ticket.tags and ticket.state == "closed":
+        # Refused for now with a 451 after its ticket had opened, so the backlog made the ticket void: the mail
+        # is here now, and the ticket is its own again (with the acknowledgement it never got).
+        changes = Changes(state="open" if ticket.owner else "new", remove_tags=("void",))
+        ticket = step.parts.store.update(step.address, ticket.number, changes, step.now)
+        plan = acknowledge(step, ticket, decision)
+        outgoing = [plan.mail] if plan is not None and plan.mail is not None else []
+        return Applied(ticket, "opened", "sent again after a 451; its void ticket is its own again", outgoing, plan)
     if not created:
         # The same mail again: it gets the ticket it opened (same number, same folder), and no second
-        # acknowledgement goes to the customer.
+        # acknowledgement goes to the customer.  Touched, so the backlog sees the ticket in use and leaves it.
+        ticket = step.parts.store.touch(step.address, ticket.number, [], mail.senders, step.now)
         return Applied(ticket, "duplicate", "its Message-ID is already in this ticket")
     plan = acknowledge(step, ticket, decision)
     outgoing = [plan.mail] if plan is not None and plan.mail is not None else []

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import codecs
+import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
 from postroom import subject
+from postroom.body import head_of
 from postroom.tickets import Ticket
 from postroom.verdict import AddHeader, Edit, Envelope, RemoveHeader, SetHeader
 
@@ -65,6 +67,27 @@ def addresses(value: str | None) -> list[str]:
 def message_id(value: str | None) -> str:
     ids = subject.message_ids(value)
     return ids[0] if ids else ""
+
+
+# What a mail without a Message-ID is known by: what a retry of the same mail repeats byte for byte (a sending
+# MTA's next attempt, Postfix's next delivery from its queue, a mail client's second try).
+_DERIVED_FROM = ("From", "Sender", "To", "Cc", "Date", "Subject")
+_DERIVED_BODY = 64 * 1024
+
+
+def derived_id(message: Message, salt: str, domain: str) -> str:
+    """A Message-ID for a mail that has none: the same each time the same mail is seen, another for another mail.
+
+    Made from ``salt`` (the login outbound), the sender's headers and the top of the body, hashed: a ticket opened
+    for the mail under this ID is found again by the same mail (in the backlog after an outage, in a retry after a
+    451) instead of a second ticket leaving the first a ghost.  Hashed, so nothing a stranger wrote reaches a
+    header through it.
+    """
+    digest = hashlib.sha256(salt.encode("utf-8", "replace"))
+    for name in _DERIVED_FROM:
+        digest.update(b"\0" + (message.header(name) or "").encode("utf-8", "replace"))
+    digest.update(b"\0" + head_of(message.body, _DERIVED_BODY))
+    return f"postroom.{digest.hexdigest()[:32]}@{domain}"
 
 
 # RFC 2047 allows 75 characters per encoded word and 76 per line; ours stay shorter so that even the first line,

@@ -15,7 +15,6 @@ Identity is the SMTP login (``{auth_authen}``) and nothing else.  :func:`outboun
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from email.utils import formataddr, getaddresses
 
@@ -28,6 +27,7 @@ from postroom.mime import (
     SUBJECT_MAX,
     Message,
     addresses,
+    derived_id,
     encode_header_value,
     folder_address,
     message_id,
@@ -224,7 +224,9 @@ def to_customer(step: Step, found: Ticket | None, plan: commands.Plan) -> Outcom
     edits: list[Edit] = strip_internal(mail.message.headers)
     own_id = message_id(mail.message.header("Message-ID"))
     if not own_id:
-        own_id = f"postroom.{uuid.uuid4().hex}@{box.address.rpartition('@')[2]}"
+        # Derived from the mail, not random: the client's retry of the same mail after a 451 gets the same ID, so
+        # a ticket the failed attempt opened after all is this mail's (claim_or_open), not a ghost.
+        own_id = derived_id(mail.message, mail.login, box.address.rpartition("@")[2])
         edits.append(SetHeader("Message-ID", f"<{own_id}>"))
     settled = claim_or_open(step, found, plan, own_id)
     if settled.refused is not None:

@@ -36,8 +36,11 @@ def process(message: Message, parts: Parts, now: float) -> Outcome:
         metrics.REDIS_ERRORS.inc()
         log.error("ticket store unavailable: %s; policy %s", exc, policy)
         outcome = _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
-        if outcome.verdict.action is Action.ACCEPT:
-            outcome.pending = degraded_pending(message, config, now)
+        if not is_outbound:
+            # Delivered: it gets its ticket once the store is back.  Refused for now: the sender sends it again,
+            # and a ticket the failed call may have opened all the same is settled (postroom.backlog).
+            kind = "degraded" if outcome.verdict.action is Action.ACCEPT else "tempfailed"
+            outcome.pending = degraded_pending(message, config, now, kind)
         return outcome
     except Exception:
         # Our bug, not the customer's: deliver (or retry) rather than lose or bounce the mail.

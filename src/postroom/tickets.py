@@ -207,7 +207,13 @@ _RECORD_FIELDS = frozenset(f.name for f in fields(Record))
 
 @dataclass(frozen=True)
 class Pending:
-    """A mail delivered degraded into one shared mailbox: what its ticket needs."""
+    """A mail postroom could not decide, for one shared mailbox: what its ticket needs once the store is back.
+
+    ``kind`` is "degraded" (delivered as it came: it gets its ticket) or "tempfailed" (refused with a 451: the
+    sender sends it again, and only a ticket the failed call may still have opened is settled, see
+    postroom.backlog).  ``open_key`` is what the pipeline opened its ticket under (its Message-ID, or one derived
+    from it for a mail without one).
+    """
 
     mailbox: str
     message_id: str
@@ -216,6 +222,12 @@ class Pending:
     subject: str
     queue_id: str
     at: float
+    open_key: str = ""
+    kind: str = "degraded"
+
+    @property
+    def key(self) -> str:
+        return self.open_key or self.message_id
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Pending:
@@ -227,6 +239,8 @@ class Pending:
             subject=str(data.get("subject", "")),
             queue_id=str(data.get("queue_id", "")),
             at=float(data.get("at", 0.0)),
+            open_key=str(data.get("open_key", "")),
+            kind=str(data.get("kind", "degraded")),
         )
 
 
