@@ -147,12 +147,23 @@ def test_a_retry_before_the_backlog_keeps_its_ticket(ghosts: Ghosts, message_id:
     assert ghosts.history.records == [] and ghosts.ticket(1)["state"] == "new"
 
 
-def test_two_mails_without_message_id_open_two_tickets(ghosts: Ghosts) -> None:
-    other = mail(None, queue_id="Q2")
-    other.body = lambda: b"Another question\r\n"
-    for m in (mail(None), other):
-        assert process(m, Parts(config(), ghosts.store), 1.0).verdict.action is Action.ACCEPT
-    assert ghosts.client.get(SEQ) == b"2"
+def test_mails_without_message_id_are_told_apart_by_their_headers(ghosts: Ghosts) -> None:
+    def variant(date: str | None, subject: str, queue_id: str) -> Message:
+        m = mail(None, queue_id)
+        m.headers = [(k, v) for k, v in m.headers if k not in ("Date", "Subject")] + [("Subject", subject)]
+        m.headers += [("Date", date)] if date is not None else []
+        return m
+
+    mails = [
+        variant("Sun, 29 Nov 2026 10:00:00 +0000", "Printer", "Q1"),
+        variant("Sun, 29 Nov 2026 10:00:01 +0000", "Printer", "Q2"),  # a second later: another mail
+        variant("Sun, 29 Nov 2026 10:00:00 +0000", "Scanner", "Q3"),
+        variant(None, "Printer", "Q4"),  # without a Date its queue id tells it apart
+        variant(None, "Printer", "Q5"),
+        variant("Sun, 29 Nov 2026 10:00:00 +0000", "Printer", "Q6"),  # the first again (a retry): no new ticket
+    ]
+    numbers = [process(m, Parts(config(), ghosts.store), 1.0).records[0].number for m in mails]
+    assert numbers == [1, 2, 3, 4, 5, 1]
 
 
 def test_a_refused_mail_whose_call_never_reached_redis_settles_nothing(ghosts: Ghosts, tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ class CustomerMail:
     info: subject.SubjectInfo
     refs: list[str]  # References and In-Reply-To, oldest first
     own_id: str  # the mail's own Message-ID, "" when it has none
-    open_key: str  # what its ticket is opened under: own_id, else an ID derived from its headers and body
+    open_key: str  # what its ticket is opened under: own_id, else an ID derived from its headers
     senders: list[str]  # From addresses and the envelope sender, lower case, each once
     customer: str  # the first From address, else the envelope sender
     charset: str = "utf-8"  # what a raw 8-bit subject was read in, so writing it back keeps its bytes

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 
 from postroom import subject
-from postroom.body import head_of
 from postroom.tickets import Ticket
 from postroom.verdict import AddHeader, Edit, Envelope, RemoveHeader, SetHeader
 
@@ -69,24 +68,27 @@ def message_id(value: str | None) -> str:
     return ids[0] if ids else ""
 
 
-# What a mail without a Message-ID is known by: what a retry of the same mail repeats byte for byte (a sending
-# MTA's next attempt, Postfix's next delivery from its queue, a mail client's second try).
+# What a mail without a Message-ID is known by: headers a retry of the same mail repeats byte for byte (a sending
+# MTA's next attempt, Postfix's next delivery from its queue, a mail client's second try).  Not the body: the milter
+# does not keep it when nothing reads it.
 _DERIVED_FROM = ("From", "Sender", "To", "Cc", "Date", "Subject")
-_DERIVED_BODY = 64 * 1024
 
 
 def derived_id(message: Message, salt: str, domain: str) -> str:
     """A Message-ID for a mail that has none: the same each time the same mail is seen, another for another mail.
 
-    Made from ``salt`` (the login outbound), the sender's headers and the top of the body, hashed: a ticket opened
-    for the mail under this ID is found again by the same mail (in the backlog after an outage, in a retry after a
-    451) instead of a second ticket leaving the first a ghost.  Hashed, so nothing a stranger wrote reaches a
-    header through it.
+    Made from ``salt`` (the login outbound), the sender's headers with their Date to the second, hashed: a ticket
+    opened for the mail under this ID is found again by the same mail (in the backlog after an outage, in a retry
+    after a 451) instead of a second ticket leaving the first a ghost.  Without a Date, two mails of one sender
+    with the same subject could not be told apart: the queue id is taken too, so they stay two tickets (and a
+    retry, another queue file, is not recognised).  Hashed, so nothing a stranger wrote reaches a header
+    through it.
     """
     digest = hashlib.sha256(salt.encode("utf-8", "replace"))
     for name in _DERIVED_FROM:
         digest.update(b"\0" + (message.header(name) or "").encode("utf-8", "replace"))
-    digest.update(b"\0" + head_of(message.body, _DERIVED_BODY))
+    if not message.header("Date"):
+        digest.update(b"\0" + message.envelope.queue_id.encode("utf-8", "replace"))
     return f"postroom.{digest.hexdigest()[:32]}@{domain}"
 
 
