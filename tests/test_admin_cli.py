@@ -301,15 +301,15 @@ def test_admin_rebuild_restores_redis_from_the_history(admin: Admin) -> None:
 
     res = admin.run("admin", "rebuild")
     assert res.exit_code == 0, res.output
-    assert f"{SUPPORT}: 2 tickets and 2 Message-IDs restored; next number after #{two}" in res.output
-    assert f"{SALES}: 1 tickets and 1 Message-IDs restored; next number after #{quote}" in res.output
+    assert f"{SUPPORT}: 2 tickets, 2 Message-IDs and 0 away flags restored; next number after #{two}" in res.output
+    assert f"{SALES}: 1 tickets, 1 Message-IDs and 0 away flags restored; next number after #{quote}" in res.output
     found = admin.store.lookup(SUPPORT, ["Q1@c.test"], [], [])
     assert found.by_reference is not None and found.by_reference.number == one
     assert found.by_reference.owner == "meier" and found.by_reference.subject == "Printer on fire"
     assert admin.store.lookup(SUPPORT, [], [two], ["bob@customer.test"]).by_token[0].sender_known
     assert admin.store.open(SUPPORT, NewTicket("eve@c", "New", ("eve@c",), ()), time.time()).number == two + 1
     again = admin.run("admin", "rebuild")  # safe twice: nothing missing, nothing written
-    assert f"{SUPPORT}: 0 tickets and 0 Message-IDs restored" in again.output
+    assert f"{SUPPORT}: 0 tickets, 0 Message-IDs and 0 away flags restored" in again.output
 
 
 def test_admin_rebuild_names_a_dead_redis(admin: Admin, tmp_path: Path) -> None:

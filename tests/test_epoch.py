@@ -101,12 +101,23 @@ def test_rebuild_restores_tickets_participants_index_and_counter(redis_url: str,
         Record(BOX, 7, "opened", at, customer="alice@c", ticket_subject="Printer", message_id="a1@c", queue_id="Q1"),
         Record(BOX, 7, "followup", at + 5, owner="meier", state="open", message_id="a2@c", from_addr="bert@c"),
         Record(BOX, 9, "opened", at + 9, customer="carl@c", ticket_subject="Invoice", message_id="c1@c"),
+        Record(BOX, 9, "tag", at + 10, customer="carl@c", tags="vip,billing", actor="meier"),
+        # #away and #back, each on the ticket of the mail that said it: the last one per agent counts.
+        Record(BOX, 7, "away", at + 11, owner="meier", state="open", actor="meier"),
+        Record(BOX, 9, "away", at + 12, tags="vip,billing", actor="mueller", detail="until 2099-01-01 08:00 UTC"),
+        Record(BOX, 9, "away", at + 13, tags="vip,billing", actor="schulze"),
+        Record(BOX, 9, "back", at + 14, tags="vip,billing", actor="schulze"),
+        Record(BOX, 9, "away", at + 15, tags="vip,billing", actor="koch", detail="until 2026-01-02 00:00 UTC"),
     ]
     with Session(engine) as s, s.begin():
         write(s, records)
     store = make(redis_url)
     done = rebuild(engine, store.client, "postroom", [BOX], 86400)
-    assert (done[0].tickets, done[0].message_ids, done[0].highest) == (2, 3, 9)
+    assert (done[0].tickets, done[0].message_ids, done[0].highest, done[0].away) == (2, 3, 9, 2)
+    assert store.away(BOX, ["meier", "mueller", "schulze", "koch"]) == {"meier", "mueller"}  # koch's is over
+    mueller = store.client.ttl(store.away_key(BOX, "mueller"))
+    assert isinstance(mueller, int) and mueller > 0  # ends by itself at the time the agent named
+    assert store.lookup(BOX, [], [9], []).by_token[0].ticket.tags == ("vip", "billing")
     found = store.lookup(BOX, ["a2@c"], [7], ["bert@c"])
     assert found.by_reference is not None and found.by_reference.owner == "meier"
     assert found.by_reference.subject == "Printer" and found.by_reference.state == "open"

@@ -216,5 +216,5 @@ def test_an_up_to_date_schema_is_checked_without_loading_alembic(tmp_path: Path)
     )
     first = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
     again = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
-    assert first == ["0002", "0002", "True"]  # a new database: migrated with Alembic (0002: record keys)
-    assert again == ["0002", "0002", "False"]
+    assert first == ["0003", "0003", "True"]  # a new database: migrated with Alembic (0003: ticket tags)
+    assert again == ["0003", "0003", "False"]

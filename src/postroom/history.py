@@ -68,6 +68,7 @@ class TicketRow(Base):
     state: Mapped[str] = mapped_column(String(32), default="new")
     priority: Mapped[str] = mapped_column(String(16), default="normal")
     linked: Mapped[int] = mapped_column(Integer, default=0)
+    tags: Mapped[str] = mapped_column(Text, default="", server_default="")  # comma-separated, as in Redis
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -207,6 +208,7 @@ _UPDATE_TICKETS = (
         owner=bindparam("b_owner"),
         state=bindparam("b_state"),
         priority=bindparam("b_priority"),
+        tags=bindparam("b_tags"),
         updated_at=bindparam("b_updated_at"),
     )
 )
@@ -359,6 +361,7 @@ def _insert_tickets(conn: Connection, spans: list[tuple[Record, Record]]) -> dic
             "owner": z.owner,
             "state": z.state,
             "priority": z.priority,
+            "tags": z.tags,
             "updated_at": _ts(z.at),
         }
         for a, z in spans
@@ -374,7 +377,7 @@ def _insert_tickets(conn: Connection, spans: list[tuple[Record, Record]]) -> dic
 
 
 def _update_tickets(conn: Connection, latest: list[tuple[int, Record]]) -> None:
-    """Owner, state, priority and update time of known tickets, from each one's last record (with its row id)."""
+    """Owner, state, priority, tags and update time of known tickets, from each one's last record (with its row id)."""
     _execute_many(
         conn,
         _UPDATE_TICKETS,
@@ -384,6 +387,7 @@ def _update_tickets(conn: Connection, latest: list[tuple[int, Record]]) -> None:
                 "b_owner": rec.owner,
                 "b_state": rec.state,
                 "b_priority": rec.priority,
+                "b_tags": rec.tags,
                 "b_updated_at": _ts(rec.at),
             }
             for row_id, rec in latest

@@ -295,7 +295,13 @@ def refuse_rival(step: Step, claim: Claim) -> Verdict:
 def apply_commands(step: Step, ticket: Ticket, plan: commands.Plan) -> Ticket:
     """Store step: #away/#back for the agent, then the ticket's own commands in one update."""
     apply_agent_commands(step, plan)
-    return apply_ticket_commands(step, ticket, plan)
+    after = apply_ticket_commands(step, ticket, plan)
+    if plan.away or plan.back:
+        # In the history on the ticket the agent answered: a rebuild of Redis from it (postroom.rebuild) knows
+        # who is away, and until when.
+        until = "" if plan.away_until is None else f"until {_since(plan.away_until)}"
+        step.journal.add(after, "away" if plan.away else "back", detail=until)
+    return after
 
 
 def apply_agent_commands(step: Step, plan: commands.Plan) -> None:

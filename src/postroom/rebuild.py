@@ -1,19 +1,23 @@
 """Restore Redis from the SQL history: ``postroom admin rebuild``, and what the daemon runs after a detected loss.
 
 For each mailbox: the counter raised to the highest number in the history, each ticket's hash (owner, state,
-priority, customer, subject, times, link), its participants (the customer and every sender of an inbound mail),
-and the Message-ID index (every message row's id -> its ticket).  Only what is missing is written (a hash that
-exists, an index entry that exists, stay as they are): Redis is newer than the history wherever it has data, so
-the rebuild is safe to run while mail flows, and to run twice.
+priority, tags, customer, subject, times, link), its participants (the customer and every sender of an inbound mail),
+and the Message-ID index (every message row's id -> its ticket); and who is away (an agent whose last ``away``
+or ``back`` event, recorded on the ticket of the mail that said it, is ``away``, in every rebuilt mailbox, until
+the time it named).  Only what is missing is written (a hash that exists, an index entry that exists, an away flag
+that exists, stay as they are): Redis is newer than the history wherever it has data, so the rebuild is safe to
+run while mail flows, and to run twice.
 
-Not in the history, so not restored: tags (the history has tag events, not the tag set), the round-robin turn,
-open counts and auto-reply caps (they start again), and the #away flags (#away/#back are not recorded per agent).
+Not in the history, so not restored: the round-robin turn, open counts and auto-reply caps (they start again).
+Tickets last written before the history kept tags (schema 0003) come back without them.
 """
 
 from __future__ import annotations
 
+import calendar
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,9 +31,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.epoch import RAISE, Floor, HistoryUnavailable
-from postroom.history import MessageRow, TicketRow
+from postroom.history import EventRow, MessageRow, TicketRow
 from postroom.redis_connect import node_for
-from postroom.store.keyspace import epoch_key, key_base, owned_indexed_key
+from postroom.store.keyspace import away_key, epoch_key, key_base, owned_indexed_key
 
 log = logging.getLogger("postroom")
 
@@ -43,13 +47,57 @@ class Rebuilt:
     tickets: int = 0  # hashes written (missing before)
     message_ids: int = 0  # index entries written
     highest: int = 0  # the counter is at least this now
+    away: int = 0  # away flags written
 
 
 def rebuild(
     engine: Engine, client: redis.Redis | RedisCluster, prefix: str, mailboxes: Iterable[str], ttl_seconds: int
 ) -> list[Rebuilt]:
     """Restore every mailbox's Redis state from the history; see the module docstring."""
-    return [_mailbox(engine, client, prefix, box, ttl_seconds) for box in mailboxes]
+    done = [_mailbox(engine, client, prefix, box, ttl_seconds) for box in mailboxes]
+    absent = away_from_history(engine, time.time())
+    for rebuilt in done:
+        rebuilt.away = _restore_away(client, prefix, rebuilt.mailbox, absent)
+    return done
+
+
+def away_from_history(engine: Engine, now: float) -> dict[str, float | None]:
+    """Agents whose last #away/#back in the history is #away and not over by ``now``: login -> until (None: until
+    #back)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(EventRow.actor, EventRow.kind, EventRow.detail)
+            .where(EventRow.kind.in_(("away", "back")))
+            .order_by(EventRow.at, EventRow.id)
+        ).all()
+    last: dict[str, tuple[str, str]] = {}
+    for actor, kind, detail in rows:
+        last[actor] = (kind, detail)
+    absent: dict[str, float | None] = {}
+    for login, (kind, detail) in last.items():
+        if kind != "away":
+            continue
+        try:
+            until = calendar.timegm(time.strptime(detail, "until %Y-%m-%d %H:%M UTC")) if detail else None
+        except ValueError:
+            until = None  # a detail this version did not write: away until #back, the safe side
+        if until is None or until > now:
+            absent[login] = None if until is None else float(until)
+    return absent
+
+
+def _restore_away(
+    cluster: redis.Redis | RedisCluster, prefix: str, mailbox: str, absent: dict[str, float | None]
+) -> int:
+    written = 0
+    for login, until in absent.items():
+        key = away_key(prefix, mailbox, login)
+        client = node_for(cluster, key)
+        if until is None:
+            written += bool(client.set(key, "", nx=True))
+        else:
+            written += bool(client.set(key, repr(until), exat=int(until), nx=True))
+    return written
 
 
 def _mailbox(engine: Engine, cluster: redis.Redis | RedisCluster, prefix: str, mailbox: str, ttl: int) -> Rebuilt:
@@ -102,7 +150,7 @@ def _fields(row: RowMapping) -> dict[str, str]:
         "owner": row["owner"],
         "state": row["state"],
         "priority": row["priority"],
-        "tags": "",
+        "tags": row["tags"],
         "customer": row["customer"],
         "subject": row["subject"],
         "created": repr(created),
@@ -170,10 +218,12 @@ class BackgroundRebuild:
             try:
                 for r in rebuild(*self._args):
                     log.warning(
-                        "rebuild of %s from the history: %d tickets, %d Message-IDs restored (highest #%d)",
+                        "rebuild of %s from the history: %d tickets, %d Message-IDs, %d away flags restored "
+                        "(highest #%d)",
                         r.mailbox,
                         r.tickets,
                         r.message_ids,
+                        r.away,
                         r.highest,
                     )
             except Exception:

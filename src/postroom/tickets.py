@@ -150,6 +150,7 @@ class Record:
     state: str = "new"
     priority: str = "normal"
     linked: int = 0
+    tags: str = ""  # the ticket's tags after the event, comma-separated as in Redis
     message_id: str = ""
     direction: str = "inbound"
     queue_id: str = ""
@@ -192,6 +193,7 @@ class Record:
             state=ticket.state,
             priority=ticket.priority,
             linked=ticket.linked,
+            tags=",".join(ticket.tags),
             message_id=message_id,
             direction=direction,
             queue_id=queue_id,

@@ -26,10 +26,10 @@ def admin_group() -> None:
 def rebuild_command(config_path: Path) -> None:
     """Restore Redis from the SQL history, for every mailbox in --config.
 
-    Raises each counter above the highest ticket number in the history, and writes the tickets, participants and
-    Message-ID index entries Redis is missing; what Redis has stays (it is newer).  Safe while mail flows and safe
-    to run twice.  The daemons run it by themselves when they find that Redis lost its data.  Not restored: tags,
-    #away flags, round-robin turns and auto-reply caps, which the history does not hold.
+    Raises each counter above the highest ticket number in the history, and writes the tickets (with their tags),
+    participants, Message-ID index entries and #away flags Redis is missing; what Redis has stays (it is newer).
+    Safe while mail flows and safe to run twice.  The daemons run it by themselves when they find that Redis lost
+    its data.  Not restored: round-robin turns and auto-reply caps, which the history does not hold.
     """
     config = load_or_exit(config_path)
     store = redis_store(config)
@@ -52,5 +52,6 @@ def rebuild_command(config_path: Path) -> None:
         engine.dispose()
     for r in done:
         click.echo(
-            f"{r.mailbox}: {r.tickets} tickets and {r.message_ids} Message-IDs restored; next number after #{r.highest}"
+            f"{r.mailbox}: {r.tickets} tickets, {r.message_ids} Message-IDs and {r.away} away flags restored; "
+            f"next number after #{r.highest}"
         )
