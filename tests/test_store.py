@@ -242,3 +242,28 @@ def test_writes_wait_for_replicas_and_an_unconfirmed_write_is_unavailable(sentin
     with pytest.raises(KeyError):
         confirmed.claim(BOX, 99, "meier", 5.0)  # a script's own answer still comes through with WAIT behind it
     assert confirmed.ticket(BOX, 1) is not None
+
+
+def test_one_sweep_per_mailbox_at_a_time(redis_url: str) -> None:
+    """Two sweeps at once (two hosts' timers, a timer and a daemon after a recovery) would both store a
+    replacement of the same mail: the second finds the mailbox taken, another mailbox is free."""
+    first, second = make(redis_url), make(redis_url)
+    with first.sweeping(BOX) as held:
+        assert held
+        with second.sweeping(BOX) as also:
+            assert not also
+        with second.sweeping("sales@example.test") as other:
+            assert other
+    with second.sweeping(BOX) as held_now:
+        assert held_now  # released at the end of the first sweep
+    with first.sweeping(BOX, seconds=0.2) as held:
+        assert held
+        time.sleep(0.4)  # a sweep that died (or overran) frees the mailbox after the lock's time
+        with second.sweeping(BOX) as taken_over:
+            assert taken_over
+
+
+def test_the_sweep_lock_names_a_dead_redis() -> None:
+    dead = RedisStore.from_url("redis://127.0.0.1:1/0", key_prefix="postroom", message_index_days=1, timeout=0.2)
+    with pytest.raises(StoreUnavailable), dead.sweeping(BOX):
+        pass

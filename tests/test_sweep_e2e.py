@@ -9,6 +9,7 @@ import imaplib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -95,3 +96,29 @@ def test_sweep_tickets_mail_that_bypassed_the_milter_in_place() -> None:
         d.stack.send(again, mail_from=ALICE, rcpts=[SUPPORT])
         got = d.stack.wait_for(SUPPORT, "INBOX", 3)
         assert f"Re: [Support #{n.group(1)}] Printer on fire" in [str(m["Subject"]) for m in got]
+
+
+def test_mail_delivered_degraded_is_ticketed_in_place_as_soon_as_redis_is_back() -> None:
+    """No `postroom sweep` run here: the daemon sweeps by itself once its backlog has ticketed the degraded mail."""
+    config = e2e_base_config()
+    with deploy_team(config, {a: f"{a}-pw" for a in config.agents}, CUSTOMERS) as team:
+        d = team.deployment
+        d.stack.redis.stop()
+        first = customer_mail(ALICE, "Printer on fire")
+        d.stack.send(first, mail_from=ALICE, rcpts=[SUPPORT])
+        [got] = d.stack.wait_for(SUPPORT, "INBOX", 1)
+        assert got["X-Postroom-Status"] == "degraded"
+        mark_seen(d, "Printer on fire")
+        d.stack.redis.start()  # back, and empty
+
+        deadline = time.monotonic() + 60
+        while [s for s, _f, _d in flags_and_dates(d)] != ["[Support #1] Printer on fire"]:
+            assert time.monotonic() < deadline, d.daemon.log_text()
+            time.sleep(0.5)
+        [(_s, flags, _date)] = flags_and_dates(d)
+        assert flags == "\\Flagged \\Seen"  # the agent's flags stay
+        assert "sweep after recovery: 1 mail(s) ticketed in place" in d.daemon.log_text()
+        again = customer_mail(ALICE, "Re: Printer on fire", in_reply_to=str(first["Message-ID"]))
+        d.stack.send(again, mail_from=ALICE, rcpts=[SUPPORT])
+        got2 = d.stack.wait_for(SUPPORT, "INBOX", 2)
+        assert "Re: [Support #1] Printer on fire" in [str(m["Subject"]) for m in got2]

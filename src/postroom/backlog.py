@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 
 from postroom.history import HistoryWriter
@@ -43,6 +44,9 @@ class Backlog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="postroom-backlog", daemon=True)
         self.ticketed = 0
+        # Called (on this thread) after a pass that ticketed something: the daemon sweeps the mailboxes then, so
+        # the degraded mails there are replaced by their ticketed versions (postroom.sweep.AfterRecovery).
+        self.on_recovered: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         self._thread.start()
@@ -62,8 +66,11 @@ class Backlog:
         while not self._stop.wait(self._interval):
             self.spool.adopt()
             self.spool.sync()
+            before = self.ticketed
             while not self._stop.is_set() and self.drain_once():
                 pass
+            if self.ticketed > before and not self._stop.is_set():
+                self.on_recovered()
 
     def drain_once(self) -> bool:
         """Ticket one batch; False when there is nothing to do or the store is still away."""

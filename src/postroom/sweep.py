@@ -15,9 +15,14 @@ customer wrote long enough ago that a late one would confuse more than help.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import logging
 import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from postroom.config import Config, MailboxConfig
@@ -26,6 +31,7 @@ from postroom.mime import Message, addresses
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse
 from postroom.smtpd.rewrite import rewrite
+from postroom.tickets import StoreUnavailable
 from postroom.verdict import Action, AddHeader, Envelope, SetHeader
 
 log = logging.getLogger("postroom")
@@ -48,19 +54,63 @@ class Swept:
     failed: int = 0
 
 
-def sweep(runtime: Runtime, now: float) -> list[Swept]:
-    """Sweep every shared mailbox once; see the module docstring."""
+# mailbox -> a context that holds the mailbox's sweep lock, giving False when another sweep holds it.
+Lock = Callable[[str], AbstractContextManager[bool]]
+
+
+def sweep(runtime: Runtime, now: float, lock: Lock | None = None) -> list[Swept]:
+    """Sweep every shared mailbox once; see the module docstring.
+
+    ``lock`` (RedisStore.sweeping in the daemons and the command): one sweep per mailbox at a time, whichever host
+    or process runs it; two at once would both store a replacement of the same mail.
+    """
     imap_cfg = runtime.config.imap
     done: list[Swept] = []
     for box in runtime.config.mailboxes.values():
-        try:
-            with master_login(runtime.config, box.address) as imap:
-                done += [_folder(runtime, imap, box, folder, now) for folder in _folders(imap, runtime.config)]
-        except imaplib.IMAP4.error as exc:
-            raise SweepError(f"IMAP for {box.address} as master user {imap_cfg.master_user}: {exc}") from None
-        except (OSError, IndexError) as exc:
-            raise SweepError(_unreachable(runtime.config, exc)) from None
+        with (lock or _unlocked)(box.address) as held:
+            if not held:
+                log.info("sweep %s: another sweep is at work on it; left to that one", box.address)
+                continue
+            try:
+                with master_login(runtime.config, box.address) as imap:
+                    done += [_folder(runtime, imap, box, folder, now) for folder in _folders(imap, runtime.config)]
+            except imaplib.IMAP4.error as exc:
+                raise SweepError(f"IMAP for {box.address} as master user {imap_cfg.master_user}: {exc}") from None
+            except (OSError, IndexError) as exc:
+                raise SweepError(_unreachable(runtime.config, exc)) from None
     return done
+
+
+@contextlib.contextmanager
+def _unlocked(mailbox: str) -> Iterator[bool]:
+    yield True
+
+
+class AfterRecovery:
+    """Sweeps once the backlog has ticketed mail delivered degraded (Redis is back): the degraded mails in the
+    mailboxes get their tokens within seconds instead of at the sweep timer's next run.  One sweep at a time in
+    this process; the lock keeps other processes and hosts out."""
+
+    def __init__(self, runtime: Runtime, lock: Lock | None) -> None:
+        self._runtime = runtime
+        self._lock = lock
+        self._busy = threading.Lock()
+
+    def __call__(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return  # a sweep is running: it finds the newly ticketed mails, or the timer's next run does
+        threading.Thread(target=self._run, name="postroom-sweep", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            done = sweep(self._runtime, time.time(), self._lock)
+            log.info("sweep after recovery: %d mail(s) ticketed in place", sum(s.replaced for s in done))
+        except (SweepError, StoreUnavailable) as exc:
+            log.warning("sweep after recovery: %s (postroom-sweep.timer tries again)", exc)
+        except Exception:
+            log.exception("sweep after recovery failed (postroom-sweep.timer tries again)")
+        finally:
+            self._busy.release()
 
 
 def _unreachable(config: Config, exc: OSError | IndexError) -> str:

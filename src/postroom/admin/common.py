@@ -137,6 +137,7 @@ def daemon_runtime(
     *,
     migrate_db: bool = True,
     loaded: Loaded | None = None,
+    sweep_after_recovery: bool = True,
 ) -> Iterator[Runtime]:
     """Everything the milter and the after-queue filter run the pipeline with, built the same way for both.
 
@@ -145,6 +146,7 @@ def daemon_runtime(
     POSTROOM_* overrides (the demo passes {} so its private Redis is the one used).  ``migrate_db=False``: the
     caller has run the migrations already (the milter does, once, before it starts its workers).  ``loaded``: what
     to run with instead of reading ``config_path`` (a milter worker gets it from the milter process).
+    ``sweep_after_recovery``: once the backlog has ticketed mail delivered degraded, sweep the mailboxes.
     """
     if loaded is None:
         loaded = load_bundle_or_exit(config_path, environ)
@@ -173,6 +175,8 @@ def daemon_runtime(
         assign=assign,
     )
     runtime = Runtime(parts, history, mailer, backlog)
+    if sweep_after_recovery:
+        backlog.on_recovered = _sweep_after_recovery(runtime, store)
     try:
         yield runtime
     finally:
@@ -181,6 +185,21 @@ def daemon_runtime(
         rebuilder.wait(timeout=5)
         stop_history(history)
         log.info("postroom %s stopped", daemon)
+
+
+def _sweep_after_recovery(runtime: Runtime, store: RedisStore) -> Callable[[], None]:
+    """The backlog's on_recovered: postroom.sweep.AfterRecovery, imported at the first recovery (IMAP and the
+    after-queue parser stay out of a daemon that never needs them)."""
+    made: list[Callable[[], None]] = []
+
+    def recovered() -> None:  # only ever called on the backlog's thread
+        if not made:
+            from postroom.sweep import AfterRecovery  # noqa: PLC0415
+
+            made.append(AfterRecovery(runtime, store.sweeping))
+        made[0]()
+
+    return recovered
 
 
 def guard_store(config: Config, store: RedisStore) -> BackgroundRebuild:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from postroom.admin.common import CONFIG_OPTION, daemon_runtime
+from postroom.store.redis import RedisStore
 from postroom.sweep import SweepError, sweep
 
 # Exit status when a service (IMAP) fails rather than the admin's input.
@@ -22,12 +23,14 @@ def sweep_command(config_path: Path) -> None:
     Mails delivered degraded (Redis was away) or while the milter was down carry no X-Postroom-Ticket header.
     Over IMAP, as postroom's Dovecot master user ([imap], see dovecot-snippet), each gets its ticket (or the one
     the backlog opened for it) and is replaced in its folder with the same flags and date; the original is
-    deleted only after the replacement is stored.  Safe to run at any time and as often as wanted
-    (systemd/postroom-sweep.timer runs it every minute).
+    deleted only after the replacement is stored.  Safe to run at any time and as often as wanted, also on several
+    hosts: one sweep per mailbox at a time (a lock in Redis).  systemd/postroom-sweep.timer runs it every minute,
+    and the daemons run one as soon as Redis is back after an outage.
     """
-    with daemon_runtime(config_path, "sweep") as runtime:
+    with daemon_runtime(config_path, "sweep", sweep_after_recovery=False) as runtime:
+        store = runtime.parts.store
         try:
-            done = sweep(runtime, time.time())
+            done = sweep(runtime, time.time(), store.sweeping if isinstance(store, RedisStore) else None)
         except SweepError as exc:
             click.echo(str(exc), err=True)
             raise SystemExit(EXIT_SERVICE) from None

@@ -56,6 +56,11 @@ def away_key(prefix: str, mailbox: str, login: str) -> str:
     return f"{key_base(prefix, mailbox)}away:{login}"
 
 
+def sweep_lock_key(prefix: str, mailbox: str) -> str:
+    """Held by the one ``postroom sweep`` at work on ``mailbox`` (of any host), so that no two replace one mail."""
+    return f"{key_base(prefix, mailbox)}sweeping"
+
+
 def round_robin_key(prefix: str, mailbox: str, group: str) -> str:
     """The login that got the group's last ticket."""
     return f"{key_base(prefix, mailbox)}rr:{group}"

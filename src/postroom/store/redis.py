@@ -8,8 +8,9 @@ one more for the ticket a reference names) and one write script (open or touch).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -405,6 +406,25 @@ class RedisStore:
     def away_key(self, mailbox: str, login: str) -> str:
         # One name for the flag, shared with the rules' assignment (which skips absent agents).
         return keyspace.away_key(self._prefix, mailbox, login)
+
+    @contextlib.contextmanager
+    def sweeping(self, mailbox: str, seconds: float = 600.0) -> Iterator[bool]:
+        """Hold the mailbox's sweep lock while the block runs; yields False when another sweep holds it.
+
+        redis-py's Lock: SET NX with an expiry (a sweep that dies frees the mailbox after ``seconds``) and a release
+        that deletes only our own token.  Raises StoreUnavailable when Redis does not answer.
+        """
+        lock = self._at(mailbox).lock(keyspace.sweep_lock_key(self._prefix, mailbox), timeout=seconds, blocking=False)
+        try:
+            held = bool(lock.acquire())
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        try:
+            yield held
+        finally:
+            if held:
+                with contextlib.suppress(redis.exceptions.RedisError):  # LockError too: it expired, it is free
+                    lock.release()
 
     def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None:
         """Mark an agent absent for a mailbox, until a time (the key expires then) or until #back."""
