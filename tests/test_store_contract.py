@@ -133,6 +133,18 @@ def test_update_changes_only_what_it_names(store: Contract) -> None:
         store.update(BOX, 99, Changes(state="closed"), 4.0)
 
 
+def test_update_unless_touched_changes_nothing_once_the_ticket_moved_on(store: Contract) -> None:
+    store.open(BOX, new(), 1.0)
+    store.touch(BOX, 1, [], ["alice@customer.test"], 2.0)  # a retry of the mail took the ticket meanwhile
+    assert store.update_unless_touched(BOX, 1, Changes(state="closed", add_tags=("void",)), 3.0, 1.0) is None
+    t = store.ticket(BOX, 1)
+    assert t is not None and (t.state, t.tags, t.updated) == ("new", (), 2.0)
+    t = store.update_unless_touched(BOX, 1, Changes(state="closed", add_tags=("void",)), 3.0, 2.0)
+    assert t is not None and (t.state, t.tags, t.updated) == ("closed", ("void",), 3.0)
+    with pytest.raises(KeyError):
+        store.update_unless_touched(BOX, 99, Changes(state="closed"), 4.0, 1.0)
+
+
 def test_assign_and_release(store: Contract) -> None:
     store.open(BOX, new(), 1.0)
     t = store.assign(BOX, 1, "meier", 2.0)

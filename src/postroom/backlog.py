@@ -126,11 +126,15 @@ class Backlog:
 
     def _settle(self, p: Pending) -> Record | None:
         """A mail refused for now: the ticket its failed call opened, if nothing used it since, is made void."""
-        ticket = self._opened_for(p)
-        if ticket is None or ticket.updated > p.at or "void" in ticket.tags:
+        found = self._opened_for(p)
+        if found is None or found.updated > p.at or "void" in found.tags:
             # Never opened, or its retry came first (touched it), or settled before (a replay after a crash).
             return None
-        ticket = self._store.update(p.mailbox, ticket.number, Changes(state="closed", add_tags=("void",)), p.at)
+        void = Changes(state="closed", add_tags=("void",))
+        # In one step with the check that nothing touched it since: a retry arriving meanwhile keeps its ticket.
+        ticket = self._store.update_unless_touched(p.mailbox, found.number, void, p.at, found.updated)
+        if ticket is None:
+            return None
         log.warning(
             "%s #%d void: opened for a mail refused for now (queue id %s, a store call postroom gave up on); "
             "if it is sent again, the ticket is its own again",

@@ -82,6 +82,13 @@ class TicketStore(Protocol):
 
     def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket: ...
 
+    def update_unless_touched(
+        self, mailbox: str, number: int, changes: Changes, now: float, updated: float
+    ) -> Ticket | None:
+        """``update``, only if the ticket's update time is still ``updated``: None when anything touched it since
+        (the backlog's void must not close a ticket a retry of its mail has just taken)."""
+        ...
+
     def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None: ...
 
     def clear_away(self, mailbox: str, login: str) -> None: ...

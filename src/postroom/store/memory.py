@@ -127,6 +127,14 @@ class MemoryStore:
         self.ticket_map[(mailbox, number)] = t
         return t
 
+    def update_unless_touched(
+        self, mailbox: str, number: int, changes: Changes, now: float, updated: float
+    ) -> Ticket | None:
+        self._check()
+        if self.ticket_map[(mailbox, number)].updated != updated:
+            return None
+        return self.update(mailbox, number, changes, now)
+
     def set_away(self, mailbox: str, login: str, until: float | None, now: float) -> None:
         self._check()
         self.absent.add((mailbox, login))

@@ -393,14 +393,27 @@ class RedisStore:
 
     def update(self, mailbox: str, number: int, changes: Changes, now: float) -> Ticket:
         """Apply an agent's changes in one step; raises KeyError for an unknown ticket."""
-        args: list[str | int] = [changes.owner, changes.state, changes.priority, repr(now), len(changes.add_tags)]
-        args += [*changes.add_tags, *changes.remove_tags]
+        ticket = self._update_ticket(mailbox, number, changes, now, "")
+        assert ticket is not None  # no condition: always applied
+        return ticket
+
+    def update_unless_touched(
+        self, mailbox: str, number: int, changes: Changes, now: float, updated: float
+    ) -> Ticket | None:
+        """Apply the changes only if the ticket was not touched since ``updated`` (its time then); None if it was."""
+        return self._update_ticket(mailbox, number, changes, now, repr(updated))
+
+    def _update_ticket(self, mailbox: str, number: int, changes: Changes, now: float, if_updated: str) -> Ticket | None:
+        args: list[str | int] = [changes.owner, changes.state, changes.priority, repr(now), if_updated]
+        args += [len(changes.add_tags), *changes.add_tags, *changes.remove_tags]
         try:
             flat = self._run(self._update, [self.ticket_key(mailbox, number)], args)
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
+        if flat == "CHANGED":
+            return None
         return ticket_from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def away_key(self, mailbox: str, login: str) -> str:

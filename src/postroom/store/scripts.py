@@ -161,9 +161,11 @@ return t
 
 # Agents' commands change several fields at once: all or nothing, and tag edits computed against the tags as
 # they are now (two agents tagging at once must not lose each other's tag).  ARGV: owner, state, priority
-# ("\0" leaves a field as it is), now, number of tags to add, the tags, then the tags to remove.
+# ("\0" leaves a field as it is), now, the "updated" time the ticket must still have ("" for any: else nothing
+# changes and the script answers CHANGED), number of tags to add, the tags, then the tags to remove.
 UPDATE = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'updated') ~= ARGV[5] then return 'CHANGED' end
 local was = redis.call('HMGET', KEYS[1], 'owner', 'state')
 local keep = string.char(0)
 local now = ARGV[4]
@@ -178,8 +180,8 @@ local order = {}
 for t in string.gmatch(redis.call('HGET', KEYS[1], 'tags') or '', '[^,]+') do
   if not tags[t] then tags[t] = true; table.insert(order, t) end
 end
-local nadd = tonumber(ARGV[5])
-local i = 6
+local nadd = tonumber(ARGV[6])
+local i = 7
 for _ = 1, nadd do
   if not tags[ARGV[i]] then tags[ARGV[i]] = true; table.insert(order, ARGV[i]) end
   i = i + 1
