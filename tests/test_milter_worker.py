@@ -8,6 +8,7 @@ the real `postroom milter` with its real worker between Postfix and Dovecot.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -181,8 +182,13 @@ def new_subject(handled: Handled) -> str:
     return next(e.value for e in handled.verdict.edits if isinstance(e, SetHeader) and e.name == "Subject")
 
 
+_queue_ids = itertools.count(1)
+
+
 def subject_of(worker: _Worker, generation: int) -> str:
-    return new_subject(worker.process(generation, ENVELOPE, HEADERS, None, 0.0))
+    """The new subject of another customer mail (its own queue id: the same mail twice would get one ticket)."""
+    envelope = dataclasses.replace(ENVELOPE, queue_id=f"Q{next(_queue_ids)}")
+    return new_subject(worker.process(generation, envelope, HEADERS, None, 0.0))
 
 
 def renamed(tag: str) -> Loaded:
@@ -211,7 +217,8 @@ def test_every_mail_runs_with_the_config_it_names_across_reloads_and_a_restart(t
     try:
 
         def mail(generation: int) -> str:
-            handled = pool.call(("process", generation, ENVELOPE, HEADERS, None, 0.0))
+            envelope = dataclasses.replace(ENVELOPE, queue_id=f"Q{next(_queue_ids)}")  # another mail each time
+            handled = pool.call(("process", generation, envelope, HEADERS, None, 0.0))
             assert isinstance(handled, Handled)
             return new_subject(handled)
 
