@@ -167,7 +167,7 @@ def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: 
     meta, raw = part
     date = _DATE.search(meta)
     flags = "(" + " ".join(f.decode() for f in imaplib.ParseFlags(meta) if f.lower() != b"\\recent") + ")"
-    replacement = _ticketed(runtime, box, raw, now)
+    replacement = _ticketed(runtime, box, raw, now, f"sweep-{uid}")
     if replacement is None or date is None:
         return "skipped"
     typ, data = imap.append(imap_quote(folder), flags, f'"{date.group(1).decode()}"', replacement)
@@ -180,14 +180,17 @@ def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: 
     return "replaced"
 
 
-def _ticketed(runtime: Runtime, box: MailboxConfig, raw: bytes, now: float) -> bytes | None:
-    """The mail as postroom would have delivered it, or None to leave it as it is."""
+def _ticketed(runtime: Runtime, box: MailboxConfig, raw: bytes, now: float, queue_id: str) -> bytes | None:
+    """The mail as postroom would have delivered it, or None to leave it as it is.
+
+    ``queue_id`` names the mail in the log (Postfix's is gone), and tells two mails apart that have neither
+    Message-ID nor Date (postroom.mime.derived_id)."""
     mail: RawMail = parse(raw)
     headers = [(k, v) for k, v in mail.headers if k.lower() != "return-path"]
     if _from_shared(runtime.config, headers):
         return None  # the team's copy of an agent's reply, not a customer's mail
     sender = next((v for k, v in mail.headers if k.lower() == "return-path"), "").strip().strip("<>")
-    envelope = Envelope(mail_from=f"<{sender}>", rcpts=[f"<{box.address}>"], queue_id="sweep")
+    envelope = Envelope(mail_from=f"<{sender}>", rcpts=[f"<{box.address}>"], queue_id=queue_id)
     outcome = runtime.process(Message(envelope, headers, body=lambda: mail.body), now)
     if outcome.verdict.action is not Action.ACCEPT or not any(
         isinstance(e, AddHeader | SetHeader) and e.name == TICKET_HEADER for e in outcome.verdict.edits
