@@ -136,13 +136,28 @@ def open_dues(config: Config, box: MailboxConfig, t: Timeline, clock: Clock) -> 
     return [d for d in dues(config, box, t, clock) if d.met is None]
 
 
+# The mail path's clocks, by the (frozen) [hours] section they were built from; a reload brings a new section.
+_clocks: dict[int, tuple[HoursConfig, Clock]] = {}
+
+
+def clock_for(hours: HoursConfig) -> Clock:
+    """The clock of these opening hours, built once per config load rather than once per mail (it parses seven
+    weekdays' ranges and the holidays, a fair share of an inbound mail's CPU)."""
+    found = _clocks.get(id(hours))
+    if found is None or found[0] is not hours:
+        if len(_clocks) >= 8:
+            _clocks.clear()  # old configs after many reloads; the id check above makes a stale hit impossible
+        found = _clocks[id(hours)] = (hours, Clock(hours))
+    return found[1]
+
+
 def answer_due(config: Config, box: MailboxConfig, priority: str, first: bool, now: float) -> dt.datetime | None:
     """When the answer to a customer's mail arriving ``now`` is due (the X-Postroom-Due header), or None."""
     pol = policy(box, priority)
     minutes = business_minutes(pol.first_response if first else pol.next_response)
     if not minutes:
         return None
-    return Clock(config.hours).add(dt.datetime.fromtimestamp(now, dt.UTC), minutes)
+    return clock_for(config.hours).add(dt.datetime.fromtimestamp(now, dt.UTC), minutes)
 
 
 def local(config: Config, moment: dt.datetime) -> str:
