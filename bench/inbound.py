@@ -8,7 +8,9 @@ making the five header edits postroom makes for a new ticket, to tell Postfix's 
 postroom's own), ``aempty`` (bench/asyncio_empty_milter.py: the milter protocol on one asyncio thread instead of
 libmilter's thread per connection), ``postroom`` (the example config as shipped) and ``postroom-w0`` /
 ``postroom-w1`` (the same with ``[milter] workers = 0`` or ``1``: the pipeline inside the milter process or in one
-worker process); the default runs none, empty and postroom.
+worker process), and ``postroom-base`` (the example config run by the postroom in ``--base-src DIR``, e.g. main's
+code from ``git archive main src | tar -x -C /tmp/base``: a change and the code before it in the same run); the
+default runs none, empty and postroom, and adds postroom-base when ``--base-src`` is given.
 
 For every message size, in each of ``--rounds`` rounds (default 3), every configuration runs once in turn: a fresh
 private stack (postroom_testbed.Stack: Postfix, Dovecot, Redis in one temp dir) is started, Postfix's
@@ -53,6 +55,8 @@ import redis
 from postroom.config import ENV_OVERRIDES, Config
 from postroom_testbed import MailUser, Stack, log_tail
 from runloop import (
+    BASE_CONFIG,
+    BASE_SRC_VAR,
     BenchError,
     Results,
     Run,
@@ -76,13 +80,14 @@ from runloop import (
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
-CONFIGS = ("none", "empty", "edits", "aempty", "postroom", "postroom-w0", "postroom-w1")
+CONFIGS = ("none", "empty", "edits", "aempty", "postroom-base", "postroom", "postroom-w0", "postroom-w1")
 DEFAULT_CONFIGS = ("none", "empty", "postroom")
 CONFIG_TITLES = {
     "none": "no milter",
     "empty": "empty milter",
     "edits": "empty+edits",
     "aempty": "asyncio empty",
+    "postroom-base": "postroom (base)",
     "postroom": "postroom",
     "postroom-w0": "postroom w=0",
     "postroom-w1": "postroom w=1",
@@ -357,6 +362,8 @@ def target_line(results: Results, sizes: Sequence[int], config: str = "postroom"
 
 def print_header(args: argparse.Namespace, sizes: Sequence[int], warmup: int) -> None:
     print_command_and_machine("postroom inbound benchmark")
+    if args.base_src is not None:
+        print(f"base:     postroom (base) runs the postroom in {args.base_src.resolve()}")
     print(
         f"load:     {args.messages} measured messages per run after {warmup} warm-up messages, "
         f"{args.sessions} parallel SMTP sessions (one message per connection), "
@@ -433,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-wait", type=float, default=30.0, help="seconds to wait for a quiet machine before a batch (30)"
     )
+    parser.add_argument(
+        "--base-src",
+        type=Path,
+        help="src/ folder of another postroom (e.g. `git archive main src | tar -x -C /tmp/base`, then "
+        "/tmp/base/src) that configuration postroom-base runs, added to the configurations when given",
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.sessions < 1 or args.rounds < 1 or args.latency_messages < 0:
         parser.error("--messages, --sessions and --rounds must be at least 1, --latency-messages at least 0")
@@ -443,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The milter must read exactly the config written for it.
     for var in ENV_OVERRIDES:
         os.environ.pop(var, None)
+    if args.base_src is not None:
+        os.environ[BASE_SRC_VAR] = str(args.base_src.resolve())
+        if BASE_CONFIG not in args.configs:
+            args.configs = [c for c in CONFIGS if c in (*args.configs, BASE_CONFIG)]
+    elif BASE_CONFIG in args.configs:
+        parser.error(f"{BASE_CONFIG} needs --base-src")
 
     print_header(args, sizes, warmup)
     results = run_rounds(

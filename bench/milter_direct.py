@@ -27,7 +27,16 @@ from pathlib import Path
 from inbound import RECIPIENT, SENDER
 from postroom.config import ENV_OVERRIDES
 from postroom_testbed import MailUser, Stack
-from runloop import family, make_milter, postroom_source, settled_cpu_seconds, user_system, wait_quiet
+from runloop import (
+    BASE_CONFIG,
+    BASE_SRC_VAR,
+    family,
+    make_milter,
+    postroom_source,
+    settled_cpu_seconds,
+    user_system,
+    wait_quiet,
+)
 
 # Milter protocol version 6 (libmilter's mfdef.h).
 _ALL_ACTIONS = 0x1FF
@@ -153,13 +162,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     parser.add_argument("--runs", type=int, default=3)
-    milters = ("postroom", "postroom-w0", "postroom-w1", "empty", "aempty")
+    milters = ("postroom", "postroom-w0", "postroom-w1", "postroom-base", "empty", "aempty")
     parser.add_argument("--milter", choices=milters, default="postroom", help="as bench/inbound.py's --configs")
+    parser.add_argument("--base-src", type=Path, help="src/ folder of the postroom that --milter postroom-base runs")
     args = parser.parse_args(argv)
     for var in ENV_OVERRIDES:
         os.environ.pop(var, None)
+    if args.milter == BASE_CONFIG:
+        if args.base_src is None:
+            parser.error(f"{BASE_CONFIG} needs --base-src")
+        os.environ[BASE_SRC_VAR] = str(args.base_src.resolve())
     empty = "bench/asyncio_empty_milter.py" if args.milter == "aempty" else "bench/empty_milter.py"
-    print(f"milter: {args.milter}, {postroom_source() if args.milter.startswith('postroom') else empty}", flush=True)
+    source = str(args.base_src) if args.milter == BASE_CONFIG else postroom_source()
+    print(f"milter: {args.milter}, {source if args.milter.startswith('postroom') else empty}", flush=True)
     with Stack(users=[MailUser(RECIPIENT), MailUser(SENDER)], milter="auto") as stack:
         milter, _cfg, _notes = make_milter(args.milter, stack)
         milter.start()

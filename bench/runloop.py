@@ -37,6 +37,10 @@ ASYNCIO_EMPTY_MILTER = Path(__file__).resolve().parent / "asyncio_empty_milter.p
 OPENDKIM = "/usr/sbin/opendkim"
 # postroom with [milter] workers set, whatever the example config says: both modes in one run.
 _POSTROOM_WORKERS = {"postroom-w0": 0, "postroom-w1": 1}
+# "postroom-base": the same config run by another postroom (its src/ folder in this variable, set by the scripts'
+# --base-src), so a change and the code before it are measured in one run, on the same machine load.
+BASE_CONFIG = "postroom-base"
+BASE_SRC_VAR = "POSTROOM_BENCH_BASE_SRC"
 EMPTY_KINDS = ("empty", "edits", "aempty")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -382,7 +386,11 @@ def make_milter(
     if changes:
         cfg = parse_config({**cfg.model_dump(), **changes}, "<bench>", environ={})
     text, notes = config_toml(cfg)
-    return MilterDaemon(workdir, text, stack.milter_socket_path), cfg, notes
+    daemon = MilterDaemon(workdir, text, stack.milter_socket_path)
+    if config == BASE_CONFIG:
+        # env(1) execs the interpreter: the PID whose CPU and RSS are read stays the milter's.
+        daemon.command = ["env", f"PYTHONPATH={os.environ[BASE_SRC_VAR]}", *daemon.command]
+    return daemon, cfg, notes
 
 
 def check_empty(milter: MilterDaemon, expect_total: int) -> list[str]:
