@@ -83,6 +83,31 @@ def test_the_milter_process_holds_no_admin_or_migration_tooling(tmp_path: Path) 
     assert loaded == ""
 
 
+# What only the admin commands use, which `postroom milter` must not import either (the after-queue filter needs
+# aiosmtpd; the milter does not): the commands' modules load when they run (admin.group.LazyCommands).
+MILTER_NEVER = (
+    "aiosmtpd",
+    "postroom.admin.dovecot",
+    "postroom.admin.rebuild_cli",
+    "postroom.admin.rules_cli",
+    "postroom.admin.snippets",
+    "postroom.admin.sweep_cli",
+    "postroom.admin.tickets",
+    "postroom.admin.time_cli",
+    "postroom.smtpd",
+    "postroom.sweep",
+)
+
+
+def test_the_milter_imports_no_admin_command_modules() -> None:
+    code = (
+        "import sys\nimport postroom.admin.cli, postroom.milter, postroom.milter.worker\n"
+        f"print(' '.join(sorted(set(sys.modules) & set({MILTER_NEVER!r}))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
 def test_a_failed_start_up_migration_is_raised_in_the_daemon(tmp_path: Path) -> None:
     """The migration runs in a child process, but its failure stops the daemon's start as before."""
     from postroom.admin.common import migrate_apart  # noqa: PLC0415

@@ -14,7 +14,6 @@ import click
 
 from postroom import __version__
 from postroom import log as plog
-from postroom.admin import dovecot, snippets, tickets
 from postroom.admin.common import (
     CONFIG_OPTION,
     daemon_runtime,
@@ -26,10 +25,6 @@ from postroom.admin.common import (
     reload_runtime,
 )
 from postroom.admin.group import MainGroup, use_formatter
-from postroom.admin.rebuild_cli import admin_group
-from postroom.admin.rules_cli import rules_group
-from postroom.admin.sweep_cli import sweep_command
-from postroom.admin.time_cli import digest_command, remind_command, stats_command
 from postroom.config import Config, DkimKey, example_config_path
 from postroom.dkim import generate, public_txt, zone_line
 from postroom.history import migrate
@@ -173,14 +168,6 @@ def _serve_metrics(daemon: Runtime | Config, listen: str) -> Callable[[], None]:
     except OSError as exc:
         log.error("metrics: cannot listen on %s (%s); running without /metrics", listen, exc)
         return lambda: None
-
-
-main.add_command(snippets.postfix_snippet_command)
-main.add_command(dovecot.dovecot_snippet_command)
-main.add_command(dovecot.imap_event_command)
-main.add_command(dovecot.imap_subscribe_command)
-main.add_command(dovecot.imap_event_followup_command)
-main.add_command(tickets.tickets_group)
 
 
 @main.command("demo")
@@ -338,12 +325,24 @@ def db_upgrade(config_path: Path) -> None:
         click.echo(f"{where}: already at the newest revision {now}; nothing to do")
 
 
-main.add_command(rules_group)
-main.add_command(remind_command)
-main.add_command(digest_command)
-main.add_command(stats_command)
-main.add_command(admin_group)
-main.add_command(sweep_command)
+# The admin commands load their modules when they run (or --help lists them): `postroom milter` never holds what
+# only they use (tests/test_layers.py checks which).
+main.add_lazy(
+    {
+        "postfix-snippet": "postroom.admin.snippets:postfix_snippet_command",
+        "dovecot-snippet": "postroom.admin.dovecot:dovecot_snippet_command",
+        "imap-event": "postroom.admin.dovecot:imap_event_command",
+        "imap-subscribe": "postroom.admin.dovecot:imap_subscribe_command",
+        "imap-event-followup": "postroom.admin.dovecot:imap_event_followup_command",
+        "tickets": "postroom.admin.tickets:tickets_group",
+        "rules": "postroom.admin.rules_cli:rules_group",
+        "remind": "postroom.admin.time_cli:remind_command",
+        "digest": "postroom.admin.time_cli:digest_command",
+        "stats": "postroom.admin.time_cli:stats_command",
+        "admin": "postroom.admin.rebuild_cli:admin_group",
+        "sweep": "postroom.admin.sweep_cli:sweep_command",
+    }
+)
 use_formatter(main)
 
 if __name__ == "__main__":

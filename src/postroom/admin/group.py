@@ -3,8 +3,9 @@ problem, and help text whose names of files and commands are never broken at a h
 
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 
 import click
 import redis
@@ -41,13 +42,57 @@ class _Context(click.Context):
 def use_formatter(command: click.Command) -> None:
     command.context_class = _Context
     if isinstance(command, click.Group):
-        for sub in command.commands.values():
+        # A command not loaded yet gets the formatter when it is (LazyCommands).
+        subs = command.commands.loaded() if isinstance(command.commands, LazyCommands) else command.commands.values()
+        for sub in subs:
             use_formatter(sub)
+
+
+class LazyCommands(MutableMapping[str, click.Command]):
+    """A group's subcommands by name, where one named as "module:attribute" is imported when it is first looked up
+    (run, listed by --help, or walked by a test).  The daemons then never hold in memory what only the admin
+    commands use: aiosmtpd through the sweep, SQLAlchemy's ORM through the tickets and time commands."""
+
+    def __init__(self, commands: Mapping[str, click.Command], lazy: Mapping[str, str]) -> None:
+        self._loaded = dict(commands)
+        self._lazy = {name: where for name, where in lazy.items() if name not in self._loaded}
+
+    def loaded(self) -> list[click.Command]:
+        return list(self._loaded.values())
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded:
+            module, _, attribute = self._lazy[name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self._lazy[name]} is not a click command")
+            use_formatter(command)
+            self._loaded[name] = command
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._lazy.pop(name, None)
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        found = self._loaded.pop(name, None) is not None
+        if self._lazy.pop(name, None) is None and not found:
+            raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._loaded, *(name for name in self._lazy if name not in self._loaded)])
+
+    def __len__(self) -> int:
+        return len(self._loaded.keys() | self._lazy.keys())
 
 
 class MainGroup(click.Group):
     """The command group, which turns every configuration or service problem into one clear line, never into a
     traceback: a mistake in a file is the admin's to fix (exit 2), an unreachable service the site's (exit 1)."""
+
+    def add_lazy(self, lazy: Mapping[str, str]) -> None:
+        """Subcommands by name as "module:attribute", imported when first looked up (see LazyCommands)."""
+        self.commands = LazyCommands(self.commands, lazy)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
