@@ -18,17 +18,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     Connection,
     DateTime,
     ForeignKey,
     Index,
     Insert,
     Integer,
+    MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Update,
@@ -43,62 +46,81 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from postroom.spool import Spool
 from postroom.tickets import Record
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    # Re-exported for type checkers; at run time __getattr__ below loads them.
+    from postroom.history_rows import EventRow as EventRow  # noqa: PLC0414
+    from postroom.history_rows import MessageRow as MessageRow  # noqa: PLC0414
+    from postroom.history_rows import TicketRow as TicketRow  # noqa: PLC0414
+
 log = logging.getLogger("postroom.history")
 
 
-class Base(DeclarativeBase):
-    pass
+# The schema as SQLAlchemy Core tables: the history writer in the daemons needs no ORM (about 6 MiB less in every
+# milter).  postroom.history_rows maps the ORM classes the admin commands query with onto these same tables, and
+# the migrations in migrations/versions create them.
+METADATA = MetaData()
+_ID = BigInteger().with_variant(Integer, "sqlite")
 
+TICKETS = Table(
+    "tickets",
+    METADATA,
+    Column("id", _ID, primary_key=True),
+    Column("mailbox", String(320), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("customer", String(320), nullable=False, default=""),
+    Column("subject", Text, nullable=False, default=""),
+    Column("owner", String(128), nullable=False, default=""),
+    Column("state", String(32), nullable=False, default="new"),
+    Column("priority", String(16), nullable=False, default="normal"),
+    Column("linked", Integer, nullable=False, default=0),
+    Column("tags", Text, nullable=False, default="", server_default=""),  # comma-separated, as in Redis
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("mailbox", "number", name="uq_tickets_mailbox_number"),
+)
 
-class TicketRow(Base):
-    __tablename__ = "tickets"
-    __table_args__ = (UniqueConstraint("mailbox", "number", name="uq_tickets_mailbox_number"),)
+MESSAGES = Table(
+    "messages",
+    METADATA,
+    Column("id", _ID, primary_key=True),
+    Column("ticket_id", ForeignKey("tickets.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("message_id", String(998), nullable=False, default=""),
+    Column("direction", String(16), nullable=False),  # inbound | outbound | note
+    Column("queue_id", String(32), nullable=False, default=""),
+    Column("from_addr", String(320), nullable=False, default=""),
+    Column("subject", Text, nullable=False, default=""),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_messages_message_id", "message_id"),
+)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    mailbox: Mapped[str] = mapped_column(String(320))
-    number: Mapped[int] = mapped_column(Integer)
-    customer: Mapped[str] = mapped_column(String(320), default="")
-    subject: Mapped[str] = mapped_column(Text, default="")
-    owner: Mapped[str] = mapped_column(String(128), default="")
-    state: Mapped[str] = mapped_column(String(32), default="new")
-    priority: Mapped[str] = mapped_column(String(16), default="normal")
-    linked: Mapped[int] = mapped_column(Integer, default=0)
-    tags: Mapped[str] = mapped_column(Text, default="", server_default="")  # comma-separated, as in Redis
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class MessageRow(Base):
-    __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_message_id", "message_id"),)
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
-    message_id: Mapped[str] = mapped_column(String(998), default="")
-    direction: Mapped[str] = mapped_column(String(16))  # inbound | outbound | note
-    queue_id: Mapped[str] = mapped_column(String(32), default="")
-    from_addr: Mapped[str] = mapped_column(String(320), default="")
-    subject: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class EventRow(Base):
-    __tablename__ = "events"
-    __table_args__ = (Index("ix_events_record_key", "record_key", unique=True),)
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(32))  # opened | followup | linked | ...
-    actor: Mapped[str] = mapped_column(String(320), default="")
-    detail: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+EVENTS = Table(
+    "events",
+    METADATA,
+    Column("id", _ID, primary_key=True),
+    Column("ticket_id", ForeignKey("tickets.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),  # opened | followup | linked | ...
+    Column("actor", String(320), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default=""),
+    Column("at", DateTime(timezone=True), nullable=False),
     # The record's unique key: a record the spool delivers twice is stored once (NULL for rows older than it).
-    record_key: Mapped[str | None] = mapped_column(String(32), default=None)
+    Column("record_key", String(32), nullable=True, default=None),
+    Index("ix_events_record_key", "record_key", unique=True),
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The ORM classes, for callers that import them from here: loaded (with the ORM) only when asked for.
+    if name in ("TicketRow", "MessageRow", "EventRow"):
+        from postroom import history_rows  # noqa: PLC0415
+
+        return getattr(history_rows, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ts(at: float) -> datetime:
@@ -191,9 +213,9 @@ def migrate(url: str) -> tuple[str | None, str | None]:
     return before, current_revision(url)
 
 
-_TICKETS = Base.metadata.tables["tickets"]
-_MESSAGES = Base.metadata.tables["messages"]
-_EVENTS = Base.metadata.tables["events"]
+_TICKETS = TICKETS
+_MESSAGES = MESSAGES
+_EVENTS = EVENTS
 # Keys per SELECT of existing tickets: far below every back end's limit of bound parameters.
 _LOOKUP_CHUNK = 500
 
@@ -321,14 +343,15 @@ def _ticket_ids(conn: Connection, keys: Iterable[_Key]) -> dict[_Key, int]:
     return found
 
 
-def write(session: Session, records: list[Record]) -> None:
-    """Apply records in order; a ticket row is created on its first record and updated after.
+def write(session: Session | Connection, records: list[Record]) -> None:
+    """Apply records in order, in the session's (or connection's) transaction; a ticket row is created on its
+    first record and updated after.
 
     The result is that of applying the records one by one: a new ticket's row takes customer, subject, link and
     creation time from its first record, and every ticket ends with owner, state, priority and update time of
     its last one.  A batch costs one look-up of the tickets it names and one multi-row statement per table.
     """
-    conn = session.connection()
+    conn = session if isinstance(session, Connection) else session.connection()
     records = _unseen(conn, records)
     if not records:
         return
@@ -555,8 +578,8 @@ class HistoryWriter:
 
     def _write(self, batch: list[Record]) -> bool:
         try:
-            with Session(self._engine) as session, session.begin():
-                write(session, batch)
+            with self._engine.begin() as conn:
+                write(conn, batch)
         except SQLAlchemyError as exc:
             self._failures += 1
             if not self._failing_since:

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.epoch import RAISE, Floor, HistoryUnavailable
-from postroom.history import EventRow, MessageRow, TicketRow
+from postroom.history import EVENTS, MESSAGES, TICKETS
 from postroom.redis_connect import node_for
 from postroom.store.keyspace import away_key, epoch_key, key_base, owned_indexed_key
 
@@ -66,9 +66,9 @@ def away_from_history(engine: Engine, now: float) -> dict[str, float | None]:
     #back)."""
     with engine.connect() as conn:
         rows = conn.execute(
-            select(EventRow.actor, EventRow.kind, EventRow.detail)
-            .where(EventRow.kind.in_(("away", "back")))
-            .order_by(EventRow.at, EventRow.id)
+            select(EVENTS.c.actor, EVENTS.c.kind, EVENTS.c.detail)
+            .where(EVENTS.c.kind.in_(("away", "back")))
+            .order_by(EVENTS.c.at, EVENTS.c.id)
         ).all()
     last: dict[str, tuple[str, str]] = {}
     for actor, kind, detail in rows:
@@ -105,11 +105,11 @@ def _mailbox(engine: Engine, cluster: redis.Redis | RedisCluster, prefix: str, m
     client = node_for(cluster, f"{base}seq")  # every key of a mailbox is in its slot, so on its node
     done = Rebuilt(mailbox)
     with engine.connect() as conn:
-        tickets = conn.execute(select(TicketRow.__table__).where(TicketRow.mailbox == mailbox)).mappings().all()
+        tickets = conn.execute(select(TICKETS).where(TICKETS.c.mailbox == mailbox)).mappings().all()
         by_id = {t["id"]: t["number"] for t in tickets}
         messages = conn.execute(
-            select(MessageRow.ticket_id, MessageRow.message_id, MessageRow.from_addr, MessageRow.direction).where(
-                MessageRow.ticket_id.in_(select(TicketRow.id).where(TicketRow.mailbox == mailbox))
+            select(MESSAGES.c.ticket_id, MESSAGES.c.message_id, MESSAGES.c.from_addr, MESSAGES.c.direction).where(
+                MESSAGES.c.ticket_id.in_(select(TICKETS.c.id).where(TICKETS.c.mailbox == mailbox))
             )
         ).all()
     senders: dict[int, set[str]] = {}
@@ -175,7 +175,7 @@ def history_floor(engine: Engine, timeout: float = 5.0) -> Floor:
 
     def query(mailbox: str) -> int:
         with engine.connect() as conn:
-            found = conn.execute(select(func.max(TicketRow.number)).where(TicketRow.mailbox == mailbox))
+            found = conn.execute(select(func.max(TICKETS.c.number)).where(TICKETS.c.mailbox == mailbox))
             return int(found.scalar() or 0)
 
     def floor(mailbox: str) -> int:

@@ -12,7 +12,7 @@ from sqlalchemy import select, true
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, MessageRow, TicketRow
+from postroom.history_rows import EventRow, MessageRow, TicketRow
 
 
 def aware(moment: dt.datetime) -> dt.datetime:

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 
 from postroom.admin.common import CONFIG_OPTION, EXIT_SERVICE, fail, load_or_exit, redis_store
 from postroom.config import Config, MailboxConfig
-from postroom.history import EventRow, MessageRow, TicketRow, make_engine, migrate, write
+from postroom.history import make_engine, migrate, write
+from postroom.history_rows import EventRow, MessageRow, TicketRow
 from postroom.tickets import KEEP, Changes, Record, StoreUnavailable, Ticket
 from postroom.words import plural
 

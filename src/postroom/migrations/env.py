@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from postroom.history import Base
+from postroom.history import METADATA
 
-target_metadata = Base.metadata
+target_metadata = METADATA
 # The advisory lock key of postroom's migrations (any bigint; "postroom" in ASCII, so it is recognisable in
 # pg_locks and does not clash with another application's lock by accident).
 MIGRATION_LOCK = 0x706F7374726F6F6D
