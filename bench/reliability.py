@@ -48,7 +48,7 @@ import redis
 from sqlalchemy import create_engine, func, select
 
 from postroom.config import example_config_path, load_config, to_toml, with_changes
-from postroom.history import EventRow, MessageRow
+from postroom.history_rows import EventRow, MessageRow
 from postroom_testbed import Deployment, PostgresServer, postgres_server
 from postroom_testbed.imap import deploy_team
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, TicketRow
+from postroom.history_rows import EventRow, TicketRow
 from postroom_testbed import Deployment
 from tests.test_inbound_e2e import SUPPORT, customer_mail, deliver, ticket_number
 from tests.test_outbound_e2e import ALICE, BOB, _text, agent_mail, bounce_text, received, submit

@@ -17,16 +17,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from postroom.history import (
-    EventRow,
-    HistoryWriter,
-    MessageRow,
-    TicketRow,
-    make_engine,
-    migrate,
-    sqlite_text_time,
-    write,
-)
+from postroom.history import HistoryWriter, make_engine, migrate, sqlite_text_time, write
+from postroom.history_rows import EventRow, MessageRow, TicketRow
 from postroom.spool import Spool
 from postroom.tickets import Record
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.config import to_toml, with_changes
-from postroom.history import EventRow, MessageRow
+from postroom.history_rows import EventRow, MessageRow
 from postroom_testbed import Deployment, PostgresServer, deploy, postgres_server
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail

@@ -8,7 +8,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, MessageRow, make_engine, migrate, write
+from postroom.history import make_engine, migrate, write
+from postroom.history_rows import EventRow, MessageRow
 from postroom.rules import MemoryAssignmentState
 from postroom.store.memory import MemoryStore
 from postroom.tickets import Record

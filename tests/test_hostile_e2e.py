@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from postroom.config import parse_config
-from postroom.history import EventRow, TicketRow
+from postroom.history_rows import EventRow, TicketRow
 from postroom_testbed import Deployment, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_bounce import fixture

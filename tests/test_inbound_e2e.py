@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, MessageRow, TicketRow
+from postroom.history_rows import EventRow, MessageRow, TicketRow
 from postroom_testbed import Deployment
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,8 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from postroom.history import EventRow, TicketRow, make_engine
+from postroom.history import make_engine
+from postroom.history_rows import EventRow, TicketRow
 from postroom_testbed import ADAPTERS, Adapter, Deployment, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail

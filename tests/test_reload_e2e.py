@@ -17,7 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from postroom.config import to_toml, with_changes
-from postroom.history import MessageRow, make_engine
+from postroom.history import make_engine
+from postroom.history_rows import MessageRow
 from postroom_testbed import Deployment, MilterDaemon, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail

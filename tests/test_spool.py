@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from postroom.history import EventRow, HistoryWriter, MessageRow, TicketRow, make_engine, migrate, write
+from postroom.history import HistoryWriter, make_engine, migrate, write
+from postroom.history_rows import EventRow, MessageRow, TicketRow
 from postroom.spool import Spool
 from postroom.tickets import Record
 

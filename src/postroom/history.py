@@ -53,10 +53,6 @@ from postroom.tickets import Record
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    # Re-exported for type checkers; at run time __getattr__ below loads them.
-    from postroom.history_rows import EventRow as EventRow  # noqa: PLC0414
-    from postroom.history_rows import MessageRow as MessageRow  # noqa: PLC0414
-    from postroom.history_rows import TicketRow as TicketRow  # noqa: PLC0414
 
 log = logging.getLogger("postroom.history")
 
@@ -112,15 +108,6 @@ EVENTS = Table(
     Column("record_key", String(32), nullable=True, default=None),
     Index("ix_events_record_key", "record_key", unique=True),
 )
-
-
-def __getattr__(name: str) -> Any:
-    # The ORM classes, for callers that import them from here: loaded (with the ORM) only when asked for.
-    if name in ("TicketRow", "MessageRow", "EventRow"):
-        from postroom import history_rows  # noqa: PLC0415
-
-        return getattr(history_rows, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ts(at: float) -> datetime:
