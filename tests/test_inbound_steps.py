@@ -119,15 +119,18 @@ def test_apply_to_store_opens_with_the_decision(config: Config) -> None:
     decision = Decision(owner="meier", priority="high", tags=("vip",))
     applied = inbound.apply_to_store(step(config, mail(), store), Thread(None, 0, "new"), decision)
     t = applied.ticket
-    assert (applied.event, t.number, t.owner, t.priority, t.tags, t.customer) == (
+    assert (applied.event, t.number, t.owner, t.state, t.priority, t.tags, t.customer) == (
         "opened",
         1,
         "meier",
+        "open",  # owned is open, as after #assign
         "high",
         ("vip",),
         ALICE,
     )
     assert applied.outgoing == [] and applied.auto_reply is None
+    unowned = inbound.apply_to_store(step(config, mail(), MemoryStore()), Thread(None, 0, "new"), Decision()).ticket
+    assert (unowned.owner, unowned.state) == ("", "new")
 
 
 def test_apply_to_store_strips_a_strangers_token_from_the_new_subject(config: Config) -> None:

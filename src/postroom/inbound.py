@@ -275,6 +275,8 @@ def _open(step: Step, thread: Thread, decision: Decision) -> Applied:
         message_ids=(mail.open_key,),
         linked=thread.linked,
         owner=decision.owner,
+        # Owned is open, as when an agent takes or is given a ticket later (store.assign, #assign).
+        state="open" if decision.owner else "new",
         priority=decision.priority or "normal",
         tags=decision.tags,
     )
