@@ -8,8 +8,8 @@ the mail finds it (rewritten, signed, with the token), as if Redis had never bee
 mailbox keeps its old subject and headers (no token).
 
 Replaying is safe: a mail's ticket is opened with its Message-ID (or, for a mail without one, an ID derived from
-its queue id and headers), so the same mail again (a replay after a crash) gets the ticket it opened, not a second
-one.
+its headers: postroom.mime.derived_id), so the same mail again (a replay after a crash) gets the ticket it opened,
+not a second one.
 
 No ghost tickets.  A store call the client gave up on (a timeout) may still have run in Redis and opened the
 mail's ticket.  Delivered degraded, the mail takes that ticket here.  Refused with a 451 (``on_error =
@@ -85,7 +85,7 @@ class Backlog:
                 if record is not None:
                     records.append(record)
         except StoreUnavailable:
-            # Still down: the ones done so far are recorded; their retry later finds their ticket by Message-ID.
+            # Still down: the ones done so far are recorded; their retry later finds their ticket by its key.
             if self._history is not None and records:
                 self._history.submit(records)
             return False
