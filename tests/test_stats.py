@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 
 from postroom.admin.cli import main
 from postroom.admin.common import redis_store
 from postroom.config import to_toml
+from postroom.history import TICKETS, make_engine
 from postroom.stats import percentile
 from postroom.tickets import NewTicket
 
@@ -88,3 +90,15 @@ def test_nearest_rank_percentile() -> None:
     assert percentile([30, 60, 150], 0.9) == 150
     assert percentile(list(range(1, 11)), 0.9) == 9
     assert percentile([5], 0.9) == 5
+
+
+def test_without_redis_the_tags_come_from_the_history(config_file: Path, sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:  # as the history writer keeps them (schema 0003)
+        conn.execute(update(TICKETS).where(TICKETS.c.number.in_((1, 2))).values(tags="billing"))
+    engine.dispose()
+    dead = {"POSTROOM_REDIS_URL": "redis://127.0.0.1:1/0"}
+    res = CliRunner().invoke(main, ["stats", "--config", str(config_file), *WEEK, "--json"], env=dead)
+    assert res.exit_code == 0, res.output
+    billing = json.loads(res.stdout)["tag"]["billing"]
+    assert (billing["opened"], billing["closed"], billing["backlog"]) == (2, 1, 1)  # as from Redis above

@@ -83,7 +83,8 @@ def _keys(t: Timeline, box: MailboxConfig | None, tags: Tags) -> dict[str, list[
     return {
         "mailbox": [box.tag if box else t.mailbox],
         "agent": [t.owner or UNASSIGNED],
-        "tag": list(tags.get((t.mailbox, t.number), ())),
+        # Redis's tags where it has the ticket (the newest), else the history's.
+        "tag": list(tags.get((t.mailbox, t.number), t.tags)),
         "priority": [t.priority],
     }
 

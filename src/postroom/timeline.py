@@ -42,6 +42,7 @@ class Timeline:
     created: dt.datetime
     events: list[Event] = field(default_factory=list)
     first_message_id: str = ""
+    tags: tuple[str, ...] = ()  # as of the ticket's last record (empty for tickets last written before schema 0003)
 
     @property
     def closed_at(self) -> dt.datetime | None:
@@ -75,7 +76,15 @@ def load(engine: Engine, *, open_only: bool = False) -> list[Timeline]:
         rows = session.scalars(select(TicketRow).where(wanted).order_by(TicketRow.id)).all()
         by_id = {
             r.id: Timeline(
-                r.mailbox, r.number, r.customer, r.subject, r.owner, r.state, r.priority, aware(r.created_at)
+                r.mailbox,
+                r.number,
+                r.customer,
+                r.subject,
+                r.owner,
+                r.state,
+                r.priority,
+                aware(r.created_at),
+                tags=tuple(x for x in r.tags.split(",") if x),
             )
             for r in rows
         }

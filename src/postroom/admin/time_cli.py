@@ -134,7 +134,8 @@ def stats_command(  # noqa: PLR0917  (click passes every option by position)
     """Figures of a period per mailbox, agent, tag and priority: new, closed, backlog, unassigned, overdue,
     SLA breaches, first response and resolution time (median and 90th percentile, business minutes).
 
-    Tags come from Redis (the history does not keep them); without Redis the tag table is empty.
+    Tags come from Redis, or from the history where Redis does not answer (tickets last written before the
+    history kept tags, schema 0003, then have none).
     """
     if as_json and as_csv:
         raise fail("--json and --csv: choose one")
@@ -159,5 +160,5 @@ def _tags(config: Config) -> dict[tuple[str, int], tuple[str, ...]]:
         for box in config.mailboxes.values():
             out.update({(t.mailbox, t.number): t.tags for t in store.tickets(box.address)})
     except StoreUnavailable as exc:
-        log.warning("Redis at %s not reachable (%s): no figures per tag", config.redis.url, exc)
+        log.warning("Redis at %s not reachable (%s): tags from the history", config.redis.url, exc)
     return out
