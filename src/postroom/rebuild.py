@@ -30,6 +30,7 @@ from sqlalchemy import RowMapping, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom.config import Config
 from postroom.epoch import RAISE, Floor, HistoryUnavailable
 from postroom.history import EVENTS, MESSAGES, TICKETS
 from postroom.redis_connect import node_for
@@ -48,6 +49,13 @@ class Rebuilt:
     message_ids: int = 0  # index entries written
     highest: int = 0  # the counter is at least this now
     away: int = 0  # away flags written
+
+
+def scope(config: Config) -> tuple[str, list[str], int]:
+    """What a rebuild of ``config``'s Redis covers, as :func:`rebuild` takes it after the client: the key prefix,
+    every mailbox's address and the Message-ID index's lifetime in seconds."""
+    mailboxes = [box.address for box in config.mailboxes.values()]
+    return config.redis.key_prefix, mailboxes, config.redis.message_index_days * 86400
 
 
 def rebuild(

@@ -23,7 +23,7 @@ from postroom.epoch import RestartWatch, persistence_problems
 from postroom.history import HistoryWriter, make_engine, migrate
 from postroom.mailer import Mailer
 from postroom.parts import Parts
-from postroom.rebuild import BackgroundRebuild, history_floor
+from postroom.rebuild import BackgroundRebuild, history_floor, scope
 from postroom.runtime import Runtime
 from postroom.spool import Spool
 from postroom.store.assignment import RedisAssignmentState
@@ -205,13 +205,7 @@ def _sweep_after_recovery(runtime: Runtime, store: RedisStore) -> Callable[[], N
 def guard_store(config: Config, store: RedisStore) -> BackgroundRebuild:
     """Tie the store's loss check to the history: the numbers it knows, and a rebuild after a loss."""
     engine = make_engine(config.database.url)
-    rebuilder = BackgroundRebuild(
-        engine,
-        store.client,
-        config.redis.key_prefix,
-        [box.address for box in config.mailboxes.values()],
-        config.redis.message_index_days * 86400,
-    )
+    rebuilder = BackgroundRebuild(engine, store.client, *scope(config))
     store.guard.floor = history_floor(engine)
     store.guard.on_loss = rebuilder.request
     return rebuilder

@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from postroom.admin.common import CONFIG_OPTION, load_or_exit, redis_store
 from postroom.history import make_engine
-from postroom.rebuild import rebuild
+from postroom.rebuild import rebuild, scope
 
 # Exit status when a service (Redis, SQL) fails rather than the admin's input.
 EXIT_SERVICE = 1
@@ -35,13 +35,7 @@ def rebuild_command(config_path: Path) -> None:
     store = redis_store(config)
     engine = make_engine(config.database.url)
     try:
-        done = rebuild(
-            engine,
-            store.client,
-            config.redis.key_prefix,
-            [box.address for box in config.mailboxes.values()],
-            config.redis.message_index_days * 86400,
-        )
+        done = rebuild(engine, store.client, *scope(config))
     except redis.exceptions.RedisError as exc:
         click.echo(f"Redis at {config.redis.url}: {exc}", err=True)
         raise SystemExit(EXIT_SERVICE) from None
