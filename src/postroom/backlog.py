@@ -45,7 +45,7 @@ class Backlog:
         self._thread = threading.Thread(target=self._run, name="postroom-backlog", daemon=True)
         self.ticketed = 0
         # Called (on this thread) after a pass that ticketed something: the daemon sweeps the mailboxes then, so
-        # the degraded mails there are replaced by their ticketed versions (postroom.sweep.AfterRecovery).
+        # the degraded mails there are replaced by their ticketed versions (admin.common._SweepAfterRecovery).
         self.on_recovered: Callable[[], None] = lambda: None
 
     def start(self) -> None:
@@ -158,5 +158,4 @@ class Backlog:
         """The ticket opened under the mail's key, if any (a lookup that also honours a disputed ID)."""
         if not p.key:
             return None
-        found = self._store.lookup(p.mailbox, [p.key], [], list(p.senders)).by_reference
-        return found
+        return self._store.lookup(p.mailbox, [p.key], [], list(p.senders)).by_reference

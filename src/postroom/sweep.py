@@ -19,8 +19,6 @@ import contextlib
 import imaplib
 import logging
 import re
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from postroom.mime import Message, addresses
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse
 from postroom.smtpd.rewrite import rewrite
-from postroom.tickets import StoreUnavailable
 from postroom.verdict import Action, AddHeader, Envelope, SetHeader
 
 log = logging.getLogger("postroom")
@@ -84,33 +81,6 @@ def sweep(runtime: Runtime, now: float, lock: Lock | None = None) -> list[Swept]
 @contextlib.contextmanager
 def _unlocked(mailbox: str) -> Iterator[bool]:
     yield True
-
-
-class AfterRecovery:
-    """Sweeps once the backlog has ticketed mail delivered degraded (Redis is back): the degraded mails in the
-    mailboxes get their tokens within seconds instead of at the sweep timer's next run.  One sweep at a time in
-    this process; the lock keeps other processes and hosts out."""
-
-    def __init__(self, runtime: Runtime, lock: Lock | None) -> None:
-        self._runtime = runtime
-        self._lock = lock
-        self._busy = threading.Lock()
-
-    def __call__(self) -> None:
-        if not self._busy.acquire(blocking=False):
-            return  # a sweep is running: it finds the newly ticketed mails, or the timer's next run does
-        threading.Thread(target=self._run, name="postroom-sweep", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            done = sweep(self._runtime, time.time(), self._lock)
-            log.info("sweep after recovery: %d mail(s) ticketed in place", sum(s.replaced for s in done))
-        except (SweepError, StoreUnavailable) as exc:
-            log.warning("sweep after recovery: %s (postroom-sweep.timer tries again)", exc)
-        except Exception:
-            log.exception("sweep after recovery failed (postroom-sweep.timer tries again)")
-        finally:
-            self._busy.release()
 
 
 def _unreachable(config: Config, exc: OSError | IndexError) -> str:

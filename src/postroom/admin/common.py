@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import pickle
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,7 @@ def daemon_runtime(
     )
     runtime = Runtime(parts, history, mailer, backlog)
     if sweep_after_recovery:
-        backlog.on_recovered = _sweep_after_recovery(runtime, store)
+        backlog.on_recovered = _SweepAfterRecovery(runtime, store)
     try:
         yield runtime
     finally:
@@ -187,19 +189,34 @@ def daemon_runtime(
         log.info("postroom %s stopped", daemon)
 
 
-def _sweep_after_recovery(runtime: Runtime, store: RedisStore) -> Callable[[], None]:
-    """The backlog's on_recovered: postroom.sweep.AfterRecovery, imported at the first recovery (IMAP and the
-    after-queue parser stay out of a daemon that never needs them)."""
-    made: list[Callable[[], None]] = []
+class _SweepAfterRecovery:
+    """The backlog's on_recovered: sweeps once the backlog has ticketed mail delivered degraded (Redis is back), so
+    the degraded mails in the mailboxes get their tokens within seconds instead of at the sweep timer's next run.
+    One sweep at a time in this process; the store's sweep lock keeps other processes and hosts out."""
 
-    def recovered() -> None:  # only ever called on the backlog's thread
-        if not made:
-            from postroom.sweep import AfterRecovery  # noqa: PLC0415
+    def __init__(self, runtime: Runtime, store: RedisStore) -> None:
+        self._runtime = runtime
+        self._store = store
+        self._busy = threading.Lock()
 
-            made.append(AfterRecovery(runtime, store.sweeping))
-        made[0]()
+    def __call__(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return  # a sweep is running: it finds the newly ticketed mails, or the timer's next run does
+        threading.Thread(target=self._run, name="postroom-sweep", daemon=True).start()
 
-    return recovered
+    def _run(self) -> None:
+        # Imported here: IMAP and the after-queue parser stay out of a daemon that never recovers from anything.
+        from postroom.sweep import SweepError, sweep  # noqa: PLC0415
+
+        try:
+            done = sweep(self._runtime, time.time(), self._store.sweeping)
+            log.info("sweep after recovery: %d mail(s) ticketed in place", sum(s.replaced for s in done))
+        except (SweepError, StoreUnavailable) as exc:
+            log.warning("sweep after recovery: %s (postroom-sweep.timer tries again)", exc)
+        except Exception:
+            log.exception("sweep after recovery failed (postroom-sweep.timer tries again)")
+        finally:
+            self._busy.release()
 
 
 def guard_store(config: Config, store: RedisStore) -> BackgroundRebuild:
