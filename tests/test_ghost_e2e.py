@@ -17,14 +17,12 @@ from email.utils import formatdate
 
 import pytest
 import redis
-from sqlalchemy import select
 
 from postroom import replies
 from postroom.config import Config, with_changes
-from postroom.history import make_engine
-from postroom.history_rows import EventRow, TicketRow
 from postroom_testbed import ADAPTERS, Adapter, Deployment, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
+from tests.test_commands_e2e import events
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 from tests.test_redis_loss_e2e import wait_until
 
@@ -65,22 +63,6 @@ def redis_busy(d: Deployment) -> Iterator[None]:
     finally:
         busy.join()
         client.close()
-
-
-def events(d: Deployment, number: int) -> list[tuple[str, str]]:
-    """(kind, detail) of the ticket's history events, oldest first."""
-    engine = make_engine(d.config.database.url)
-    try:
-        with engine.connect() as conn:
-            query = (
-                select(EventRow.kind, EventRow.detail)
-                .join(TicketRow, EventRow.ticket_id == TicketRow.id)
-                .where(TicketRow.mailbox == SUPPORT, TicketRow.number == number)
-                .order_by(EventRow.id)
-            )
-            return [(kind, detail) for kind, detail in conn.execute(query)]
-    finally:
-        engine.dispose()
 
 
 def send_or_451(d: Deployment, msg: EmailMessage) -> int:
@@ -134,8 +116,8 @@ def test_a_degraded_mail_without_message_id_takes_the_ticket_its_timed_out_call_
         assert got[1]["X-Postroom-Status"] == "degraded"
         r = d.redis_client()
         wait_until("Redis ran the open call postroom gave up on", lambda: r.get(SEQ) == "2")
-        wait_until("the backlog took the ghost", lambda: events(d, 2) != [], timeout=60)
-        assert events(d, 2) == [("opened", "delivered degraded, its ticket kept")]
+        found = events(d, 2, timeout=60)  # once the backlog took the ghost
+        assert [(kind, detail) for kind, _actor, detail in found] == [("opened", "delivered degraded, its ticket kept")]
 
         d.stack.send(customer_mail(BOB, "Next"), mail_from=BOB, rcpts=[SUPPORT])
         assert str(d.stack.wait_for(SUPPORT, "INBOX", 3)[2]["Subject"]) == "[Support #3] Next"
@@ -156,8 +138,7 @@ def test_a_refused_mail_leaves_a_void_ticket_that_its_retry_makes_its_own(adapte
             code = send_or_451(d, mail)
         r = d.redis_client()
         wait_until("Redis ran the open call postroom gave up on", lambda: r.get(SEQ) == "2")
-        wait_until("the backlog made #2 void", lambda: events(d, 2) != [], timeout=60)
-        assert [kind for kind, _ in events(d, 2)] == ["void"]
+        assert [kind for kind, _a, _d in events(d, 2, timeout=60)] == ["void"]  # once the backlog made #2 void
         assert r.hget(f"postroom:{{{SUPPORT}}}:t:2", "state") == "closed"
 
         if adapter == "milter":
@@ -170,5 +151,5 @@ def test_a_refused_mail_leaves_a_void_ticket_that_its_retry_makes_its_own(adapte
         assert str(got["Subject"]) == "[Support #2] Printer on fire"
         assert r.get(SEQ) == "2"  # no number for the retry: the void ticket is its own again
         wait_until("the retry recorded", lambda: len(events(d, 2)) == 2)
-        assert [kind for kind, _ in events(d, 2)] == ["void", "opened"]
+        assert [kind for kind, _a, _d in events(d, 2)] == ["void", "opened"]
         assert r.hget(f"postroom:{{{SUPPORT}}}:t:2", "tags") == ""
