@@ -19,6 +19,16 @@ PRIORITIES = ("low", "normal", "high", "urgent")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
+def tags_text(tags: Iterable[str]) -> str:
+    """Tags as Redis's ticket hash and the history keep them: comma-separated (TAG_RE allows no comma)."""
+    return ",".join(tags)
+
+
+def tags_of(text: str) -> tuple[str, ...]:
+    """The tags of :func:`tags_text`'s form ("" is none)."""
+    return tuple(t for t in text.split(",") if t)
+
+
 class StoreUnavailable(RuntimeError):
     """Redis did not answer; the caller applies the failure policy."""
 
@@ -200,7 +210,7 @@ class Record:
             state=ticket.state,
             priority=ticket.priority,
             linked=ticket.linked,
-            tags=",".join(ticket.tags),
+            tags=tags_text(ticket.tags),
             message_id=message_id,
             direction=direction,
             queue_id=queue_id,
@@ -220,8 +230,8 @@ class Pending:
 
     ``kind`` is "degraded" (delivered as it came: it gets its ticket) or "tempfailed" (refused with a 451: the
     sender sends it again, and only a ticket the failed call may still have opened is settled, see
-    postroom.backlog).  ``open_key`` is what the pipeline opened its ticket under (its Message-ID, or one derived
-    from it for a mail without one).
+    postroom.backlog).  ``open_key`` is what the pipeline opened its ticket under (its Message-ID, or for a mail
+    without one an ID derived from its headers).
     """
 
     mailbox: str

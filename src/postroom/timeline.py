@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from postroom.history_rows import EventRow, MessageRow, TicketRow
+from postroom.tickets import tags_of
 
 
 def aware(moment: dt.datetime) -> dt.datetime:
@@ -84,7 +85,7 @@ def load(engine: Engine, *, open_only: bool = False) -> list[Timeline]:
                 r.state,
                 r.priority,
                 aware(r.created_at),
-                tags=tuple(x for x in r.tags.split(",") if x),
+                tags=tags_of(r.tags),
             )
             for r in rows
         }

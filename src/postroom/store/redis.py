@@ -24,7 +24,17 @@ from redis.exceptions import RedisClusterException
 from postroom import redis_connect
 from postroom.epoch import EpochGuard, HistoryUnavailable, RestartWatch, is_no_epoch
 from postroom.store import keyspace, scripts
-from postroom.tickets import Candidate, Changes, Claim, Lookup, NewTicket, StoreUnavailable, Ticket
+from postroom.tickets import (
+    Candidate,
+    Changes,
+    Claim,
+    Lookup,
+    NewTicket,
+    StoreUnavailable,
+    Ticket,
+    tags_of,
+    tags_text,
+)
 
 
 def connect(url: str, *, timeout: float, on_connect: Callable[[Any], None] | None = None) -> redis.Redis | RedisCluster:
@@ -45,7 +55,7 @@ def ticket_from_hash(mailbox: str, number: int, h: Mapping[str, str]) -> Ticket:
         owner=h.get("owner", ""),
         state=h.get("state", "new"),
         priority=h.get("priority", "normal"),
-        tags=tuple(t for t in h.get("tags", "").split(",") if t),
+        tags=tags_of(h.get("tags", "")),
         customer=h.get("customer", ""),
         subject=h.get("subject", ""),
         created=float(h.get("created", 0) or 0),
@@ -306,7 +316,7 @@ class RedisStore:
             "owner": new.owner,
             "state": new.state,
             "priority": new.priority,
-            "tags": ",".join(new.tags),
+            "tags": tags_text(new.tags),
             "customer": new.customer,
             "subject": new.subject,
             "created": repr(now),
