@@ -111,3 +111,26 @@ def test_redis_down_tempfails_a_reply() -> None:
     out = process(reply("meier"), config(), store, 2.0)
     assert out.verdict.action is Action.TEMPFAIL
     assert out.verdict.reply is not None and out.verdict.reply.code == 451
+
+
+def test_a_new_mail_without_message_id_sent_again_after_a_451_keeps_its_ticket() -> None:
+    """The agent's client sends the same mail again after a 451 (whose ticket Redis may have opened all the same):
+    the same derived Message-ID, so the same ticket, not a second one."""
+
+    def new_mail(subject: str) -> Message:
+        headers = [
+            ("From", SUPPORT),  # written from the shared address: a new conversation of that mailbox
+            ("To", ALICE),
+            ("Subject", subject),
+            ("Date", "Sun, 29 Nov 2026 10:00:00 +0000"),
+        ]
+        env = Envelope(mail_from=f"<{SUPPORT}>", rcpts=[f"<{ALICE}>"], queue_id="Q1", auth_login="meier")
+        return Message(env, headers, body=lambda: b"Dear Alice\r\n")
+
+    store = MemoryStore()
+    first = process(new_mail("Your order"), config(), store, 1.0)
+    again = process(new_mail("Your order"), config(), store, 2.0)
+    other = process(new_mail("Your invoice"), config(), store, 3.0)
+    assert edit(first, "Message-ID") == edit(again, "Message-ID") != edit(other, "Message-ID")
+    assert [r.number for r in first.records] == [r.number for r in again.records] == [1]
+    assert [r.number for r in other.records] == [2]
