@@ -21,7 +21,7 @@ from redis.commands.core import Script
 from redis.connection import Connection
 from redis.exceptions import RedisClusterException
 
-from postroom import redis_connect
+from postroom import coop, redis_connect
 from postroom.epoch import EpochGuard, HistoryUnavailable, RestartWatch, is_no_epoch
 from postroom.store import keyspace, scripts
 from postroom.tickets import (
@@ -170,17 +170,28 @@ class _ScriptRunner:
         if self._confirm:
             packed += _packed("WAIT", self._confirm, self._wait_ms)
         conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        _await_reply(conn)
         try:
             reply = conn.read_response()
         except redis.exceptions.ResponseError as exc:
             reply = exc
         if self._confirm:
+            _await_reply(conn)
             confirmed = int(conn.read_response())
             if confirmed < self._confirm and not isinstance(reply, redis.exceptions.ResponseError):
                 raise UnconfirmedWrite(
                     f"{confirmed} of {self._confirm} replicas confirmed the write within {self._wait_ms} ms"
                 )
         return reply
+
+
+def _await_reply(conn: Connection) -> None:
+    """On the asyncio milter engine's loop: let other mail run until the reply arrives (postroom.coop); elsewhere
+    nothing, and the read blocks.  Out of time, the same error a blocking read gives, so the caller drops the
+    connection whose reply is still to come."""
+    sock = getattr(conn, "_sock", None)  # redis-py's socket; None before connecting (the send connects)
+    if sock is not None and not coop.wait_readable(sock, conn.socket_timeout):
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
 
 class UnconfirmedWrite(redis.exceptions.RedisError):

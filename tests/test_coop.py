@@ -1,0 +1,171 @@
+"""postroom.coop: the pipeline's Redis waits give the asyncio engine's loop to other mail, and end cleanly.
+
+The store tests run against a real Redis (one server, Sentinel and Cluster), kept busy by another client's Lua
+loop as a slow or stuck server would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from postroom import coop
+from postroom.store.redis import RedisStore
+from postroom.tickets import StoreUnavailable
+from tests.test_store import BOX, _block_redis, new
+
+
+def test_outside_the_engine_a_wait_returns_at_once() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        started = time.monotonic()
+        assert coop.wait_readable(a, 5.0) is True  # nothing to read: the caller's own read would block
+        assert time.monotonic() - started < 0.5
+
+
+def ticking(stop: asyncio.Event, ticks: list[float]) -> Callable[[], Any]:
+    async def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    return tick
+
+
+def test_a_waiting_call_lets_the_loop_run_and_resumes_when_data_comes() -> None:
+    a, b = socket.socketpair()
+    order: list[str] = []
+
+    def reader() -> bytes:
+        order.append("reader waits")
+        assert coop.wait_readable(a, 5.0)
+        order.append("reader resumes")
+        return a.recv(10)
+
+    def writer() -> str:
+        order.append("writer runs")
+        b.send(b"hi")
+        return "sent"
+
+    async def main() -> tuple[Any, Any]:
+        first = asyncio.create_task(coop.run(reader))
+        await asyncio.sleep(0.05)
+        second = await coop.run(writer)
+        return await first, second
+
+    with a, b:
+        (data, _), (sent, _) = asyncio.run(main())
+    assert (data, sent) == (b"hi", "sent")
+    assert order == ["reader waits", "writer runs", "reader resumes"]
+
+
+def test_a_wait_that_times_out_says_so_without_holding_the_loop() -> None:
+    a, b = socket.socketpair()
+
+    async def main() -> tuple[bool, list[float]]:
+        stop, ticks = asyncio.Event(), []
+        ticker = asyncio.create_task(ticking(stop, ticks)())
+        (ready, blocked) = await coop.run(coop.wait_readable, a, 0.3)
+        stop.set()
+        await ticker
+        assert blocked < 0.1  # the call itself kept the loop for next to nothing
+        return ready, ticks
+
+    with a, b:
+        ready, ticks = asyncio.run(main())
+    assert ready is False
+    assert len(ticks) >= 10  # the loop ran on while the call waited
+
+
+def test_errors_come_out_of_run_and_a_cancelled_call_still_finishes_its_clean_up() -> None:
+    def failing() -> None:
+        raise ValueError("from the call")
+
+    with pytest.raises(ValueError, match="from the call"):
+        asyncio.run(coop.run(failing))
+
+    a, b = socket.socketpair()
+    cleaned: list[bool] = []
+
+    def waits_then_cleans() -> None:
+        try:
+            if not coop.wait_readable(a, 30.0):
+                raise TimeoutError
+        finally:
+            cleaned.append(True)
+
+    async def main() -> None:
+        call = asyncio.create_task(coop.run(waits_then_cleans))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    with a, b:
+        asyncio.run(main())
+    assert cleaned == [True]
+
+
+def test_the_longest_stretch_on_the_loop_is_reported() -> None:
+    a, b = socket.socketpair()
+    b.send(b"x")
+
+    def busy_then_wait() -> None:
+        time.sleep(0.2)  # blocks the loop: what the engine's fallback to threads watches for
+        coop.wait_readable(a, 1.0)
+
+    with a, b:
+        _, blocked = asyncio.run(coop.run(busy_then_wait))
+    assert 0.2 <= blocked < 1.0
+
+
+def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(any_redis_url: str) -> None:
+    redis_url = any_redis_url
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=5.0)
+    assert store.open(BOX, new(), 1.0).number == 1
+
+    async def main() -> tuple[list[int], list[float]]:
+        stop, ticks = asyncio.Event(), []
+        ticker = asyncio.create_task(ticking(stop, ticks)())
+        # Five mails at once make the pool hold five connections.  (A new connection's hand-shake with Redis
+        # blocks, as before; the engine's fallback to threads covers a Redis that stops answering then.)
+        await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"warm{i}@c"), 2.0) for i in range(5)))
+        busy = threading.Thread(target=_block_redis, args=(redis_url, 0.5, store.counter_key(BOX)))
+        busy.start()
+        await asyncio.sleep(0.1)
+        ticks.clear()
+        results = await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"m{i}@c"), 2.0) for i in range(5)))
+        stop.set()
+        await ticker
+        busy.join()
+        return sorted(t.number for t, _ in results), ticks
+
+    numbers, ticks = asyncio.run(main())
+    assert numbers == [7, 8, 9, 10, 11]  # five waits side by side on one thread, each its own ticket
+    assert len(ticks) >= 20  # the loop ran on during the rest of Redis's busy half second
+
+
+def test_a_script_that_times_out_on_the_loop_leaves_no_reply_for_the_next_call(any_redis_url: str) -> None:
+    redis_url = any_redis_url
+    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=0.3)
+    assert store.open(BOX, new(), 1.0).number == 1
+    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0, store.counter_key(BOX)))
+    busy.start()
+    time.sleep(0.2)
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(coop.run(store.open, BOX, new(mid="m2@c"), 2.0))
+    busy.join()
+    # The connection that gave up was dropped: the next call reads its own reply, not the late one.
+    ran = store.lookup(BOX, ["m2@c"], [], []).by_reference is not None
+
+    async def next_open() -> int:
+        ticket, _ = await coop.run(store.open, BOX, new(mid="m3@c"), 3.0)
+        return ticket.number
+
+    assert asyncio.run(next_open()) == 2 + ran
