@@ -80,7 +80,17 @@ from runloop import (
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER = "alice@customer.test"
 RECIPIENT = "support@example.test"
-CONFIGS = ("none", "empty", "edits", "aempty", "postroom-base", "postroom", "postroom-w0", "postroom-w1")
+CONFIGS = (
+    "none",
+    "empty",
+    "edits",
+    "aempty",
+    "postroom-base",
+    "postroom",
+    "postroom-aio",
+    "postroom-w0",
+    "postroom-w1",
+)
 DEFAULT_CONFIGS = ("none", "empty", "postroom")
 CONFIG_TITLES = {
     "none": "no milter",
@@ -89,6 +99,7 @@ CONFIG_TITLES = {
     "aempty": "asyncio empty",
     "postroom-base": "postroom (base)",
     "postroom": "postroom",
+    "postroom-aio": "postroom asyncio",
     "postroom-w0": "postroom w=0",
     "postroom-w1": "postroom w=1",
 }
@@ -96,6 +107,7 @@ CONFIG_TITLES = {
 TARGET_RATIO = 0.95
 TARGET_CPU_FACTOR = 2.0
 TARGET_P99_MS = 5.0
+HISTORY_WAIT = 60.0  # seconds the history may take to catch up with the last delivery
 _POLL = 0.005  # after smtp-source exited: how precisely the end of a run is seen
 _POLL_SENDING = 0.05
 
@@ -186,11 +198,21 @@ def check_postroom(stack: Stack, cfg: Config, expect_total: int) -> list[str]:
     if seq is None or int(seq) != expect_total:
         problems.append(f"Redis ticket counter is {seq!r}, expected {expect_total} (one new ticket per message)")
     db_path = cfg.database.url.removeprefix("sqlite:///")
-    con = sqlite3.connect(db_path)
-    try:
-        rows, ids = con.execute("SELECT count(*), count(DISTINCT message_id) FROM messages").fetchone()
-    finally:
-        con.close()
+    # The history is written behind the mail (spooled, then a background thread writes it): wait for it to catch
+    # up with the last delivery, and say so when that took a while.
+    started = time.monotonic()
+    while True:
+        con = sqlite3.connect(db_path)
+        try:
+            rows, ids = con.execute("SELECT count(*), count(DISTINCT message_id) FROM messages").fetchone()
+        finally:
+            con.close()
+        if rows >= expect_total or time.monotonic() - started > HISTORY_WAIT:
+            break
+        time.sleep(0.2)
+    lag = time.monotonic() - started
+    if lag > 1.0:
+        problems.append(f"the history caught up {lag:.1f} s after the last delivery")
     if rows != expect_total:
         problems.append(f"history has {rows} message rows, expected {expect_total}")
     if ids != expect_total:

@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     parser.add_argument("--runs", type=int, default=3)
-    milters = ("postroom", "postroom-w0", "postroom-w1", "postroom-base", "empty", "aempty")
+    milters = ("postroom", "postroom-aio", "postroom-w0", "postroom-w1", "postroom-base", "empty", "aempty")
     parser.add_argument("--milter", choices=milters, default="postroom", help="as bench/inbound.py's --configs")
     parser.add_argument("--base-src", type=Path, help="src/ folder of the postroom that --milter postroom-base runs")
     args = parser.parse_args(argv)

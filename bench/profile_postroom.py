@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inbound import RECIPIENT, SENDER, send_batch
+from postroom.config import with_changes
 from postroom_testbed import MailUser, MilterDaemon, Stack
 from runloop import config_toml, postroom_config, settled_cpu_seconds
 
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="also sample C frames (slower)")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--engine", choices=("libmilter", "asyncio"), default="libmilter", help="[milter] engine")
     parser.add_argument("--raw", type=Path, default=Path("/tmp/postroom-profile.txt"))
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     users = [MailUser(RECIPIENT), MailUser(SENDER)]
     with Stack(users=users, milter="auto", milter_default_action="tempfail") as stack:
         workdir = stack.root / "postroom"
-        text, notes = config_toml(postroom_config(stack, workdir))
+        text, notes = config_toml(with_changes(postroom_config(stack, workdir), {"milter": {"engine": args.engine}}))
         for note in notes:
             print(f"note: {note}")
         milter = MilterDaemon(workdir, text, stack.milter_socket_path)

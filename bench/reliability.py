@@ -204,7 +204,7 @@ def measure(row: Row, d: Deployment, pg: PostgresServer, mails: list[EmailMessag
     row.rows_lost = len(ids - rows)
 
 
-def run(name: str, count: int, rate: float, seconds: float) -> Row:
+def run(name: str, count: int, rate: float, seconds: float, engine: str = "libmilter") -> Row:
     row = Row(name)
     started = time.monotonic()
     base = load_config(example_config_path(), environ={})
@@ -213,7 +213,7 @@ def run(name: str, count: int, rate: float, seconds: float) -> Row:
         d = team.deployment
         database = {"url": pg.url, "spool_dir": str(d.daemon.workdir / "spool")}
         d.daemon.stop()
-        d.daemon.reconfigure(to_toml(with_changes(d.config, {"database": database})))
+        d.daemon.reconfigure(to_toml(with_changes(d.config, {"database": database, "milter": {"engine": engine}})))
         d.daemon.start()
         if name == "redis-kill-aof":
             redis.Redis.from_url(d.stack.redis.url).config_set("appendonly", "yes")
@@ -239,20 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=30.0)
     parser.add_argument("--fault-seconds", type=float, default=5.0)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--engine", choices=("libmilter", "asyncio"), default="libmilter", help="[milter] engine of the milter"
+    )
     args = parser.parse_args(argv)
     names = [s for s in args.scenarios.split(",") if s]
     unknown = set(names) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
     print(
-        f"{args.messages} mails at {args.rate:g}/s per scenario, fault {args.fault_seconds:g} s a third of the way in"
+        f"{args.messages} mails at {args.rate:g}/s per scenario, fault {args.fault_seconds:g} s a third of the way in, "
+        f"milter engine {args.engine}"
     )
     head = (
         f"{'scenario':<16}{'sent':>6}{'deliv.':>8}{'once':>6}{'degr.':>7}{'ticketed':>10}{'twice':>7}{'rows lost':>11}"
     )
     print(head + f"{'s':>6}")
     for name in names:
-        r = run(name, args.messages, args.rate, args.fault_seconds)
+        r = run(name, args.messages, args.rate, args.fault_seconds, args.engine)
         print(
             f"{r.scenario:<16}{r.sent:>6}{r.delivered:>8}{r.once:>6}{r.degraded:>7}{r.ticketed:>10}{r.twice:>7}"
             f"{r.rows_lost:>11}{r.seconds:>6.0f}",

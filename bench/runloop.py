@@ -37,6 +37,8 @@ ASYNCIO_EMPTY_MILTER = Path(__file__).resolve().parent / "asyncio_empty_milter.p
 OPENDKIM = "/usr/sbin/opendkim"
 # postroom with [milter] workers set, whatever the example config says: both modes in one run.
 _POSTROOM_WORKERS = {"postroom-w0": 0, "postroom-w1": 1}
+# postroom with the asyncio milter engine ([milter] engine = "asyncio"), the example config otherwise.
+_POSTROOM_ASYNCIO = "postroom-aio"
 # "postroom-base": the same config run by another postroom (its src/ folder in this variable, set by the scripts'
 # --base-src), so a change and the code before it are measured in one run, on the same machine load.
 BASE_CONFIG = "postroom-base"
@@ -383,9 +385,14 @@ def make_milter(
     cfg = postroom_config(stack, workdir)
     if config in _POSTROOM_WORKERS:
         cfg = with_changes(cfg, {"milter": {"workers": _POSTROOM_WORKERS[config]}})
+    if config == _POSTROOM_ASYNCIO:
+        cfg = with_changes(cfg, {"milter": {"engine": "asyncio"}})
     if changes:
         cfg = parse_config({**cfg.model_dump(), **changes}, "<bench>", environ={})
     text, notes = config_toml(cfg)
+    if config == BASE_CONFIG:
+        # Keys at their default value are left out: the other postroom may not know keys added since.
+        text = "\n".join(_toml_fallback(cfg.model_dump(exclude_defaults=True))) + "\n"
     daemon = MilterDaemon(workdir, text, stack.milter_socket_path)
     if config == BASE_CONFIG:
         # env(1) execs the interpreter: the PID whose CPU and RSS are read stays the milter's.

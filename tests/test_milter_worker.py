@@ -271,9 +271,11 @@ def test_a_spooled_body_reaches_the_worker_as_its_file_and_is_signed_whole() -> 
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def milter_deployment() -> Iterator[Deployment]:
-    with deploy(with_changes(e2e_base_config(), {"milter": {"workers": 1}}), CUSTOMERS, adapter="milter") as d:
+@pytest.fixture(params=["milter", "milter-asyncio"])
+def milter_deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """One worker process, behind either milter engine (the asyncio engine sends every mail to a thread then)."""
+    base = with_changes(e2e_base_config(), {"milter": {"workers": 1}})
+    with deploy(base, CUSTOMERS, adapter=request.param) as d:
         yield d
 
 

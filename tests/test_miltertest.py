@@ -38,12 +38,16 @@ def miltertest_binary() -> str:
     return found
 
 
-def milter_config(workdir: Path, socket_path: Path, redis_url: str) -> Config:
+# Both milter engines speak the protocol to miltertest: libmilter (pymilter) and postroom's asyncio engine.
+ENGINES = ("libmilter", "asyncio")
+
+
+def milter_config(workdir: Path, socket_path: Path, redis_url: str, engine: str = "libmilter") -> Config:
     """The shipped example config, pointed at a private Redis, a SQLite history and a socket in ``workdir``."""
     return with_changes(
         load_config(example_config_path(), environ={}),
         {
-            "milter": {"socket": f"unix:{socket_path}", "socket_umask": 0},
+            "milter": {"socket": f"unix:{socket_path}", "socket_umask": 0, "engine": engine},
             "redis": {"url": redis_url},
             "database": {"url": f"sqlite:///{workdir / 'history.sqlite3'}"},
         },
@@ -90,19 +94,19 @@ def _text(output: str | bytes | None) -> str:
     return output or ""
 
 
-def start_milter(workdir: Path, redis_url: str) -> RunningMilter:
+def start_milter(workdir: Path, redis_url: str, engine: str = "libmilter") -> RunningMilter:
     socket_path = workdir / "milter.sock"
-    config = milter_config(workdir, socket_path, redis_url)
+    config = milter_config(workdir, socket_path, redis_url, engine)
     daemon = MilterDaemon(workdir / "postroom", to_toml(config), socket_path)
     daemon.start()
     return RunningMilter(daemon, socket_path)
 
 
-@pytest.fixture
-def milter(tmp_path: Path, redis_url: str) -> Iterator[RunningMilter]:
+@pytest.fixture(params=ENGINES)
+def milter(tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> Iterator[RunningMilter]:
     """`postroom milter` on a unix socket in tmp_path, with the session's private Redis (emptied for this test)."""
     miltertest_binary()
-    running = start_milter(tmp_path, redis_url)
+    running = start_milter(tmp_path, redis_url, request.param)
     try:
         yield running
     finally:
@@ -190,13 +194,14 @@ def test_mail_to_no_shared_mailbox_is_not_edited(milter: RunningMilter, store: r
     assert store.dbsize() == 0
 
 
-def test_redis_down_adds_degraded_status_and_accepts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_redis_down_adds_degraded_status_and_accepts(tmp_path: Path, engine: str) -> None:
     miltertest_binary()
     doomed = RedisServer(tmp_path / "doomed-redis")
     doomed.start()
     running: RunningMilter | None = None
     try:
-        running = start_milter(tmp_path, doomed.url)
+        running = start_milter(tmp_path, doomed.url, engine)
         doomed.stop()  # Redis dies under a running milter
         running.run(
             **customer_mail("Nobody home?", qid="4MT0007", message_id="<down@customer.test>"),

@@ -26,6 +26,7 @@ import redis
 from postroom_testbed import RedisServer
 from tests.test_miltertest import (
     ALICE,
+    ENGINES,
     SUPPORT,
     RunningMilter,
     _text,
@@ -118,11 +119,11 @@ def assert_signed(stdout: str, body: str) -> None:
     assert tags["bh"] == body_hash(body)
 
 
-@pytest.fixture
-def milter(tmp_path: Path, redis_url: str) -> Iterator[RunningMilter]:
+@pytest.fixture(params=ENGINES)
+def milter(tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> Iterator[RunningMilter]:
     """`postroom milter` on a unix socket in tmp_path, with the session's private Redis (emptied for this test)."""
     miltertest_binary()
-    running = start_milter(tmp_path, redis_url)
+    running = start_milter(tmp_path, redis_url, request.param)
     try:
         yield running
     finally:
@@ -294,13 +295,14 @@ def test_unauthenticated_reply_gets_none_of_the_outbound_edits(milter: RunningMi
     assert ticket(store)["owner"] == ""
 
 
-def test_redis_down_tempfails_an_agent_reply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_redis_down_tempfails_an_agent_reply(tmp_path: Path, engine: str) -> None:
     miltertest_binary()
     doomed = RedisServer(tmp_path / "doomed-redis")
     doomed.start()
     running: RunningMilter | None = None
     try:
-        running = start_milter(tmp_path, doomed.url)
+        running = start_milter(tmp_path, doomed.url, engine)
         first = "<down-1@customer.test>"
         open_ticket(running, "Down", qid="4MT0401", message_id=first)
         doomed.stop()  # Redis dies under a running milter, after the ticket was opened

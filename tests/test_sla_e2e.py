@@ -176,7 +176,7 @@ def test_digests_arrive_with_the_figures_of_a_known_history(d: Deployment, tmp_p
 
 
 def _scrape(d: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    listen = d.config.metrics.milter_listen if d.adapter == "milter" else d.config.metrics.smtpd_listen
+    listen = d.config.metrics.milter_listen if d.before_queue else d.config.metrics.smtpd_listen
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return {

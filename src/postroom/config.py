@@ -96,6 +96,11 @@ class MilterConfig(_Section):
     on_error: Literal["degraded", "tempfail"] = "degraded"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: Annotated[int, Field(ge=0, le=64)] = 0
+    # Who speaks the milter protocol: libmilter through pymilter (a thread per connection) or postroom.milter.aio
+    # (one asyncio thread for all connections; ends of message there too while they are quick, else on eom_threads
+    # threads).
+    engine: Literal["libmilter", "asyncio"] = "libmilter"
+    eom_threads: Annotated[int, Field(ge=1, le=256)] = 16
 
     @field_validator("socket")
     @classmethod

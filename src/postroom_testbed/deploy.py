@@ -16,8 +16,10 @@ from postroom_testbed.dovecot import Login, MailUser
 from postroom_testbed.processes import LOOPBACK
 from postroom_testbed.stack import Stack
 
-Adapter = Literal["milter", "smtpd"]
-ADAPTERS: tuple[Adapter, ...] = ("milter", "smtpd")
+# "milter" speaks the milter protocol through libmilter (the default engine), "milter-asyncio" through postroom's
+# own asyncio engine ([milter] engine = "asyncio"), "smtpd" is the after-queue content filter.
+Adapter = Literal["milter", "milter-asyncio", "smtpd"]
+ADAPTERS: tuple[Adapter, ...] = ("milter", "milter-asyncio", "smtpd")
 
 
 def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:
@@ -54,6 +56,11 @@ class Deployment:
         """The postroom daemon; the name is from the days when it was always the milter."""
         return self.daemon
 
+    @property
+    def before_queue(self) -> bool:
+        """A milter (either engine): Postfix asks postroom inside the SMTP session, before the mail is queued."""
+        return self.adapter != "smtpd"
+
     def redis_client(self) -> redis.Redis:
         return redis.Redis.from_url(self.stack.redis.url, decode_responses=True)
 
@@ -68,7 +75,8 @@ def deploy(
     keep_dir: bool = False,
 ) -> Iterator[Deployment]:
     """Start a stack whose mailboxes and logins are the config's, plus postroom as ``adapter``: the milter
-    (``postroom milter``) or the after-queue filter (``postroom smtpd``); stop everything on exit.
+    (``postroom milter``, on libmilter or with the asyncio engine) or the after-queue filter (``postroom smtpd``);
+    stop everything on exit.
     ``parent_dir`` and ``keep_dir`` are the Stack's: where its folder goes, and whether it stays after the stop."""
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, not {adapter!r}")
@@ -76,15 +84,18 @@ def deploy(
     addresses += [agent.address for agent in base.agents.values()]
     users = [MailUser(a) for a in dict.fromkeys([*addresses, *customers])]
     logins = [Login(name) for name in base.agents]
-    milter, after_queue = ("auto", None) if adapter == "milter" else (None, "after-queue")
+    before_queue = adapter != "smtpd"
+    milter, after_queue = ("auto", None) if before_queue else (None, "after-queue")
     stack_at = Stack(
         users=users, logins=logins, milter=milter, filter=after_queue, parent_dir=parent_dir, keep_dir=keep_dir
     )
     with stack_at as stack:
         workdir = stack.root / "postroom"
         config = config_for_stack(base, stack, workdir)
+        if adapter == "milter-asyncio":
+            config = with_changes(config, {"milter": {"engine": "asyncio"}})
         daemon: MilterDaemon | SmtpdDaemon
-        if adapter == "milter":
+        if before_queue:
             daemon = MilterDaemon(workdir, to_toml(config), stack.milter_socket_path)
         else:
             daemon = SmtpdDaemon(workdir, to_toml(config), stack.filter_port)

@@ -60,7 +60,7 @@ def milter_command(config_path: Path) -> None:
     `milter_default_action = accept` (see `postroom postfix-snippet`).  With [milter] workers >= 1 the pipeline runs
     in that many child processes, which this process starts, restarts and stops.
     """
-    from postroom.milter import run  # noqa: PLC0415  (only the daemon needs libmilter loaded)
+    from postroom.milter import serve  # noqa: PLC0415  (only the daemon needs libmilter loaded)
     from postroom.milter.worker import (  # noqa: PLC0415
         REPLY_SECONDS,
         LocalPipeline,
@@ -81,7 +81,7 @@ def milter_command(config_path: Path) -> None:
 
             stop_metrics = _serve_metrics(runtime, runtime.config.metrics.milter_listen)
             try:
-                run(LocalPipeline(runtime), reload=reload_local)
+                serve(LocalPipeline(runtime), reload=reload_local)
             finally:
                 stop_metrics()
         return
@@ -105,7 +105,7 @@ def milter_command(config_path: Path) -> None:
 
     stop_metrics = _serve_metrics(loaded.config, loaded.config.metrics.milter_listen)
     try:
-        run(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
+        serve(RemotePipeline(loaded.config, loaded.rules, pool), reload=reload_remote)
     finally:
         stop_metrics()
         pool.close()
