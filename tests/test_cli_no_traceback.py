@@ -167,10 +167,12 @@ def test_daemons_stop_at_start_with_one_line_per_mistake(
                 proc.wait()
 
 
-def test_a_milter_socket_in_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["libmilter", "asyncio"])
+def test_a_milter_socket_in_a_missing_folder_is_one_line(tmp_path: Path, engine: str) -> None:
     config = tmp_path / "postroom.toml"
     services = SERVICES.format(redis=f"redis://127.0.0.1:{free_port()}/0", database=f"sqlite:///{tmp_path}/h.sqlite3")
-    config.write_text(GOOD + services + f'[milter]\nsocket = "unix:{tmp_path}/nope/milter.sock"\n')
+    milter = f'[milter]\nsocket = "unix:{tmp_path}/nope/milter.sock"\nengine = "{engine}"\n'
+    config.write_text(GOOD + services + milter)
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     proc = subprocess.run(
         [sys.executable, "-m", "postroom", "milter", "--config", str(config)],

@@ -69,7 +69,7 @@ def test_a_wait_that_times_out_says_so_without_holding_the_loop() -> None:
     a, b = socket.socketpair()
 
     async def main() -> tuple[bool, list[float]]:
-        stop, ticks = asyncio.Event(), []
+        stop, ticks = asyncio.Event(), list[float]()
         ticker = asyncio.create_task(ticking(stop, ticks)())
         (ready, blocked) = await coop.run(coop.wait_readable, a, 0.3)
         stop.set()
@@ -131,7 +131,7 @@ def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(any
     assert store.open(BOX, new(), 1.0).number == 1
 
     async def main() -> tuple[list[int], list[float]]:
-        stop, ticks = asyncio.Event(), []
+        stop, ticks = asyncio.Event(), list[float]()
         ticker = asyncio.create_task(ticking(stop, ticks)())
         # Five mails at once make the pool hold five connections.  (A new connection's hand-shake with Redis
         # blocks, as before; the engine's fallback to threads covers a Redis that stops answering then.)

@@ -71,7 +71,7 @@ class Recorder(Milter.Base):  # type: ignore[misc]
     """Records the callbacks; at end of message runs ``at_eom`` (edits, a reply) and returns what it returns."""
 
     calls: list[tuple[Any, ...]]
-    at_eom: Callable[[Recorder], int] = staticmethod(lambda m: Milter.ACCEPT)  # type: ignore[assignment]
+    at_eom: Callable[[Recorder], int] = staticmethod(lambda m: Milter.ACCEPT)
     made: list[Recorder]
 
     def __init__(self) -> None:
