@@ -159,7 +159,7 @@ def converse(
         finally:
             server.close()
             for conn in list(shared.connections):
-                conn.writer.close()
+                conn.close()
             await server.wait_closed()
             shared.ends.close()
         return results

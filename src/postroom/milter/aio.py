@@ -33,7 +33,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import Milter
 
@@ -209,19 +209,48 @@ class Shared:
     ends: Ends
     timeout: float
     connections: set[_Connection] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # ends of message in progress
 
 
-class _Connection:
-    def __init__(self, shared: Shared, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Connection(asyncio.Protocol):
+    """One connection from the MTA: packets are read as they arrive, in a callback rather than a coroutine per
+    read (the engine's own cost per mail is Python on one thread; a coroutine resumed for every packet was a good
+    part of it), and answered at once; an end of message is the one step that runs as a task."""
+
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.reader = reader
-        self.writer = writer
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
         self.ctx = Context()
         self.milter: MilterObject | None = None
         self.actions = 0
         self.protocol = 0
         self.last_seen = time.monotonic()
         self.in_eom = False
+        self.closed = False
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.shared.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.last_seen = time.monotonic()
+        if not self.in_eom:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        # Postfix is done sending.  With an end of message still running, the connection stays open for its
+        # answer and the packets sent after it; otherwise the transport closes now.
+        self.eof = True
+        return True if self.in_eom else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Postfix closed the connection (a quit, its own timeout, or smtpd ended) or we did.
+        self.shared.connections.discard(self)
+        self._end_milter()
+        self.closed = True
 
     def _new_milter(self) -> MilterObject:
         m = self.shared.factory()
@@ -239,41 +268,56 @@ class _Connection:
             log.exception("the milter callback %s failed; answering tempfail", getattr(method, "__name__", method))
             return Milter.TEMPFAIL  # type: ignore[no-any-return]
 
-    async def serve(self) -> None:
-        reader, writer = self.reader, self.writer
+    def _process(self) -> None:
+        """Answer every complete packet in the buffer, up to an end of message (which answers when its task is done)."""
+        buffer = self.buffer
         try:
-            while True:
-                head = await reader.readexactly(4)
-                (size,) = struct.unpack(">I", head)
+            while len(buffer) >= 4 and not self.closed:  # 4: the packet's length field
+                size = int.from_bytes(buffer[:4], "big")
                 if not 0 < size <= MAX_PACKET:
                     log.error("milter protocol: a packet of %d bytes; closing the connection", size)
+                    self.close()
                     return
-                data = await reader.readexactly(size)
-                self.last_seen = time.monotonic()
-                out = await self.handle(data[:1], data[1:])
+                if len(buffer) < 4 + size:
+                    return
+                code, data = bytes(buffer[4:5]), bytes(buffer[5 : 4 + size])
+                del buffer[: 4 + size]
+                if code == b"E" and self.milter is not None:
+                    self.in_eom = True
+                    task = asyncio.get_running_loop().create_task(self._end_of_message(self.milter, data))
+                    self.shared.tasks.add(task)
+                    task.add_done_callback(self.shared.tasks.discard)
+                    return
+                out = self.handle(code, data)
                 if out is None:
+                    self.close()
                     return
                 if out:
-                    writer.write(out)
-                    if writer.transport.get_write_buffer_size() > 256 * 1024:
-                        await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # Postfix closed the connection (its own timeout, or smtpd ended without a quit)
+                    self._write(out)
         except Exception:
             # A packet this engine cannot read: that connection ends (Postfix applies milter_default_action to its
             # mail), every other one goes on.
             log.exception("milter protocol error; closing the connection")
-        finally:
             self.close()
 
-    def close(self) -> None:
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _end_milter(self) -> None:
+        # The object keeps its context: an end of message still running on it may yet add its edits (which go
+        # nowhere once the connection is gone).
         if self.milter is not None:
             m, self.milter = self.milter, None
             self._call(m.close)
-            m._ctx = None
-        self.writer.close()
 
-    async def handle(self, code: bytes, data: bytes) -> bytes | None:  # noqa: PLR0911, PLR0912 (one arm per command)
+    def close(self) -> None:
+        """End the connection (its milter object is closed when the transport reports it gone)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def handle(self, code: bytes, data: bytes) -> bytes | None:  # noqa: PLR0911, PLR0912 (one arm per command)
         """The answer to one packet (b"" for none), or None to close the connection."""
         m = self.milter
         if code == b"O":
@@ -311,8 +355,8 @@ class _Connection:
             return self._answer(self._call(m.eoh))
         if code == b"B":
             return self._answer(self._call(m.body, data))
-        if code == b"E":
-            return await self._end_of_message(m, data)
+        if code == b"E":  # only before negotiation; afterwards _process starts the end of message
+            return None
         if code == b"A":
             self._call(m.abort)
             for stage in (b"M", *_AFTER_MAIL):
@@ -355,19 +399,27 @@ class _Connection:
         self.milter = self._new_milter()
         return _packet(b"O", struct.pack(">III", VERSION, self.actions, self.protocol))
 
-    async def _end_of_message(self, m: MilterObject, data: bytes) -> bytes:
+    async def _end_of_message(self, m: MilterObject, data: bytes) -> None:
+        try:
+            self._write(await self._eom_answer(m, data))
+        except Exception:
+            log.exception("milter protocol error at end of message; closing the connection")
+            self.close()
+        finally:
+            self.in_eom = False
+            self.last_seen = time.monotonic()
+        self._process()  # what Postfix sent meanwhile (an abort, a quit, the next mail)
+        if self.eof and not self.in_eom:
+            self.close()
+
+    async def _eom_answer(self, m: MilterObject, data: bytes) -> bytes:
         if data:
             # The last body chunk may ride on the end-of-message packet.
             rc = self._call(m.body, data)
             if rc not in (Milter.CONTINUE, Milter.NOREPLY, Milter.SKIP):
                 return self._answer(rc)
         self.ctx.edits.clear()
-        self.in_eom = True
-        try:
-            rc = await self.shared.ends.run(self._call, m.eom)
-        finally:
-            self.in_eom = False
-            self.last_seen = time.monotonic()
+        rc = await self.shared.ends.run(self._call, m.eom)
         edits, self.ctx.edits = self.ctx.edits, []
         for stage in _AFTER_MAIL:
             self.ctx.macros.pop(stage, None)
@@ -409,17 +461,14 @@ def _listen_address(spec: str) -> tuple[str, str | None, int]:
 
 
 async def start_server(spec: str, umask: int, shared: Shared) -> asyncio.AbstractServer:
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(shared, reader, writer)
-        shared.connections.add(conn)
-        try:
-            await conn.serve()
-        finally:
-            shared.connections.discard(conn)
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> _Connection:
+        return _Connection(shared)
 
     kind, where, port = _listen_address(spec)
     if kind == "inet":
-        return await asyncio.start_server(on_connection, where, port, reuse_address=True)
+        return await loop.create_server(protocol, where, port, reuse_address=True)
     assert where is not None
     path = Path(where)
     # A socket file left by a milter that died is removed, as libmilter does; any other file is not ours.
@@ -428,7 +477,7 @@ async def start_server(spec: str, umask: int, shared: Shared) -> asyncio.Abstrac
             path.unlink()
     old_umask = os.umask(umask)
     try:
-        return await asyncio.start_unix_server(on_connection, str(path), limit=MAX_PACKET + 4)
+        return await loop.create_unix_server(protocol, str(path))
     finally:
         os.umask(old_umask)
 
@@ -441,7 +490,7 @@ async def idle_watch(shared: Shared) -> None:
         for conn in list(shared.connections):
             if not conn.in_eom and now - conn.last_seen > shared.timeout:
                 log.warning("closing a milter connection silent for %.0f s", now - conn.last_seen)
-                conn.writer.close()
+                conn.close()
 
 
 def _on_signals(
@@ -486,7 +535,7 @@ async def _wind_down(server: asyncio.AbstractServer, shared: Shared, spec: str) 
     while any(c.in_eom for c in shared.connections) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for conn in list(shared.connections):
-        conn.writer.close()
+        conn.close()
     await server.wait_closed()
     shared.ends.close()
     kind, where, _ = _listen_address(spec)
