@@ -8,14 +8,18 @@ mail waits to get it back: about half of postroom's CPU over an empty milter, an
 Postfix's ``milter8.c`` define it) for every connection on one event loop thread, and runs the same
 ``PostroomMilter`` callbacks pymilter runs: connect, MAIL, RCPT, headers and body on the loop (they only collect
 facts), and each end of message on the loop too while ends of message are quick, on a pool of threads while
-they are not (``Ends``).  No connection's thread takes the lock from another's.
+they are not (``Ends``).  No connection's thread takes the lock from another's.  What that buys depends on the
+host (docs/performance.md): about a quarter less milter CPU per mail where the milter gets the CPU it asks for;
+where Postfix and Dovecot keep every CPU busy, libmilter, whose protocol work runs in C beside the pipeline on
+another CPU, passes more mail, which is why it stays the default.
 
 The objects are pymilter's own ``Milter.Base`` subclasses: this module gives them the context pymilter's C module
 would (macros, the edits, the SMTP reply), negotiates with ``protocol_mask()`` as pymilter does, decodes
 envelope and header bytes the way ``Milter.Base`` does (UTF-8 with surrogate escapes), and answers each return
-code as libmilter does, so both engines make Postfix see the same conversation (tests/test_milter_engines.py and
-the end-to-end tests run both).  A Python milter protocol library would do the same, but none is more than an
-alpha release with one maintainer; the protocol is small and fixed since 2006.
+code as libmilter does, so both engines make Postfix see the same conversation (tests/test_milter_aio.py on the
+wire; tests/test_miltertest*.py and the end-to-end tests run both engines).  A Python milter protocol library
+would do the same, but none is more than an alpha release with one maintainer; the protocol is small and fixed
+since 2006.
 """
 
 from __future__ import annotations
@@ -165,14 +169,15 @@ def answer(rc: int, protocol: int, ctx: Context) -> bytes:
 class Ends:
     """Where ends of message run: on the loop's own thread (in a greenlet, postroom.coop), or on a pool of threads.
 
-    On the loop an end of message costs no hand-over of Python's lock (bench/milter_direct.py: 4-5 context switches
-    per mail against 20-30 through pool threads, and about a third less CPU), and while it waits for its Redis
-    script the loop serves the other connections.  What still blocks there is the rest of the store's reads (a
-    reply's look-up is a pipeline of reads, not a script) and anything unforeseen; should a stretch of an end of
-    message keep the loop to itself for more than ``slow`` seconds (a Redis that stopped answering, say), the
-    following ones go to the pool for ``hold`` seconds, where they wait side by side as with libmilter's threads,
-    and then the loop tries again.  With ``[milter] workers`` >= 1 every end of message waits for a worker process
-    over a pipe, so they all go to the pool.
+    On the loop an end of message costs no hand-over of Python's lock (bench/milter_direct.py: 6-10 context switches
+    per mail against 20-30 when every end of message went through pool threads, whose CPU was above libmilter's),
+    and while it waits for its Redis script the loop serves the other connections.  What still blocks there is the
+    rest of the store's reads (a reply's look-up is a pipeline of reads, not a script), a new connection's
+    hand-shake with Redis, and anything unforeseen; should a stretch of an end of message keep the loop to itself
+    for more than ``slow`` seconds (a Redis that stopped answering, say), the following ones go to the pool for
+    ``hold`` seconds, where they wait side by side as with libmilter's threads, and then the loop tries again.
+    With ``[milter] workers`` >= 1 every end of message waits for a worker process over a pipe, so they all go to
+    the pool.
     """
 
     def __init__(self, threads: int, *, inline: bool, slow: float = 0.2, hold: float = 10.0) -> None:
