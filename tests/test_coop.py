@@ -7,6 +7,7 @@ loop as a slow or stuck server would be.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import threading
 import time
@@ -169,3 +170,31 @@ def test_a_script_that_times_out_on_the_loop_leaves_no_reply_for_the_next_call(a
         return ticket.number
 
     assert asyncio.run(next_open()) == 2 + ran
+
+
+def test_interleaved_calls_keep_their_own_context_as_the_log_s_queue_id_needs() -> None:
+
+    queue_id: contextvars.ContextVar[str] = contextvars.ContextVar("queue_id", default="-")
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    seen: list[tuple[str, str]] = []
+
+    def mail(qid: str, sock: socket.socket) -> None:
+        token = queue_id.set(qid)
+        coop.wait_readable(sock, 5.0)
+        seen.append((qid, queue_id.get()))
+        queue_id.reset(token)  # raises if another call's context had taken over
+
+    async def main() -> None:
+        one = asyncio.create_task(coop.run(mail, "4A1", first))
+        two = asyncio.create_task(coop.run(mail, "4A2", second))
+        await asyncio.sleep(0.05)
+        second_peer.send(b"x")  # the second mail resumes first
+        await asyncio.sleep(0.05)
+        first_peer.send(b"x")
+        await asyncio.gather(one, two)
+        assert queue_id.get() == "-"  # the loop's own context untouched
+
+    with first, first_peer, second, second_peer:
+        asyncio.run(main())
+    assert seen == [("4A2", "4A2"), ("4A1", "4A1")]

@@ -404,3 +404,13 @@ def test_a_stale_socket_file_is_replaced_and_another_file_is_not(tmp_path: Path)
     with pytest.raises(OSError):
         asyncio.run(main())
     assert keep.read_text() == "not a socket"
+
+
+def test_a_nul_in_an_edit_never_reaches_the_wire(tmp_path: Path) -> None:
+    def smuggle(m: Recorder) -> int:
+        m.addheader("X-Postroom-Ticket", "7\0Bcc: mallory@customer.test")
+        return Milter.ACCEPT  # type: ignore[no-any-return]
+
+    [answers] = converse(tmp_path, recorder(smuggle), [[negotiate(), connect_inet(), *one_mail(), pkt(b"Q")]])
+    # Refused as pymilter refuses it (an embedded null character): no header packet, the mail tempfailed.
+    assert [code for code, _ in answers] == [b"O", b"c", b"c", b"t"]

@@ -68,7 +68,12 @@ def _packet(code: bytes, data: bytes = b"") -> bytes:
 
 
 def _z(*parts: str) -> bytes:
-    # Header values and addresses reach us as pymilter's strings: UTF-8, undecodable bytes kept as surrogates.
+    # Header values and addresses reach us as pymilter's strings: UTF-8, undecodable bytes kept as surrogates.  A
+    # NUL would end the string early on Postfix's side; pymilter refuses it the same way (the adapter then applies
+    # the failure policy).
+    for p in parts:
+        if "\0" in p:
+            raise ValueError("embedded null character")
     return b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in parts)
 
 
@@ -244,6 +249,9 @@ class _Connection(asyncio.Protocol):
         self.last_seen = time.monotonic()
         if not self.in_eom:
             self._process()
+        elif len(self.buffer) > 2 * MAX_PACKET and self.transport is not None:
+            # Postfix waits for the answer before it sends more; whoever does not is not read until it comes.
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         # Postfix is done sending.  With an end of message still running, the connection stays open for its
@@ -413,6 +421,8 @@ class _Connection(asyncio.Protocol):
         finally:
             self.in_eom = False
             self.last_seen = time.monotonic()
+        if self.transport is not None and not self.closed and not self.transport.is_reading():
+            self.transport.resume_reading()
         self._process()  # what Postfix sent meanwhile (an abort, a quit, the next mail)
         if self.eof and not self.in_eom:
             self.close()
