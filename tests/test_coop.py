@@ -173,7 +173,6 @@ def test_a_script_that_times_out_on_the_loop_leaves_no_reply_for_the_next_call(a
 
 
 def test_interleaved_calls_keep_their_own_context_as_the_log_s_queue_id_needs() -> None:
-
     queue_id: contextvars.ContextVar[str] = contextvars.ContextVar("queue_id", default="-")
     first, first_peer = socket.socketpair()
     second, second_peer = socket.socketpair()
