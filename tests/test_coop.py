@@ -18,7 +18,6 @@ import pytest
 
 from postroom import coop
 from postroom.store.redis import RedisStore
-from postroom.tickets import StoreUnavailable
 from tests.test_store import BOX, _block_redis, new
 
 
@@ -150,26 +149,6 @@ def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(any
     numbers, ticks = asyncio.run(main())
     assert numbers == [7, 8, 9, 10, 11]  # five waits side by side on one thread, each its own ticket
     assert len(ticks) >= 20  # the loop ran on during the rest of Redis's busy half second
-
-
-def test_a_script_that_times_out_on_the_loop_leaves_no_reply_for_the_next_call(any_redis_url: str) -> None:
-    redis_url = any_redis_url
-    store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=0.3)
-    assert store.open(BOX, new(), 1.0).number == 1
-    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0, store.counter_key(BOX)))
-    busy.start()
-    time.sleep(0.2)
-    with pytest.raises(StoreUnavailable):
-        asyncio.run(coop.run(store.open, BOX, new(mid="m2@c"), 2.0))
-    busy.join()
-    # The connection that gave up was dropped: the next call reads its own reply, not the late one.
-    ran = store.lookup(BOX, ["m2@c"], [], []).by_reference is not None
-
-    async def next_open() -> int:
-        ticket, _ = await coop.run(store.open, BOX, new(mid="m3@c"), 3.0)
-        return ticket.number
-
-    assert asyncio.run(next_open()) == 2 + ran
 
 
 def test_interleaved_calls_keep_their_own_context_as_the_log_s_queue_id_needs() -> None:
