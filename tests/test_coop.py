@@ -7,6 +7,7 @@ loop as a slow or stuck server would be.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import socket
 import threading
@@ -133,9 +134,16 @@ def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(any
     async def main() -> tuple[list[int], list[float]]:
         stop, ticks = asyncio.Event(), list[float]()
         ticker = asyncio.create_task(ticking(stop, ticks)())
-        # Five mails at once make the pool hold five connections.  (A new connection's hand-shake with Redis
-        # blocks, as before; the engine's fallback to threads covers a Redis that stops answering then.)
-        await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"warm{i}@c"), 2.0) for i in range(5)))
+        # The pool gets five connections first: five threads open tickets while Redis is busy for a moment, so
+        # each waits with a connection of its own.  (On the loop a call whose reply is already there when it
+        # looks does not wait at all, and the next call takes the same connection; a new connection's
+        # hand-shake with Redis blocks, as it always did.)
+        warm = threading.Thread(target=_block_redis, args=(redis_url, 0.3, store.counter_key(BOX)))
+        warm.start()
+        await asyncio.sleep(0.05)
+        with concurrent.futures.ThreadPoolExecutor(5) as threads:
+            list(threads.map(lambda i: store.open(BOX, new(mid=f"warm{i}@c"), 2.0), range(5)))
+        warm.join()
         busy = threading.Thread(target=_block_redis, args=(redis_url, 0.5, store.counter_key(BOX)))
         busy.start()
         await asyncio.sleep(0.1)

@@ -241,22 +241,25 @@ def test_the_cluster_refuses_a_script_that_crosses_slots(cluster_set: RedisClust
         client.eval("#!lua\n" + body, 1, mine, other)
 
 
-def test_writes_wait_for_replicas_and_an_unconfirmed_write_is_unavailable(sentinel_set: RedisSentinelSet) -> None:
+@pytest.mark.parametrize("call", [_directly, _on_the_loop], ids=["blocking", "on-the-loop"])
+def test_writes_wait_for_replicas_and_an_unconfirmed_write_is_unavailable(
+    sentinel_set: RedisSentinelSet, call: Callable[..., Any]
+) -> None:
     """[redis] confirm_replicas: the script and WAIT in one round trip; too few replicas is the failure policy, and
     the connection stays in step (the next call reads its own reply), also after Redis forgot the scripts."""
     client = redis_connect.client_from_url(sentinel_set.url)
     client.flushall()
     confirmed = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas))
-    assert confirmed.open(BOX, new(), 1.0).number == 1
+    assert call(confirmed.open, BOX, new(), 1.0).number == 1
     client.script_flush()
-    assert confirmed.claim(BOX, 1, "meier", 2.0).won
+    assert call(confirmed.claim, BOX, 1, "meier", 2.0).won
     more = RedisStore(client, "postroom", 1, confirm_replicas=len(sentinel_set.replicas) + 1, confirm_timeout=0.2)
     with pytest.raises(StoreUnavailable, match="replicas confirmed"):
-        more.open(BOX, new(mid="m2@c"), 3.0)
+        call(more.open, BOX, new(mid="m2@c"), 3.0)
     # The write itself ran (WAIT cannot undo it): the number is used up, never handed out again.
-    assert confirmed.open(BOX, new(mid="m3@c"), 4.0).number == 3
+    assert call(confirmed.open, BOX, new(mid="m3@c"), 4.0).number == 3
     with pytest.raises(KeyError):
-        confirmed.claim(BOX, 99, "meier", 5.0)  # a script's own answer still comes through with WAIT behind it
+        call(confirmed.claim, BOX, 99, "meier", 5.0)  # a script's own answer still comes through with WAIT behind it
     assert confirmed.ticket(BOX, 1) is not None
 
 

@@ -47,6 +47,12 @@ class _Wait:
     timeout: float | None
 
 
+def in_call() -> bool:
+    """True inside a call of ``run`` (its waits go to the loop); cheap, and greenlet is asked only on a loop's
+    thread."""
+    return threading.get_ident() in _loop_threads and isinstance(greenlet.getcurrent(), _Task)
+
+
 def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
     """Until ``sock`` has data to read: True, or False when ``timeout`` seconds passed first.
 

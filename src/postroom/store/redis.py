@@ -189,6 +189,12 @@ def _await_reply(conn: Connection) -> None:
     """On the asyncio milter engine's loop: let other mail run until the reply arrives (postroom.coop); elsewhere
     nothing, and the read blocks.  Out of time, the same error a blocking read gives, so the caller drops the
     connection whose reply is still to come."""
+    if not coop.in_call():
+        return
+    # A reply may already sit in the parser's buffer (WAIT's reply read in one go with the script's), where the
+    # socket would never turn readable for it.
+    if conn.can_read(timeout=0):
+        return
     sock = getattr(conn, "_sock", None)  # redis-py's socket; None before connecting (the send connects)
     if sock is not None and not coop.wait_readable(sock, conn.socket_timeout):
         raise redis.exceptions.TimeoutError("Timeout reading from socket")
