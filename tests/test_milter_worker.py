@@ -31,7 +31,7 @@ from postroom.parts import Parts
 from postroom.runtime import Runtime
 from postroom.store.memory import MemoryStore
 from postroom.verdict import AddHeader, Envelope, SetHeader, apply_to_headers
-from postroom_testbed import Deployment, MilterDaemon, deploy, pid_alive
+from postroom_testbed import MILTER_ADAPTERS, Deployment, MilterDaemon, deploy, pid_alive
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.dkim_check import assert_verified
 from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
@@ -271,7 +271,7 @@ def test_a_spooled_body_reaches_the_worker_as_its_file_and_is_signed_whole() -> 
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["milter", "milter-asyncio"])
+@pytest.fixture(params=MILTER_ADAPTERS)
 def milter_deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """One worker process, behind either milter engine (the asyncio engine sends every mail to a thread then)."""
     base = with_changes(e2e_base_config(), {"milter": {"workers": 1}})

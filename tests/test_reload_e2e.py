@@ -19,17 +19,14 @@ from sqlalchemy.orm import Session
 from postroom.config import to_toml, with_changes
 from postroom.history import make_engine
 from postroom.history_rows import MessageRow
-from postroom_testbed import Adapter, Deployment, MilterDaemon, deploy
+from postroom_testbed import MILTER_ADAPTERS, Adapter, Deployment, MilterDaemon, deploy
 from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 
 pytestmark = pytest.mark.e2e
 
 
-MILTERS: tuple[Adapter, ...] = ("milter", "milter-asyncio")
-
-
-@pytest.fixture(params=MILTERS)
+@pytest.fixture(params=MILTER_ADAPTERS)
 def milter_deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     with deploy(e2e_base_config(), CUSTOMERS, adapter=request.param) as d:
         yield d
@@ -46,7 +43,7 @@ def subjects(d: Deployment) -> list[str]:
     return [str(m["Subject"]) for m in d.stack.fetch(SUPPORT)]
 
 
-@pytest.mark.parametrize("adapter", MILTERS)
+@pytest.mark.parametrize("adapter", MILTER_ADAPTERS)
 @pytest.mark.parametrize("workers", [1, 0], ids=["worker-process", "in-process"])
 def test_sighup_applies_to_the_next_mail_and_keeps_open_connections(workers: int, adapter: Adapter) -> None:
     base = with_changes(e2e_base_config(), {"milter": {"workers": workers}})

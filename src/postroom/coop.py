@@ -98,7 +98,6 @@ async def run(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     and the longest stretch it kept the loop to itself, in seconds."""
     _loop_threads.add(threading.get_ident())
     task = _Task(fn)
-    longest = 0.0
     started = time.monotonic()
     value = task.switch(*args)
     longest = time.monotonic() - started

@@ -24,7 +24,7 @@ failing test.  ``python -m postroom_testbed`` runs a stack until Ctrl-C.
 from __future__ import annotations
 
 from postroom_testbed.daemons import MilterDaemon, PostroomDaemon, SmtpdDaemon
-from postroom_testbed.deploy import ADAPTERS, Adapter, Deployment, config_for_stack, deploy
+from postroom_testbed.deploy import ADAPTERS, MILTER_ADAPTERS, Adapter, Deployment, config_for_stack, deploy
 from postroom_testbed.dovecot import Dovecot, Login, MailUser, imap_quote
 from postroom_testbed.postfix import MILTER_MACROS, SUBMISSION_DAEMON_NAME, Postfix
 from postroom_testbed.postgres_server import PostgresServer, postgres_server
@@ -35,6 +35,7 @@ from postroom_testbed.stack import Stack
 __all__ = [
     "ADAPTERS",
     "LOOPBACK",
+    "MILTER_ADAPTERS",
     "MILTER_MACROS",
     "SUBMISSION_DAEMON_NAME",
     "Adapter",

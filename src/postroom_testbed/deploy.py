@@ -20,6 +20,7 @@ from postroom_testbed.stack import Stack
 # own asyncio engine ([milter] engine = "asyncio"), "smtpd" is the after-queue content filter.
 Adapter = Literal["milter", "milter-asyncio", "smtpd"]
 ADAPTERS: tuple[Adapter, ...] = ("milter", "milter-asyncio", "smtpd")
+MILTER_ADAPTERS: tuple[Adapter, ...] = ("milter", "milter-asyncio")  # the two engines of `postroom milter`
 
 
 def config_for_stack(base: Config, stack: Stack, workdir: Path) -> Config:

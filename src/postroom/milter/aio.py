@@ -77,6 +77,11 @@ def _z(*parts: str) -> bytes:
     return b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in parts)
 
 
+def _str(value: bytes) -> str:
+    # As Milter.Base decodes what libmilter hands it: UTF-8, undecodable bytes kept as surrogate escapes.
+    return value.decode("utf-8", "surrogateescape")
+
+
 def _strings(data: bytes) -> list[bytes]:
     """A packet's NUL-terminated strings."""
     parts = data.split(b"\0")
@@ -97,9 +102,6 @@ class Context:
         self.macros: dict[bytes, dict[str, str]] = {}
         self.edits: list[bytes] = []
         self.reply: str | None = None
-
-    def setpriv(self, obj: object) -> None:
-        """pymilter keeps the milter object on its context; here the connection keeps it."""
 
     def getsymval(self, name: str) -> str | None:
         key = _macro_name(name)
@@ -339,8 +341,7 @@ class _Connection(asyncio.Protocol):
             if data:
                 strings = _strings(data[1:])
                 self.ctx.macros[data[:1]] = {
-                    _macro_name(k.decode("utf-8", "surrogateescape")): v.decode("utf-8", "surrogateescape")
-                    for k, v in zip(strings[::2], strings[1::2], strict=False)
+                    _macro_name(_str(k)): _str(v) for k, v in zip(strings[::2], strings[1::2], strict=False)
                 }
             return b""
         if m is None:
@@ -350,7 +351,7 @@ class _Connection(asyncio.Protocol):
         if code == b"C":
             return self._answer(self._call(m.connect, *_connect_args(data)))
         if code == b"H":
-            return self._answer(self._call(m.hello, _text(_strings(data)[:1] or [b""])[0]))
+            return self._answer(self._call(m.hello, _str((_strings(data) or [b""])[0])))
         if code == b"M":
             for stage in _AFTER_MAIL:
                 self.ctx.macros.pop(stage, None)
@@ -361,7 +362,7 @@ class _Connection(asyncio.Protocol):
             return self._answer(self._call(m.data))
         if code == b"L":
             strings = _strings(data)
-            name = strings[0].decode("utf-8", "surrogateescape") if strings else ""
+            name = _str(strings[0]) if strings else ""
             value = strings[1] if len(strings) > 1 else b""
             return self._answer(self._call(m.header_bytes, name, value))
         if code == b"N":
@@ -374,15 +375,13 @@ class _Connection(asyncio.Protocol):
             self._call(m.abort)
             for stage in (b"M", *_AFTER_MAIL):
                 self.ctx.macros.pop(stage, None)
-            self.ctx.edits.clear()
             return b""
         if code == b"U":
-            return self._answer(self._call(m.unknown, data.rstrip(b"\0").decode("utf-8", "surrogateescape")))
+            return self._answer(self._call(m.unknown, _str(data.rstrip(b"\0"))))
         if code == b"K":
             # Postfix reuses this milter connection for its next SMTP connection: a new milter object, as
             # libmilter makes a new context, under the options already negotiated.
-            self._call(m.close)
-            m._ctx = None
+            self._end_milter()
             self.ctx = Context()
             self.milter = self._new_milter()
             return b""
@@ -407,8 +406,7 @@ class _Connection(asyncio.Protocol):
         # implemented (@nocallback) or not answered (@noreply) where the MTA offers to skip them, plus SKIP.
         self.actions = offered_actions & ACTION_FLAGS
         self.protocol = offered_steps & ~factory.protocol_mask() & KNOWN_STEPS  # type: ignore[attr-defined]
-        if self.milter is not None:
-            self._call(self.milter.close)
+        self._end_milter()
         self.milter = self._new_milter()
         return _packet(b"O", struct.pack(">III", VERSION, self.actions, self.protocol))
 
@@ -441,14 +439,10 @@ class _Connection(asyncio.Protocol):
         return b"".join(edits) + self._answer(rc)
 
 
-def _text(values: list[bytes]) -> list[str]:
-    return [v.decode("utf-8", "surrogateescape") for v in values]
-
-
 def _connect_args(data: bytes) -> tuple[str, int, Any]:
     """SMFIC_CONNECT's hostname, family and address, as pymilter hands them to connect()."""
     end = data.find(b"\0")
-    hostname = data[:end].decode("utf-8", "surrogateescape") if end >= 0 else ""
+    hostname = _str(data[:end]) if end >= 0 else ""
     rest = data[end + 1 :] if end >= 0 else b""
     family_code = rest[:1]
     family = _FAMILY.get(family_code, 0)
@@ -459,7 +453,7 @@ def _connect_args(data: bytes) -> tuple[str, int, Any]:
         hostaddr: Any = (address, port) if family == socket.AF_INET else (address, port, 0, 0)
         return hostname, family, hostaddr
     if family == socket.AF_UNIX:
-        return hostname, family, rest[3:].rstrip(b"\0").decode("utf-8", "surrogateescape")
+        return hostname, family, _str(rest[3:].rstrip(b"\0"))
     return hostname, family, None
 
 
