@@ -143,8 +143,10 @@ class _Servers:
 class RedisSentinelSet(_Servers):
     """A primary, ``replicas`` replicas and three sentinels (quorum 2) for the service ``postroom``.
 
-    Failure detection is fast for tests (``down-after-milliseconds 1000``); a production set keeps Redis's
-    defaults or what docs/deploy-ha.md says.
+    Failure detection is fast for tests (``down-after-milliseconds 3000``); a production set keeps Redis's
+    defaults or what docs/deploy-ha.md says.  Not faster: a sentinel pings once a second and starts its wait for
+    a new primary's first answer when it switches to it, so at 1000 a busy machine made the sentinels declare the
+    freshly promoted primary down as well and fail over a second time (seen in a CI run under load).
     """
 
     def __init__(self, workdir: Path, replicas: int = 1) -> None:
@@ -170,7 +172,7 @@ class RedisSentinelSet(_Servers):
             self._wait_replicas_online()
             monitor = [
                 f"sentinel monitor {SERVICE_NAME} {LOOPBACK} {self.primary.port} 2",
-                f"sentinel down-after-milliseconds {SERVICE_NAME} 1000",
+                f"sentinel down-after-milliseconds {SERVICE_NAME} 3000",
                 f"sentinel failover-timeout {SERVICE_NAME} 5000",
                 "sentinel resolve-hostnames no",
             ]
@@ -224,13 +226,14 @@ class RedisSentinelSet(_Servers):
         raise StackError(f"no node of this set at {address}")
 
     def wait_failover(self, old: tuple[str, int], timeout: float = 30.0) -> tuple[str, int]:
-        """Wait until every sentinel names a primary other than ``old``, which answers as a primary and has every
-        other surviving replica in sync again (the sentinels re-point them after the promotion)."""
+        """Wait until every sentinel names a primary other than ``old``, finished failing over and sees it up,
+        and it answers as a primary with every other surviving replica in sync again (the sentinels re-point them
+        after the promotion)."""
         deadline = time.monotonic() + timeout
         survivors = len(self.replicas) - 1
         while time.monotonic() < deadline:
             named = {_named_primary(s) for s in self.sentinels}
-            if len(named) == 1:
+            if len(named) == 1 and all(_settled(s) for s in self.sentinels):
                 new = named.pop()
                 info = self.node_at(new).client().info("replication") if new != old else {}
                 online = [info.get(f"slave{i}", {}).get("state") for i in range(survivors)]
@@ -238,6 +241,12 @@ class RedisSentinelSet(_Servers):
                     return new
             time.sleep(0.1)
         raise StackError(f"no failover from {old} within {timeout:.0f}s:\n{log_tail(self.sentinels[0].log_path)}")
+
+
+def _settled(sentinel: RedisNode) -> bool:
+    """The sentinel's primary is neither being failed over nor (subjectively) down."""
+    flags = str(cast(dict[str, Any], sentinel.client().sentinel_master(SERVICE_NAME))["flags"])
+    return flags.split(",") == ["master"]
 
 
 def _named_primary(sentinel: RedisNode) -> tuple[str, int]:
