@@ -3,10 +3,12 @@
 Usage: ``.venv/bin/python bench/inbound.py [--messages N] [--sessions S] [--sizes 2048,204800] [--rounds R]
 [--configs none,empty,edits,postroom]``
 
-Configurations: ``none`` (Postfix alone), ``empty`` (bench/empty_milter.py), ``edits`` (the same empty milter
-making the five header edits postroom makes for a new ticket, to tell Postfix's cost of applying them apart from
-postroom's own), ``aempty`` (bench/asyncio_empty_milter.py: the milter protocol on one asyncio thread instead of
-libmilter's thread per connection), ``postroom`` (the example config as shipped) and ``postroom-w0`` /
+Configurations: ``none`` (Postfix alone), ``empty`` (bench/empty_milter.py), ``edits`` (the same empty milter making
+the five header edits postroom makes for a new ticket, to tell Postfix's cost of applying them apart from postroom's
+own), ``aempty`` (bench/asyncio_empty_milter.py: the milter protocol on one asyncio thread instead of libmilter's
+thread per connection), ``floor`` (the same empty milter opening a ticket per mail with one Redis script, making the
+five header edits and appending a history line: the least any milter that tickets mail in Redis does, so how close
+to the empty milter postroom could come at all), ``postroom`` (the example config as shipped) and ``postroom-w0`` /
 ``postroom-w1`` (the same with ``[milter] workers = 0`` or ``1``: the pipeline inside the milter process or in one
 worker process), and ``postroom-base`` (the example config run by the postroom in ``--base-src DIR``, e.g. main's
 code from ``git archive main src | tar -x -C /tmp/base``: a change and the code before it in the same run); the
@@ -52,6 +54,7 @@ from pathlib import Path
 
 import redis
 
+from empty_milter import FLOOR_KEYS
 from postroom.config import ENV_OVERRIDES, Config
 from postroom_testbed import MailUser, Stack, log_tail
 from runloop import (
@@ -85,6 +88,7 @@ CONFIGS = (
     "empty",
     "edits",
     "aempty",
+    "floor",
     "postroom-base",
     "postroom",
     "postroom-aio",
@@ -97,6 +101,7 @@ CONFIG_TITLES = {
     "empty": "empty milter",
     "edits": "empty+edits",
     "aempty": "asyncio empty",
+    "floor": "floor (ticket milter)",
     "postroom-base": "postroom (base)",
     "postroom": "postroom",
     "postroom-aio": "postroom asyncio",
@@ -224,6 +229,20 @@ def check_postroom(stack: Stack, cfg: Config, expect_total: int) -> list[str]:
     return problems
 
 
+def check_floor(stack: Stack, expect_total: int) -> list[str]:
+    """The floor milter opened a ticket and wrote a history line for every message."""
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    try:
+        seq = client.get(FLOOR_KEYS[0])
+    finally:
+        client.close()
+    problems = [] if seq == str(expect_total) else [f"floor's ticket counter is {seq!r}, expected {expect_total}"]
+    lines = (stack.root / "empty-milter" / "history.jsonl").read_bytes().count(b"\n")
+    if lines != expect_total:
+        problems.append(f"floor's history has {lines} lines, expected {expect_total}")
+    return problems
+
+
 def run_one(config: str, size: int, args: argparse.Namespace, warmup: int) -> Run:
     """One run: a fresh stack and milter, warm-up, the measured smtp-source batch, then the latency batch."""
     messages, sessions = args.messages, args.sessions
@@ -248,6 +267,8 @@ def run_one(config: str, size: int, args: argparse.Namespace, warmup: int) -> Ru
             wait_delivered(stack, total, time.monotonic() + timeout)
         if milter.cfg is not None:
             run.notes += check_postroom(stack, milter.cfg, total)
+        if config == "floor":
+            run.notes += check_floor(stack, total)
         run.notes += deferred_notes(stack)
         milter.expect_accepted = total
     return run
@@ -295,6 +316,7 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     configs = [c for c in CONFIGS if (c, sizes[0]) in results]
     milters = [c for c in configs if c != "none"]
     postrooms = [c for c in configs if c.startswith("postroom")]
+    ticketing = [c for c in configs if c == "floor" or c.startswith("postroom")]
 
     def each(get: Callable[[str, int], str], config: str) -> list[str]:
         return [get(config, size) for size in sizes]
@@ -306,16 +328,20 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     rows += [(f"msgs/s, {CONFIG_TITLES[c]}", each(rate_text, c)) for c in configs]
     rows += [(f"msgs/s range over rounds, {CONFIG_TITLES[c]}", each(spread, c)) for c in configs]
     if "empty" in configs:
-        for c in postrooms:
+        for c in ticketing:
             title = CONFIG_TITLES[c]
             rows.append((f"ratio {title} / empty milter (msgs/s)", [ratio(c, "empty", s) for s in sizes]))
             rows.append((f"ratio {title} / empty, per round (range)", [ratios(c, "empty", s) for s in sizes]))
+    if "floor" in configs:
+        for c in postrooms:
+            title = CONFIG_TITLES[c]
+            rows.append((f"ratio {title} / floor (msgs/s)", [ratio(c, "floor", s) for s in sizes]))
     if "edits" in configs and "empty" in configs:
         rows.append(("ratio empty+edits / empty milter (msgs/s)", per_size(lambda s: ratio("edits", "empty", s))))
     if "empty" in configs and "none" in configs:
         rows.append(("ratio empty milter / no milter (msgs/s)", per_size(lambda s: ratio("empty", "none", s))))
     rows += [(f"milter CPU ms/message, {CONFIG_TITLES[c]}", each(cpu, c)) for c in milters]
-    rows += [(f"Redis CPU ms/message, {CONFIG_TITLES[c]}", each(redis_cpu, c)) for c in postrooms]
+    rows += [(f"Redis CPU ms/message, {CONFIG_TITLES[c]}", each(redis_cpu, c)) for c in ticketing]
     rows += [(f"machine CPU ms/message, {CONFIG_TITLES[c]}", each(machine, c)) for c in configs]
     rows += [(f"milter peak RSS MiB, {CONFIG_TITLES[c]}", each(rss, c)) for c in milters]
 
@@ -509,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows, sizes))
     print()
     for config in CONFIGS:
-        if config.startswith("postroom") and (config, sizes[0]) in results and ("empty", sizes[0]) in results:
+        ticketing = config == "floor" or config.startswith("postroom")
+        if ticketing and (config, sizes[0]) in results and ("empty", sizes[0]) in results:
             print(target_line(results, sizes, config))
     return 0
 

@@ -43,7 +43,7 @@ _POSTROOM_ASYNCIO = "postroom-aio"
 # --base-src), so a change and the code before it are measured in one run, on the same machine load.
 BASE_CONFIG = "postroom-base"
 BASE_SRC_VAR = "POSTROOM_BENCH_BASE_SRC"
-EMPTY_KINDS = ("empty", "edits", "aempty")
+EMPTY_KINDS = ("empty", "edits", "aempty", "floor")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -377,7 +377,9 @@ def make_milter(
         return opendkim_milter(stack), None, []
     if config in EMPTY_KINDS:
         workdir = stack.root / "empty-milter"
-        flags = ["--edits"] if config == "edits" else []
+        flags = {"edits": ["--edits"], "floor": ["--floor", stack.redis.url, str(workdir / "history.jsonl")]}.get(
+            config, []
+        )
         program = ASYNCIO_EMPTY_MILTER if config == "aempty" else EMPTY_MILTER
         command = [sys.executable, str(program), *flags, str(stack.milter_socket_path)]
         return MilterDaemon(workdir, "", stack.milter_socket_path, command=command), None, []
