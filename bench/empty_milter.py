@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import Milter
-import redis
 
 # The same actions postroom negotiates (header, recipient, sender and body edits).
 ACTION_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM | Milter.MODBODY
@@ -124,6 +123,8 @@ class Floor:
     """--floor: one script per mail on redis-py's pool, one history line per mail (see the module docstring)."""
 
     def __init__(self, url: str, history: str) -> None:
+        import redis  # noqa: PLC0415 - only here: the empty milter's memory stays that of pymilter alone
+
         client = redis.Redis.from_url(url, decode_responses=True)
         self.pool = client.connection_pool
         self.sha = str(client.script_load(FLOOR_OPEN))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from postroom.history import HistoryWriter, make_engine, migrate, write
@@ -72,6 +74,41 @@ def test_records_of_a_stopped_process_are_replayed_by_the_next_in_order(sqlite_u
         assert s.scalars(select(TicketRow.state)).all() == ["closed"]
     assert list(spool_dir.iterdir()) == []
     engine.dispose()
+
+
+class _LostAnswer(sqlite3.Connection):
+    """A database whose first COMMIT goes through but whose answer is lost (a dropped connection, a timeout)."""
+
+    lose = 1
+
+    def commit(self) -> None:
+        super().commit()
+        if _LostAnswer.lose:
+            _LostAnswer.lose -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_batch_stored_but_not_confirmed_is_not_stored_twice(sqlite_url: str, tmp_path: Path) -> None:
+    """The writer tries again after a failed attempt; the failed one may have reached SQL, so the second stores
+    only what is missing, and the records after it are stored once too."""
+    migrate(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    engine = create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(path, factory=_LostAnswer, check_same_thread=False)
+    )
+    writer = HistoryWriter(engine, Spool(tmp_path / "spool", 1 << 20), max_backoff=0.1)
+    writer.start()
+    writer.submit([rec(1, "opened", message_id="a@c", queue_id="Q1", direction="inbound"), rec(1, "take")])
+    assert not writer.flush()  # the lost answer: the writer cannot know the batch is stored
+    deadline = time.monotonic() + 10
+    while not writer.flush(1.0) and time.monotonic() < deadline:
+        pass
+    writer.submit([rec(1, "followup", message_id="b@c", queue_id="Q2", direction="inbound")])
+    assert writer.flush()
+    writer.close()
+    engine.dispose()
+    assert _LostAnswer.lose == 0
+    assert counts(sqlite_url) == (1, 2, 3)
 
 
 KILLED = textwrap.dedent(

@@ -330,16 +330,18 @@ def _ticket_ids(conn: Connection, keys: Iterable[_Key]) -> dict[_Key, int]:
     return found
 
 
-def write(session: Session | Connection, records: list[Record]) -> None:
+def write(session: Session | Connection, records: list[Record], *, maybe_stored: bool = True) -> None:
     """Apply records in order, in the session's (or connection's) transaction; a ticket row is created on its
-    first record and updated after.
+    first record and updated after.  Records whose key the history holds are skipped (a replay stores nothing
+    twice); ``maybe_stored=False`` says no attempt to store these records was ever made, which saves the look-up.
 
     The result is that of applying the records one by one: a new ticket's row takes customer, subject, link and
     creation time from its first record, and every ticket ends with owner, state, priority and update time of
     its last one.  A batch costs one look-up of the tickets it names and one multi-row statement per table.
     """
     conn = session if isinstance(session, Connection) else session.connection()
-    records = _unseen(conn, records)
+    if maybe_stored:
+        records = _unseen(conn, records)
     if not records:
         return
     first: dict[_Key, Record] = {}
@@ -471,6 +473,9 @@ class HistoryWriter:
         self._drained = threading.Condition()
         self._failing_since = 0.0
         self._failures = 0  # failed attempts so far (flush stops waiting on a new one)
+        # The last attempt failed: its records (read again from the same place) may have been stored all the same
+        # (the commit reached the database, its answer did not reach us).
+        self._unsure = False
         self._adopted_at = 0.0
 
     def start(self) -> None:
@@ -558,17 +563,22 @@ class HistoryWriter:
             batch = self.spool.read(self._batch)
             if batch is None:
                 return True
-            if not self._write([Record.from_dict(item) for item in batch.items]):
+            # Only a batch that was tried before (a failed attempt, or a stopped process's segment) can be in SQL
+            # already; records this process spooled and never sent skip the look-up of stored keys, which was
+            # the history thread's biggest cost under load.
+            maybe_stored = self._unsure or batch.adopted
+            if not self._write([Record.from_dict(item) for item in batch.items], maybe_stored):
                 return False
             self.spool.commit(batch)
         return True
 
-    def _write(self, batch: list[Record]) -> bool:
+    def _write(self, batch: list[Record], maybe_stored: bool) -> bool:
         try:
             with self._engine.begin() as conn:
-                write(conn, batch)
+                write(conn, batch, maybe_stored=maybe_stored)
         except SQLAlchemyError as exc:
             self._failures += 1
+            self._unsure = True
             if not self._failing_since:
                 self._failing_since = time.monotonic()
                 log.error(
@@ -579,6 +589,9 @@ class HistoryWriter:
                     self.spool.bytes_waiting(),
                 )
             return False
+        except BaseException:
+            self._unsure = True
+            raise
         if self._failing_since:
             log.warning(
                 "history: database back after %.0f s; replaying the spool (%d bytes)",
@@ -586,4 +599,5 @@ class HistoryWriter:
                 self.spool.bytes_waiting(),
             )
             self._failing_since = 0.0
+        self._unsure = False
         return True

@@ -5,7 +5,8 @@ so a slow, stopped or frozen database never slows the mail, and a record handed 
 process being killed: the kernel holds the bytes once ``write()`` returned.  The history thread fsyncs before each
 batch it sends (so a power cut loses at most the records of the last fraction of a second), sends the batch, and
 only then advances past it.  A record sent twice (the process died between the commit and the step forward) is
-stored once: every record carries a unique key and :func:`postroom.history.write` skips keys it already has.
+stored once: every record carries a unique key, and for a batch that may have been sent before (a stopped process's
+segment, or the retry of a failed attempt) :func:`postroom.history.write` skips keys it already has.
 
 Each process appends to segments of its own and holds an exclusive ``flock`` on them; a segment no live process
 holds (its writer died) is adopted by the next process that looks, and replayed in the order it was written.
@@ -38,9 +39,11 @@ _FULL_LOG_EVERY = 60.0
 class _Segment:
     """One file of the spool, locked by this process: appended to while active, read from ``offset`` on."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, adopted: bool = False) -> None:
         self.path = path
         self.fd = fd
+        # Left by a process that stopped: it may have stored some of these records without stepping past them.
+        self.adopted = adopted
         self.offset = 0  # bytes already sent to SQL (whole lines)
         self.size = os.fstat(fd).st_size
 
@@ -74,6 +77,11 @@ class Batch:
     items: list[dict[str, Any]]
     segment: _Segment
     end: int
+
+    @property
+    def adopted(self) -> bool:
+        """From a stopped process's segment: some of its records may be stored already."""
+        return self.segment.adopted
 
 
 class Spool:
@@ -189,7 +197,7 @@ class Spool:
                 continue
             fd = _lock(path, create=False)
             if fd is not None:
-                adopted.append(_Segment(path, fd))
+                adopted.append(_Segment(path, fd, adopted=True))
         if adopted:
             waiting = sum(s.size for s in adopted)
             log.info(
