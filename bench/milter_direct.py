@@ -1,7 +1,7 @@
 """Milter CPU per message without Postfix: a raw milter-protocol client drives the milter's unix socket directly.
 
 Usage: ``.venv/bin/python bench/milter_direct.py [--messages N] [--sessions S] [--size BYTES] [--runs R]
-[--milter postroom|postroom-w0|postroom-w1|empty|aempty]``
+[--milter postroom|postroom-w0|postroom-w1|empty|aempty|floor]``
 
 For small changes to the mail path the end-to-end figures of bench/inbound.py drown in Postfix's and Dovecot's
 share of the two CPUs.  This starts a testbed stack only for its Redis, runs the milter as bench/inbound.py does,
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body bytes (default 2048)")
     parser.add_argument("--runs", type=int, default=3)
-    milters = ("postroom", "postroom-aio", "postroom-w0", "postroom-w1", "postroom-base", "empty", "aempty")
+    milters = ("postroom", "postroom-aio", "postroom-w0", "postroom-w1", "postroom-base", "empty", "aempty", "floor")
     parser.add_argument("--milter", choices=milters, default="postroom", help="as bench/inbound.py's --configs")
     parser.add_argument("--base-src", type=Path, help="src/ folder of the postroom that --milter postroom-base runs")
     args = parser.parse_args(argv)
