@@ -122,3 +122,56 @@ def test_mail_delivered_degraded_is_ticketed_in_place_as_soon_as_redis_is_back()
         d.stack.send(again, mail_from=ALICE, rcpts=[SUPPORT])
         got2 = d.stack.wait_for(SUPPORT, "INBOX", 2)
         assert "Re: [Support #1] Printer on fire" in [str(m["Subject"]) for m in got2]
+
+
+def original_of(d: Deployment, subject: str) -> tuple[bytes, str, str]:
+    """The raw mail, its flags and its internal date, as a sweep fetches them before replacing it."""
+    imap = imaplib.IMAP4(LOOPBACK, d.stack.dovecot.imap_port)
+    try:
+        imap.login(SUPPORT, "secret")
+        imap.select("INBOX")
+        _typ, found = imap.search(None, "SUBJECT", f'"{subject}"')
+        _typ, data = imap.fetch(found[0].decode(), "(FLAGS INTERNALDATE BODY.PEEK[])")
+        meta, raw = next(p for p in data if isinstance(p, tuple))
+        flags = "(" + " ".join(f.decode() for f in imaplib.ParseFlags(meta) if f.lower() != b"\\recent") + ")"
+        date = re.search(rb'INTERNALDATE "([^"]+)"', meta)
+        assert date is not None
+        return raw, flags, f'"{date.group(1).decode()}"'
+    finally:
+        imap.logout()
+
+
+def test_a_sweep_that_stopped_after_storing_the_replacement_is_finished_without_a_second_copy() -> None:
+    """Killed between APPENDing the ticketed mail and deleting the original, a sweep leaves both in the folder;
+    the next one deletes the original instead of ticketing it again (a second copy in the team's inbox)."""
+    config = e2e_base_config()
+    with deploy_team(config, {a: f"{a}-pw" for a in config.agents}, CUSTOMERS) as team:
+        d = team.deployment
+        d.daemon.stop()
+        first = customer_mail(ALICE, "Printer on fire")
+        d.stack.send(first, mail_from=ALICE, rcpts=[SUPPORT])
+        other = customer_mail(BOB, "Invoice wrong")
+        d.stack.send(other, mail_from=BOB, rcpts=[SUPPORT])
+        d.stack.wait_for(SUPPORT, "INBOX", 2)
+        mark_seen(d, "Printer on fire")
+        raw, flags, date = original_of(d, "Printer on fire")
+        d.daemon.start()
+        assert "2 mail(s) ticketed" in run_sweep(d)
+        # The state a sweep leaves when it stops after the APPEND: the original is back beside its replacement.
+        imap = imaplib.IMAP4(LOOPBACK, d.stack.dovecot.imap_port)
+        try:
+            imap.login(SUPPORT, "secret")
+            assert imap.append("INBOX", flags, date, raw)[0] == "OK"
+        finally:
+            imap.logout()
+        d.stack.send(customer_mail(ALICE, "New question"), mail_from=ALICE, rcpts=[SUPPORT])  # through the milter
+        d.stack.wait_for(SUPPORT, "INBOX", 4)
+
+        assert "1 mail(s) ticketed" in run_sweep(d)  # the original's replacement, finished
+        mails = d.stack.fetch(SUPPORT)
+        subjects = sorted(str(m["Subject"]) for m in mails)
+        assert sorted(s.split("] ")[1] for s in subjects) == ["Invoice wrong", "New question", "Printer on fire"]
+        assert sorted(s.split("]")[0] for s in subjects) == ["[Support #1", "[Support #2", "[Support #3"]
+        assert [str(m["Message-ID"]) for m in mails].count(str(first["Message-ID"])) == 1
+        assert ("Printer on fire", "\\Flagged \\Seen") in [(s.split("] ")[1], f) for s, f, _dt in flags_and_dates(d)]
+        assert "0 mail(s) ticketed" in run_sweep(d)

@@ -375,7 +375,8 @@ def start_followup(config_path: Path, followup: Followup) -> None:
 
 
 def imap_quote(folder: str) -> str:
-    # Folder names are FOLDER_RE-checked ASCII: no modified UTF-7 needed, only quoting.
+    # An IMAP quoted string for ASCII text: folder names are FOLDER_RE-checked (no modified UTF-7 needed), the
+    # sweep checks the Message-IDs it searches for.
     return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -6,7 +6,9 @@ logs in to each shared mailbox over IMAP as postroom's Dovecot master user (``[i
 ``postroom dovecot-snippet`` sets up), finds those mails (``SEARCH NOT HEADER
 X-Postroom-Ticket ""``), runs each through the inbound pipeline as the customer's mail it is, and replaces it by
 the ticketed version: APPENDed to the same folder with the same flags and internal date, and only once the server
-said the replacement is stored is the original flagged \\Deleted and expunged (UID EXPUNGE, that mail alone).
+said the replacement is stored is the original flagged \\Deleted and expunged (UID EXPUNGE, that mail alone).  A
+sweep that stopped between the two leaves both; the next one finds the ticketed copy by the original's Message-ID
+in the same folder and only deletes the original.
 
 A mail whose ticket the backlog already opened (postroom.backlog) finds that ticket by its Message-ID.  Copies of
 agents' replies (From a shared address) are left alone, and no acknowledgement goes out for a swept mail: the
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from postroom.config import Config, MailboxConfig
 from postroom.imap_event import imap_quote, master_login, namespace_prefix
-from postroom.mime import Message, addresses
+from postroom.mime import Message, addresses, message_id
 from postroom.runtime import Runtime
 from postroom.smtpd.message import RawMail, parse
 from postroom.smtpd.rewrite import rewrite
@@ -137,7 +139,20 @@ def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: 
     meta, raw = part
     date = _DATE.search(meta)
     flags = "(" + " ".join(f.decode() for f in imaplib.ParseFlags(meta) if f.lower() != b"\\recent") + ")"
-    replacement = _ticketed(runtime, box, raw, now, f"sweep-{uid}")
+    mail = parse(raw)
+    if _already_replaced(imap, uid, message_id(next((v for k, v in mail.headers if k.lower() == "message-id"), ""))):
+        # A sweep stopped between storing the replacement and deleting the original: finish its work instead of
+        # storing a second ticketed copy.
+        log.warning(
+            "sweep %s/%s: the ticketed copy of UID %s is in the folder already (a sweep stopped half way); "
+            "removing the original",
+            box.address,
+            folder,
+            uid,
+        )
+        _delete(imap, uid)
+        return "replaced"
+    replacement = _ticketed(runtime, box, mail, now, f"sweep-{uid}")
     if replacement is None or date is None:
         return "skipped"
     typ, data = imap.append(imap_quote(folder), flags, f'"{date.group(1).decode()}"', replacement)
@@ -145,17 +160,39 @@ def _replace(runtime: Runtime, imap: imaplib.IMAP4, box: MailboxConfig, folder: 
         # The original stays: nothing is deleted before its replacement is stored.
         log.error("sweep %s/%s: could not store the ticketed mail (UID %s): %s", box.address, folder, uid, data)
         return "failed"
-    imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
-    imap.uid("EXPUNGE", uid)
+    _delete(imap, uid)
     return "replaced"
 
 
-def _ticketed(runtime: Runtime, box: MailboxConfig, raw: bytes, now: float, queue_id: str) -> bytes | None:
+def _delete(imap: imaplib.IMAP4, uid: str) -> None:
+    imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+    imap.uid("EXPUNGE", uid)
+
+
+def _already_replaced(imap: imaplib.IMAP4, uid: str, own_id: str) -> bool:
+    """Another mail of the selected folder has this mail's Message-ID and a ticket: its replacement, stored by a
+    sweep that stopped before it deleted the original.  Without a Message-ID (or one IMAP cannot be asked for as
+    a quoted ASCII string) nothing tells the replacement apart, and the answer is False."""
+    if not own_id or not (own_id.isascii() and own_id.isprintable()):
+        return False
+    _typ, found = imap.uid("SEARCH", "HEADER", "Message-ID", imap_quote(own_id), "HEADER", TICKET_HEADER, '""')
+    for other in (found[0] or b"").decode().split():
+        if other == uid:
+            continue
+        # SEARCH HEADER matches a substring: the candidate's own Message-ID must be this one exactly.
+        _typ, data = imap.uid("FETCH", other, "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        part = next((p for p in data if isinstance(p, tuple)), None)
+        text = part[1].decode("ascii", "replace") if part is not None else ""
+        if message_id(text.partition(":")[2]) == own_id:
+            return True
+    return False
+
+
+def _ticketed(runtime: Runtime, box: MailboxConfig, mail: RawMail, now: float, queue_id: str) -> bytes | None:
     """The mail as postroom would have delivered it, or None to leave it as it is.
 
     ``queue_id`` names the mail in the log (Postfix's is gone), and tells two mails apart that have neither
     Message-ID nor Date (postroom.mime.derived_id)."""
-    mail: RawMail = parse(raw)
     headers = [(k, v) for k, v in mail.headers if k.lower() != "return-path"]
     if _from_shared(runtime.config, headers):
         return None  # the team's copy of an agent's reply, not a customer's mail
