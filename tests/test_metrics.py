@@ -34,7 +34,13 @@ def test_a_dead_redis_is_counted() -> None:
         [("From", "a@customer.test"), ("Subject", "Hi"), ("Message-ID", "<m9@c>")],
     )
     out = process(mail, Parts(sla_config(), store), 0.0)
-    assert metrics.verdict_label(out.verdict) == "degraded"
+    assert metrics.verdict_label(out.verdict) == "degraded" and out.store_unavailable
+    # Counted by the adapter from the outcome, in the process that serves /metrics (not in a milter worker).
+    metrics.observe(False, metrics.verdict_label(out.verdict), 0.01, store_unavailable=out.store_unavailable)
+    assert metrics.REGISTRY.get_sample_value("postroom_redis_errors_total") == before + 1
+    store.down = False
+    fine = process(mail, Parts(sla_config(), store), 0.0)
+    metrics.observe(False, metrics.verdict_label(fine.verdict), 0.01, store_unavailable=fine.store_unavailable)
     assert metrics.REGISTRY.get_sample_value("postroom_redis_errors_total") == before + 1
 
 

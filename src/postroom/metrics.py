@@ -1,12 +1,10 @@
 """Prometheus metrics of the milter and the after-queue filter, served on ``[metrics]`` on a loopback address.
 
-The adapters count every mail by path and verdict and time the pipeline; Redis errors are counted where the
-pipeline meets them.  Open tickets are read from Redis when Prometheus scrapes, at most every ``_CACHE_SECONDS``,
+The adapters count every mail by path and verdict, time the pipeline, and count the mails for which the pipeline
+found Redis unreachable (from its outcome, so with ``[milter] workers`` >= 1 the milter process counts what its
+workers met).  Open tickets are read from Redis when Prometheus scrapes, at most every ``_CACHE_SECONDS``,
 so a busy scraper costs Redis nothing more.  Tickets past a due time are what the last ``postroom remind`` run
 counted and left in Redis: working them out from the history here would cost the daemon's mail threads CPU.
-
-With ``[milter] workers`` >= 1 the pipeline runs in worker processes: mails, verdicts and latency are still
-counted by the milter process, but ``postroom_redis_errors_total`` only counts what the milter process itself met.
 """
 
 from __future__ import annotations
@@ -56,10 +54,12 @@ def verdict_label(verdict: Verdict) -> str:
     return verdict.action.value
 
 
-def observe(outbound: bool, label: str, seconds: float) -> None:
+def observe(outbound: bool, label: str, seconds: float, *, store_unavailable: bool = False) -> None:
     path = "outbound" if outbound else "inbound"
     MAILS.labels(path, label).inc()
     LATENCY.labels(path).observe(seconds)
+    if store_unavailable:
+        REDIS_ERRORS.inc()
 
 
 class _Cached:

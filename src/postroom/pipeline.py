@@ -9,7 +9,7 @@ hangs, a verdict that cannot be applied).
 
 from __future__ import annotations
 
-from postroom import metrics, replies
+from postroom import replies
 from postroom.config import Config
 from postroom.inbound import degraded_pending, inbound
 from postroom.log import message_logger
@@ -33,9 +33,9 @@ def process(message: Message, parts: Parts, now: float) -> Outcome:
     try:
         return outbound(message, parts, now) if is_outbound else inbound(message, parts, now)
     except StoreUnavailable as exc:
-        metrics.REDIS_ERRORS.inc()
         log.error("ticket store unavailable: %s; policy %s", exc, policy)
         outcome = _fail_safe(message, config, replies.S451_STORE_UNAVAILABLE, is_outbound)
+        outcome.store_unavailable = True
         if not is_outbound:
             # Delivered: it gets its ticket once the store is back.  Refused for now: the sender sends it again,
             # and a ticket the failed call may have opened all the same is settled (postroom.backlog).

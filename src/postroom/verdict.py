@@ -181,3 +181,6 @@ class Outcome:
     outgoing: list[OutgoingMail] = field(default_factory=list)
     # A mail delivered degraded: what its tickets need once Redis is back (postroom.backlog).
     pending: list[Pending] = field(default_factory=list)
+    # The ticket store was unreachable for this mail: the adapter counts it in the process that serves /metrics
+    # (with [milter] workers >= 1 the pipeline runs in a worker, whose counters nobody scrapes).
+    store_unavailable: bool = False

@@ -175,7 +175,12 @@ class PostroomMilter(Milter.Base):  # type: ignore[misc]
             log.exception("the pipeline did not answer; policy %s", policy.value)
             metrics.observe(bool(self.auth_login), policy.value, time.perf_counter() - started)
             return self._apply_failed(pipeline.config)
-        metrics.observe(bool(self.auth_login), metrics.verdict_label(handled.verdict), time.perf_counter() - started)
+        metrics.observe(
+            bool(self.auth_login),
+            metrics.verdict_label(handled.verdict),
+            time.perf_counter() - started,
+            store_unavailable=handled.store_unavailable,
+        )
         try:
             rc = self._apply(handled.verdict)
         except Exception:

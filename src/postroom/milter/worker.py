@@ -153,6 +153,7 @@ class Handled:
     outgoing: list[OutgoingMail] = field(default_factory=list)  # in-process: auto-replies to send once accepted
     pending: int = 0  # in a worker: the id its auto-replies wait under; 0 when there are none
     worker: int = 0  # the pid of the worker that holds them
+    store_unavailable: bool = False  # Redis was unreachable (the milter process counts it for /metrics)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,12 @@ class LocalPipeline:
 
     def handle(self, message: Message, now: float) -> Handled:
         outcome = self.runtime.handle(message, now)
-        return Handled(outcome.verdict, bool(outcome.records), outgoing=outcome.outgoing)
+        return Handled(
+            outcome.verdict,
+            bool(outcome.records),
+            outgoing=outcome.outgoing,
+            store_unavailable=outcome.store_unavailable,
+        )
 
     def accepted(self, handled: Handled) -> None:
         self.runtime.send(handled.outgoing)
@@ -296,7 +302,7 @@ class _Worker:
         self._expire(time.monotonic())
         pending = next(self._ids)
         self._pending[pending] = (time.monotonic(), handled.outgoing)
-        return Handled(handled.verdict, handled.logged, pending=pending)
+        return Handled(handled.verdict, handled.logged, pending=pending, store_unavailable=handled.store_unavailable)
 
     def accepted(self, pending: int) -> None:
         entry = self._pending.pop(pending, None)

@@ -242,7 +242,12 @@ def _handle(rt: Runtime, mail: _Mail, raw: RawMail, who: Submitter, qid: str) ->
         started = time.perf_counter()
         outcome = rt.handle(message, time.time())
         verdict = outcome.verdict
-        metrics.observe(bool(who.login), metrics.verdict_label(verdict), time.perf_counter() - started)
+        metrics.observe(
+            bool(who.login),
+            metrics.verdict_label(verdict),
+            time.perf_counter() - started,
+            store_unavailable=outcome.store_unavailable,
+        )
         refused = refusal(verdict)
         if refused is not None:
             return refused
