@@ -154,6 +154,49 @@ class _ScriptRunner:
         finally:
             pool.release(conn)
 
+    def read(self, key: str, *commands: tuple[str | int, ...]) -> list[Any]:
+        """Read-only commands on the server that holds ``key``, sent in one write; their replies in order.
+
+        What a redis-py pipeline of these commands would answer, without its per-command client layer (the mail
+        path's look-up of a follow-up's ticket cost about as much there as the script itself), waiting for each
+        reply the way a script's is waited for (postroom.coop).  Replies are as the server sends them: a hash is a
+        flat list in RESP2 (see :func:`_hash`).  The first error reply is raised once every reply is read.
+        """
+        try:
+            return self._read(self._pool_for(key), commands)
+        except redis.exceptions.MovedError:
+            # Reads: trying again on the node the refreshed slot map names is safe.
+            self.moved()
+            return self._read(self._pool_for(key), commands)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisClusterException):
+            self.moved()
+            raise
+
+    def _read(self, pool: redis.ConnectionPool, commands: Sequence[tuple[str | int, ...]]) -> list[Any]:
+        conn = pool.get_connection()
+        try:
+            packed: list[bytes] = []
+            for command in commands:
+                packed += _packed(*command)
+            conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
+            error: redis.exceptions.ResponseError | None = None
+            for _ in commands:
+                _await_reply(conn)
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+            if error is not None:
+                raise error
+            return replies
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(conn)
+
     def _exchange(
         self,
         conn: Connection,
@@ -198,6 +241,13 @@ def _await_reply(conn: Connection) -> None:
     sock = getattr(conn, "_sock", None)  # redis-py's socket; None before connecting (the send connects)
     if sock is not None and not coop.wait_readable(sock, conn.socket_timeout):
         raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+
+def _hash(reply: Any) -> dict[str, str]:
+    """HGETALL's reply as a dict: a flat list of fields and values in RESP2, a map in RESP3."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 class UnconfirmedWrite(redis.exceptions.RedisError):
@@ -277,15 +327,14 @@ class RedisStore:
     def _lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
         if not (message_ids or numbers):
             return Lookup()  # a new conversation (most customer mail): nothing to read
-        node = self._run.node(self.counter_key(mailbox))
-        pipe = node.pipeline(transaction=False)
+        commands: list[tuple[str | int, ...]] = []
         if message_ids:
-            pipe.mget([self.message_key(mailbox, m) for m in message_ids])
-            pipe.mget([keyspace.disputed_key(self._prefix, mailbox, m) for m in message_ids])
+            commands.append(("MGET", *(self.message_key(mailbox, m) for m in message_ids)))
+            commands.append(("MGET", *(keyspace.disputed_key(self._prefix, mailbox, m) for m in message_ids)))
         for n in numbers:
-            pipe.hgetall(self.ticket_key(mailbox, n))
-            pipe.smismember(self.participants_key(mailbox, n), senders or [""])
-        results = pipe.execute()
+            commands.append(("HGETALL", self.ticket_key(mailbox, n)))
+            commands.append(("SMISMEMBER", self.participants_key(mailbox, n), *(senders or [""])))
+        results = self._run.read(self.counter_key(mailbox), *commands)
         found = Lookup()
         pos = 0
         candidates: list[tuple[int, bool]] = []
@@ -293,7 +342,7 @@ class RedisStore:
             candidates = reference_candidates(results[0], results[1])
             pos = 2
         for n in numbers:
-            h, known = results[pos], results[pos + 1]
+            h, known = _hash(results[pos]), results[pos + 1]
             pos += 2
             if h:
                 found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), any(known)))
@@ -304,14 +353,14 @@ class RedisStore:
     def _referenced(self, mailbox: str, candidates: list[tuple[int, bool]], senders: list[str]) -> Ticket | None:
         """The ticket of the newest reference this mail may follow: an undisputed one, or a disputed one whose
         ticket a sender of this mail takes part in."""
-        pipe = self._at(mailbox).pipeline(transaction=False)
+        commands: list[tuple[str | int, ...]] = []
         for number, disputed in candidates:
-            pipe.hgetall(self.ticket_key(mailbox, number))
+            commands.append(("HGETALL", self.ticket_key(mailbox, number)))
             if disputed:
-                pipe.smismember(self.participants_key(mailbox, number), senders or [""])
-        results = iter(pipe.execute())
+                commands.append(("SMISMEMBER", self.participants_key(mailbox, number), *(senders or [""])))
+        results = iter(self._run.read(self.counter_key(mailbox), *commands))
         for number, disputed in candidates:
-            h = cast(dict[str, str], next(results))
+            h = _hash(next(results))
             allowed = any(next(results)) if disputed else True
             if h and allowed:
                 return ticket_from_hash(mailbox, number, h)
