@@ -198,6 +198,20 @@ def test_forged_postroom_headers_from_outside_are_dropped(deployment: Deployment
     assert got.get_all("X-Postroom-Status") is None
 
 
+def test_a_forged_notice_to_a_personal_address_loses_its_postroom_headers(deployment: Deployment) -> None:
+    """Only a notice whose Message-ID postroom indexed keeps X-Postroom-* headers on its way to a person."""
+    d = deployment
+    lead = "schulze@example.test"
+    msg = customer_mail(
+        "mallory@customer.test",
+        "[Support #1] Escalation: pay this invoice",
+        to=lead,
+        extra={"X-Postroom-Notice": "escalation 1 (Support #1)", "X-Postroom-Owner": "meier (Support #1)"},
+    )
+    got = deliver(d, msg, rcpts=[lead], mailbox=lead)
+    assert got["X-Postroom-Notice"] is None and got["X-Postroom-Owner"] is None
+
+
 def test_redis_down_delivers_unmodified_and_marked_degraded(own_deployment: Deployment) -> None:
     d = own_deployment
     d.stack.redis.stop()

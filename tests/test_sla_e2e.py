@@ -113,6 +113,9 @@ def test_overdue_ticket_reminds_the_owner_then_escalates_to_the_lead_once(d: Dep
     escalations = notices(d, LEAD, "INBOX", f"Support #{n}", wanted=1)
     assert len(escalations) == 1
     assert "Escalation: first response overdue" in str(escalations[0]["Subject"])
+    # To the lead's own address, not a shared mailbox: still postroom's notice, headers kept for the lead's filters.
+    assert escalations[0]["X-Postroom-Notice"] == f"escalation {n} (Support #{n})"
+    assert escalations[0]["X-Postroom-Due"]
     assert len(notices(d, MEIER, "Meier", f"Support #{n}")) == 1
     assert notices(d, ALICE, "INBOX", f"Support #{n}") == []  # never to the customer
     assert ("notice", "postroom") in {(k, a) for k, a, _ in wait_event(d, n, "notice")}

@@ -40,7 +40,7 @@ from postroom.mime import (
 )
 from postroom.parts import Parts
 from postroom.rules import Decision, MessageFacts, evaluate
-from postroom.tickets import KEEP, Changes, NewTicket, Pending, Record, Ticket, recount
+from postroom.tickets import KEEP, Changes, NewTicket, Pending, Record, StoreUnavailable, Ticket, recount
 from postroom.verdict import AddHeader, AddRecipient, Edit, Envelope, Outcome, RemoveRecipient, SetHeader, Verdict
 
 
@@ -138,6 +138,12 @@ def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     """The inbound path: every step for every shared mailbox among the recipients, then one verdict."""
     mailboxes = route(message.envelope, parts.config)
     if not mailboxes:
+        # An escalation to a lead's own address keeps its X-Postroom-* headers once its Message-ID proves it ours;
+        # anything else loses them, as the headers alone prove nothing.
+        if message.header(notice.NOTICE_HEADER) is not None:
+            ours = _notice_to_a_person(message, parts)
+            if ours is not None:
+                return Outcome(Verdict.accept(summary=f"postroom notice {ours}"))
         edits = strip_internal(message.headers)
         return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
     ours = notice.ours(message, parts.store, [routed.box for routed in mailboxes])
@@ -148,6 +154,15 @@ def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     if report is not None:
         return join_report(mail, mailboxes, parts, now, report)
     return assemble(mail, [through_mailbox(Step(mail, routed, parts, now)) for routed in mailboxes])
+
+
+def _notice_to_a_person(message: Message, parts: Parts) -> str | None:
+    """Which ticket's notice this is, looked up in every shared mailbox (it names none of them as recipient);
+    None when it is not ours or the store cannot tell now (the headers are then dropped, never trusted)."""
+    try:
+        return notice.ours(message, parts.store, list(parts.config.mailboxes.values()))
+    except StoreUnavailable:
+        return None
 
 
 @dataclass(frozen=True)

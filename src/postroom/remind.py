@@ -49,8 +49,7 @@ class Notice:
     due: dt.datetime
     ticket: Timeline
     box: MailboxConfig
-    rcpts: tuple[str, ...]
-    into_mailbox: bool  # delivered into a folder of the shared mailbox (its Message-ID must be indexed)
+    rcpts: tuple[str, ...]  # a folder of the shared mailbox, or the leads' own addresses
 
     @property
     def detail(self) -> str:
@@ -66,10 +65,10 @@ def _folder(config: Config, box: MailboxConfig, owner: str) -> tuple[str, ...]:
     return (folder_address(box.address, config.recipient_delimiter, folder),)
 
 
-def _leads(config: Config, box: MailboxConfig) -> tuple[tuple[str, ...], bool]:
+def _leads(config: Config, box: MailboxConfig) -> tuple[str, ...]:
     if box.leads:
-        return tuple(config.agents[x].address for x in box.leads), False
-    return _folder(config, box, ""), True  # no leads: the team's inbox sees the breach
+        return tuple(config.agents[x].address for x in box.leads)
+    return _folder(config, box, "")  # no leads: the team's inbox sees the breach
 
 
 def followup_due(t: Timeline) -> dt.datetime | None:
@@ -105,18 +104,17 @@ def _ticket_notices(
     pol = sla.policy(box, t.priority)
     for d in sla.open_dues(config, box, t, clock):
         if now >= d.at:
-            rcpts, into = _leads(config, box)
-            out.append(Notice("escalation", d.kind, d.at, t, box, rcpts, into))
+            out.append(Notice("escalation", d.kind, d.at, t, box, _leads(config, box)))
         elif t.owner and now >= clock.add(d.since, max(0, business_minutes(getattr(pol, d.kind)) - before)):
-            out.append(Notice("reminder", d.kind, d.at, t, box, _folder(config, box, t.owner), True))
+            out.append(Notice("reminder", d.kind, d.at, t, box, _folder(config, box, t.owner)))
     after = business_minutes(config.sla.unassigned_after)
     if not t.owner and t.state in ("new", "open") and after:
         due = clock.add(t.created, after)
         if now >= due:
-            out.append(Notice("unassigned", "unassigned", due, t, box, _folder(config, box, ""), True))
+            out.append(Notice("unassigned", "unassigned", due, t, box, _folder(config, box, "")))
     follow = followup_due(t)
     if follow is not None and now >= follow:
-        out.append(Notice("followup", "followup", follow, t, box, _folder(config, box, t.owner), True))
+        out.append(Notice("followup", "followup", follow, t, box, _folder(config, box, t.owner)))
     return out
 
 
@@ -249,9 +247,10 @@ def send_all(
             failed += 1
             continue
         try:
-            if n.into_mailbox:
-                # Before sending: the milter lets the notice through only if its Message-ID is indexed.
-                store.touch(n.box.address, n.ticket.number, [mid], [], now.timestamp())
+            # Before sending: the milter lets the notice through untouched (no ticket of its own in a shared
+            # mailbox, its X-Postroom-* headers kept on the way to a lead's own address) only if its Message-ID
+            # is indexed under the ticket.
+            store.touch(n.box.address, n.ticket.number, [mid], [], now.timestamp())
             send("", n.rcpts, data)
         except (OSError, smtplib.SMTPException, StoreUnavailable) as exc:
             log.error("%s: %s not sent: %s", n.mark, n.detail, exc)
