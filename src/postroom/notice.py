@@ -2,10 +2,10 @@
 lead's own address.
 
 ``postroom remind`` sends them through the local Postfix to ``support+Meier@`` (or ``schulze@``), so they pass the
-inbound path like any customer mail.  The pipeline must not ticket them, nor strip their X-Postroom-* headers.  The header alone proves nothing (anyone can write it);
-what proves it is the notice's Message-ID, which ``postroom remind`` indexes in Redis under the ticket before it
-sends.  A random Message-ID that only went into the team's own folders cannot be guessed by a stranger, and a
-mail without the header costs no Redis round trip.
+inbound path like any customer mail. The pipeline must not ticket them, nor strip their X-Postroom-* headers. The
+header alone proves nothing (anyone can write it); what proves it is the notice's Message-ID, which ``postroom
+remind`` indexes in Redis under the ticket before it sends. A random Message-ID that only went to the team's own
+folders and leads cannot be guessed by a stranger, and a mail without the header costs no Redis round trip.
 """
 
 from __future__ import annotations
