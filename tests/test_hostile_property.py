@@ -224,3 +224,54 @@ def test_cpythons_email_corpus_goes_through_the_pipeline_untouched_in_body() -> 
         # A ticket, or (a bounce of mail we never sent) the delivery-failure mark instead.
         marks = {e.name for e in out.verdict.edits if isinstance(e, AddHeader)}
         assert marks & {"X-Postroom-Ticket", "X-Postroom-Delivery-Failure"}, path.name
+
+
+def _parsed_addresses(value: str) -> list[str]:
+    """What postroom.mime.addresses answered before its fast path: email.utils for every header."""
+    from email.utils import getaddresses  # noqa: PLC0415 - the reference, only here
+
+    from postroom import subject  # noqa: PLC0415
+
+    return [a.lower() for _, a in getaddresses([subject.one_line(value)]) if "@" in a]
+
+
+_ADDRESS_TEXT = st.text(alphabet='aZ09._%+=-@<> "(),;:\\[]\t\r\n=?', max_size=40)
+_PLAIN_PART = st.text(alphabet="aZ09_%+=-", min_size=1, max_size=6)
+_PLAIN_ADDRESS = st.builds(
+    lambda local, dots, labels: ".".join([local, *dots]) + "@" + ".".join(labels),
+    _PLAIN_PART,
+    st.lists(_PLAIN_PART, max_size=2),
+    st.lists(st.text(alphabet="aZ09-", min_size=1, max_size=5), min_size=2, max_size=3),
+)
+_FROM_VALUES = st.one_of(
+    _ADDRESS_TEXT,
+    _PLAIN_ADDRESS,
+    st.builds(
+        lambda name, addr, pad: f"{pad}{name} <{addr}>{pad}",
+        _ADDRESS_TEXT,
+        _PLAIN_ADDRESS,
+        st.sampled_from(["", " ", "\t"]),
+    ),
+    st.builds(
+        lambda a, b, sep: f"{a}{sep}{b}", _PLAIN_ADDRESS, _PLAIN_ADDRESS, st.sampled_from([", ", ",", " ", "; "])
+    ),
+)
+
+
+@given(_FROM_VALUES)
+@settings(max_examples=3000, deadline=None)
+def test_the_from_fast_path_reads_what_email_utils_reads(value: str) -> None:
+    from postroom.mime import addresses  # noqa: PLC0415
+
+    assert addresses(value) == _parsed_addresses(value)
+
+
+def test_the_from_fast_path_agrees_on_the_corpus() -> None:
+    from postroom.mime import addresses  # noqa: PLC0415
+
+    values = []
+    for path in corpus_files():
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.compat32)
+        values += [str(v) for name in ("From", "To", "Cc", "Sender", "Reply-To") for v in msg.get_all(name) or []]
+    assert len(values) > 50
+    assert [addresses(v) for v in values] == [_parsed_addresses(v) for v in values]
