@@ -13,8 +13,8 @@ before.
 
 Between two waits a greenlet runs alone on the loop's thread, as a thread would between two blocking calls, so
 code that is correct under threads is correct here; the one rule is that no lock may be held across a wait (a
-second greenlet would block the thread taking it).  The store waits only between sending a script and reading
-its reply, holding a connection of its own and no lock.
+second greenlet would block the thread taking it).  The store waits only between sending a script (or the reads
+of a follow-up's look-up) and reading the replies, holding a connection of its own and no lock.
 """
 
 from __future__ import annotations

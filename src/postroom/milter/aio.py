@@ -178,8 +178,8 @@ class Ends:
 
     On the loop an end of message costs no hand-over of Python's lock (bench/milter_direct.py: 6-10 context switches
     per mail against 20-30 when every end of message went through pool threads, whose CPU was above libmilter's),
-    and while it waits for its Redis script the loop serves the other connections.  What still blocks there is the
-    rest of the store's reads (a reply's look-up is a pipeline of reads, not a script), a new connection's
+    and while it waits for its Redis script or its look-up the loop serves the other connections.  What still
+    blocks there is the rest of the store's calls (the assignment state's, the epoch check), a new connection's
     hand-shake with Redis, and anything unforeseen; should a stretch of an end of message keep the loop to itself
     for more than ``slow`` seconds (a Redis that stopped answering, say), the following ones go to the pool for
     ``hold`` seconds, where they wait side by side as with libmilter's threads, and then the loop tries again.
