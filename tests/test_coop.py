@@ -127,19 +127,19 @@ def test_the_longest_stretch_on_the_loop_is_reported() -> None:
     assert 0.2 <= blocked < 1.0
 
 
-# Not on Cluster: there, in the whole suite, one of the five calls once kept the loop for Redis's busy time (not
+# Not on Cluster: there, in the whole suite, one of the five script calls once kept the loop for Redis's busy time (not
 # seen in eight runs of this test alone); the cluster client may still make a blocking call of its own (a slot
 # map refresh, a connection to a node), which the engine's fallback to threads covers.  The timed-out script test
 # (test_store) runs on the loop on Cluster too.
 @pytest.mark.parametrize("mode", ["single", "sentinel"])
-def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(
+def test_store_scripts_and_look_ups_on_the_loop_wait_for_a_busy_redis_without_stopping_it(
     request: pytest.FixtureRequest, mode: str
 ) -> None:
     redis_url = empty_redis_url(request, mode)
     store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=5.0)
     assert store.open(BOX, new(), 1.0).number == 1
 
-    async def main() -> tuple[list[int], list[float]]:
+    async def main() -> tuple[list[int], list[int], list[int]]:
         stop, ticks = asyncio.Event(), list[float]()
         ticker = asyncio.create_task(ticking(stop, ticks)())
         # The pool gets five connections first: five threads open tickets while Redis is busy for a moment, so
@@ -156,15 +156,27 @@ def test_store_scripts_on_the_loop_wait_for_a_busy_redis_without_stopping_it(
         busy.start()
         await asyncio.sleep(0.1)
         ticks.clear()
-        results = await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"m{i}@c"), 2.0) for i in range(5)))
+        results = await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"loop{i}@c"), 2.0) for i in range(5)))
+        busy.join()
+        opened = len(ticks)
+        # A follow-up's look-up (its reads in one write) waits the same way.
+        busy = threading.Thread(target=_block_redis, args=(redis_url, 0.5, store.counter_key(BOX)))
+        busy.start()
+        await asyncio.sleep(0.1)
+        ticks.clear()
+        found = await asyncio.gather(
+            *(coop.run(store.lookup, BOX, [f"loop{i}@c"], [], ["alice@customer.test"]) for i in range(5))
+        )
         stop.set()
         await ticker
         busy.join()
-        return sorted(t.number for t, _ in results), ticks
+        referenced = [f.by_reference.number if f.by_reference else 0 for f, _ in found]
+        return sorted(t.number for t, _ in results), [opened, len(ticks)], referenced
 
-    numbers, ticks = asyncio.run(main())
+    numbers, ticks, referenced = asyncio.run(main())
     assert numbers == [7, 8, 9, 10, 11]  # five waits side by side on one thread, each its own ticket
-    assert len(ticks) >= 20  # the loop ran on during the rest of Redis's busy half second
+    assert sorted(referenced) == numbers  # and five look-ups, each finding its own
+    assert min(ticks) >= 20  # the loop ran on during the rest of Redis's busy half second, both times
 
 
 def test_interleaved_calls_keep_their_own_context_as_the_log_s_queue_id_needs() -> None:
