@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import hiredis
 import redis
@@ -62,6 +62,9 @@ def ticket_from_hash(mailbox: str, number: int, h: Mapping[str, str]) -> Ticket:
         updated=float(h.get("updated", 0) or 0),
         linked=int(h.get("linked", 0) or 0),
     )
+
+
+_T = TypeVar("_T")
 
 
 def _packed(*parts: str | bytes | memoryview | int) -> list[bytes]:
@@ -115,13 +118,26 @@ class _ScriptRunner:
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], prepare: Callable[[], None] | None = None
     ) -> Any:
         """Run the script; ``prepare`` runs once the connection is there (a new one has noticed a Redis restart)."""
+        return self._routed(keys[0], lambda pool: self._call(pool, script, keys, args, prepare))
+
+    def read(self, key: str, *commands: tuple[str | int, ...]) -> list[Any]:
+        """Read-only commands on the server that holds ``key``, sent in one write; their replies in order.
+
+        What a redis-py pipeline of these commands would answer, without its per-command client layer (the mail
+        path's look-up of a follow-up's ticket cost about as much there as the script itself), waiting for each
+        reply the way a script's is waited for (postroom.coop).  Replies are as the server sends them: a hash is a
+        flat list in RESP2 (see :func:`_hash`).  The first error reply is raised once every reply is read.
+        """
+        return self._routed(key, lambda pool: self._read(pool, commands))
+
+    def _routed(self, key: str, run: Callable[[redis.ConnectionPool], _T]) -> _T:
         try:
-            return self._call(self._pool_for(keys[0]), script, keys, args, prepare)
+            return run(self._pool_for(key))
         except redis.exceptions.MovedError:
-            # The slot moved before the script ran (resharding, a replica promoted): it did not run, so one more
-            # try on the node the refreshed map names is safe.
+            # The slot moved (resharding, a replica promoted): a MOVED reply means the command did not run, so one
+            # more try on the node the refreshed map names is safe.
             self.moved()
-            return self._call(self._pool_for(keys[0]), script, keys, args, prepare)
+            return run(self._pool_for(key))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisClusterException):
             self.moved()
             raise
@@ -134,8 +150,7 @@ class _ScriptRunner:
         args: Sequence[str | int],
         prepare: Callable[[], None] | None,
     ) -> Any:
-        conn = pool.get_connection()
-        try:
+        with _connection(pool) as conn:
             if prepare is not None:
                 prepare()
             reply = self._exchange(conn, "EVALSHA", script.sha, keys, args)
@@ -145,36 +160,9 @@ class _ScriptRunner:
             if isinstance(reply, redis.exceptions.ResponseError):
                 raise reply
             return reply
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            # The reply may still come: a connection that gave up waiting must never be read again, or the next
-            # command reads this script's reply as its own (a wrong ticket).  redis-py's Sentinel connection does
-            # not disconnect on a timeout by itself; the pool reconnects on next use.
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
-
-    def read(self, key: str, *commands: tuple[str | int, ...]) -> list[Any]:
-        """Read-only commands on the server that holds ``key``, sent in one write; their replies in order.
-
-        What a redis-py pipeline of these commands would answer, without its per-command client layer (the mail
-        path's look-up of a follow-up's ticket cost about as much there as the script itself), waiting for each
-        reply the way a script's is waited for (postroom.coop).  Replies are as the server sends them: a hash is a
-        flat list in RESP2 (see :func:`_hash`).  The first error reply is raised once every reply is read.
-        """
-        try:
-            return self._read(self._pool_for(key), commands)
-        except redis.exceptions.MovedError:
-            # Reads: trying again on the node the refreshed slot map names is safe.
-            self.moved()
-            return self._read(self._pool_for(key), commands)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisClusterException):
-            self.moved()
-            raise
 
     def _read(self, pool: redis.ConnectionPool, commands: Sequence[tuple[str | int, ...]]) -> list[Any]:
-        conn = pool.get_connection()
-        try:
+        with _connection(pool) as conn:
             packed: list[bytes] = []
             for command in commands:
                 packed += _packed(*command)
@@ -191,11 +179,6 @@ class _ScriptRunner:
             if error is not None:
                 raise error
             return replies
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
 
     def _exchange(
         self,
@@ -226,6 +209,22 @@ class _ScriptRunner:
                     f"{confirmed} of {self._confirm} replicas confirmed the write within {self._wait_ms} ms"
                 )
         return reply
+
+
+@contextlib.contextmanager
+def _connection(pool: redis.ConnectionPool) -> Iterator[Connection]:
+    """A connection of the pool for one exchange, dropped when the exchange failed on the way."""
+    conn = pool.get_connection()
+    try:
+        yield conn
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        # The reply may still come: a connection that gave up waiting must never be read again, or the next
+        # command reads this exchange's reply as its own (a wrong ticket).  redis-py's Sentinel connection does not
+        # disconnect on a timeout by itself; the pool reconnects on next use.
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(conn)
 
 
 def _await_reply(conn: Connection) -> None:
