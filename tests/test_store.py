@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,6 +17,7 @@ from postroom import coop, redis_connect
 from postroom.store import scripts
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, StoreUnavailable
+from postroom_testbed import LOOPBACK
 from postroom_testbed.ha import RedisClusterSet, RedisSentinelSet
 
 T = TypeVar("T")
@@ -286,3 +288,39 @@ def test_the_sweep_lock_names_a_dead_redis() -> None:
     dead = RedisStore.from_url("redis://127.0.0.1:1/0", key_prefix="postroom", message_index_days=1, timeout=0.2)
     with pytest.raises(StoreUnavailable), dead.sweeping(BOX):
         pass
+
+
+def _move_slot(servers: RedisClusterSet, client: RedisCluster, key: str) -> None:
+    """Move ``key``'s slot and its keys to another primary, as ``redis-cli --cluster reshard`` does."""
+    slot = client.keyslot(key)  # type: ignore[no-untyped-call]
+    owner = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    source = next(n for n in servers.nodes if n.port == owner.port)
+    target = next(n for n in servers.nodes if n is not source)
+    src, dst = source.client(), target.client()
+    src_id, dst_id = (str(c.execute_command("CLUSTER", "MYID")) for c in (src, dst))  # type: ignore[no-untyped-call]
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)  # type: ignore[no-untyped-call]
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)  # type: ignore[no-untyped-call]
+    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)  # type: ignore[no-untyped-call]
+    src.execute_command("MIGRATE", LOOPBACK, target.port, "", 0, 5000, "KEYS", *keys)  # type: ignore[no-untyped-call]
+    for node in servers.nodes:
+        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)  # type: ignore[no-untyped-call]
+
+
+def test_scripts_and_look_ups_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
+    """Resharding: the node the store knows answers MOVED; the store asks the cluster for its slot map again and
+    finds the mailbox's tickets on their new node, reads and scripts alike."""
+    with RedisClusterSet(tmp_path / "cluster").start() as servers:
+        client = redis_connect.client_from_url(servers.url)
+        assert isinstance(client, RedisCluster)
+        store = RedisStore(client, "postroom", 1)
+        assert store.open(BOX, new(), 1.0).number == 1
+        before = client.get_node_from_key(store.counter_key(BOX))  # type: ignore[no-untyped-call]
+        _move_slot(servers, client, store.counter_key(BOX))
+
+        found = store.lookup(BOX, ["m1@c"], [1], ["alice@customer.test"])
+        assert found.by_reference is not None and found.by_reference.number == 1
+        assert [c.ticket.number for c in found.by_token] == [1]
+        assert store.open(BOX, new(mid="m2@c"), 2.0).number == 2
+        assert store.claim(BOX, 2, "meier", 3.0).won
+        after = client.get_node_from_key(store.counter_key(BOX))  # type: ignore[no-untyped-call]
+        assert after.port != before.port
