@@ -175,3 +175,16 @@ def test_a_sweep_that_stopped_after_storing_the_replacement_is_finished_without_
         assert [str(m["Message-ID"]) for m in mails].count(str(first["Message-ID"])) == 1
         assert ("Printer on fire", "\\Flagged \\Seen") in [(s.split("] ")[1], f) for s, f, _dt in flags_and_dates(d)]
         assert "0 mail(s) ticketed" in run_sweep(d)
+
+        # A mail that reuses the Message-ID with other text is not a replacement's original: it stays, ticketed.
+        resent = raw.replace(b"please help.", b"it is still burning.")
+        assert resent != raw
+        imap = imaplib.IMAP4(LOOPBACK, d.stack.dovecot.imap_port)
+        try:
+            imap.login(SUPPORT, "secret")
+            assert imap.append("INBOX", "()", date, resent)[0] == "OK"
+        finally:
+            imap.logout()
+        assert "1 mail(s) ticketed" in run_sweep(d)
+        bodies = [m.get_content() for m in d.stack.fetch(SUPPORT) if str(m["Message-ID"]) == str(first["Message-ID"])]
+        assert sorted("still burning" in b for b in bodies) == [False, True]

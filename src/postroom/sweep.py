@@ -170,22 +170,33 @@ def _delete(imap: imaplib.IMAP4, uid: str) -> None:
 
 
 def _already_replaced(imap: imaplib.IMAP4, uid: str, own_id: str) -> bool:
-    """Another mail of the selected folder has this mail's Message-ID and a ticket: its replacement, stored by a
-    sweep that stopped before it deleted the original.  Without a Message-ID (or one IMAP cannot be asked for as
-    a quoted ASCII string) nothing tells the replacement apart, and the answer is False."""
+    """Another mail of the selected folder is this one ticketed: its replacement, stored by a sweep that stopped
+    before it deleted the original.  Told by the same Message-ID (exactly: IMAP's SEARCH HEADER matches a
+    substring) and the same body (a resent mail that reuses a Message-ID with other text is not it; the sweep only
+    edits headers).  Without a Message-ID (or one IMAP cannot be asked for as a quoted ASCII string) nothing tells
+    the replacement apart, and the answer is False: a second copy rather than a lost mail."""
     if not own_id or not (own_id.isascii() and own_id.isprintable()):
         return False
     _typ, found = imap.uid("SEARCH", "HEADER", "Message-ID", imap_quote(own_id), "HEADER", TICKET_HEADER, '""')
+    body: bytes | None = None
     for other in (found[0] or b"").decode().split():
         if other == uid:
             continue
-        # SEARCH HEADER matches a substring: the candidate's own Message-ID must be this one exactly.
-        _typ, data = imap.uid("FETCH", other, "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-        part = next((p for p in data if isinstance(p, tuple)), None)
-        text = part[1].decode("ascii", "replace") if part is not None else ""
-        if message_id(text.partition(":")[2]) == own_id:
+        header = _fetched(imap, other, "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]")
+        if header is None or message_id(header.decode("ascii", "replace").partition(":")[2]) != own_id:
+            continue
+        if body is None:
+            body = _fetched(imap, uid, "BODY.PEEK[TEXT]") or b""
+        if _fetched(imap, other, "BODY.PEEK[TEXT]") == body:
             return True
     return False
+
+
+def _fetched(imap: imaplib.IMAP4, uid: str, item: str) -> bytes | None:
+    """One item of one mail (None: expunged meanwhile)."""
+    _typ, data = imap.uid("FETCH", uid, f"({item})")
+    part = next((p for p in data if isinstance(p, tuple)), None)
+    return None if part is None else bytes(part[1])
 
 
 def _ticketed(runtime: Runtime, box: MailboxConfig, mail: RawMail, now: float, queue_id: str) -> bytes | None:
