@@ -17,7 +17,7 @@ from postroom import coop, redis_connect
 from postroom.store import scripts
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, StoreUnavailable
-from postroom_testbed import LOOPBACK
+from postroom_testbed import LOOPBACK, RedisServer
 from postroom_testbed.ha import RedisClusterSet, RedisSentinelSet
 
 T = TypeVar("T")
@@ -324,3 +324,24 @@ def test_scripts_and_look_ups_follow_a_slot_moved_to_another_node(tmp_path: Path
         assert store.claim(BOX, 2, "meier", 3.0).won
         after = client.get_node_from_key(store.counter_key(BOX))  # type: ignore[no-untyped-call]
         assert after.port != before.port
+
+
+def test_a_reply_whose_token_names_its_referenced_ticket_reads_the_ticket_once(redis_server: RedisServer) -> None:
+    """Most customers' replies carry the ticket's token and reference its mail: one round trip reads both (the
+    reference's ticket is the token's, already read), not a second one for the reference."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    store = make(redis_server.url)
+    store.open(BOX, new(), 1.0)
+    store.open(BOX, new(mid="m2@c"), 2.0)
+    client.config_resetstat()
+    found = store.lookup(BOX, ["m1@c"], [1], ["alice@customer.test"])
+    assert found.by_reference is not None and found.by_reference.number == 1
+    assert [c.ticket.number for c in found.by_token] == [1] and found.by_token[0].sender_known
+    assert client.info("commandstats")["cmdstat_hgetall"]["calls"] == 1
+    # A reference to another ticket than the token's is read as before.
+    client.config_resetstat()
+    other = store.lookup(BOX, ["m2@c"], [1], ["alice@customer.test"])
+    assert other.by_reference is not None and other.by_reference.number == 2
+    assert client.info("commandstats")["cmdstat_hgetall"]["calls"] == 2
+    client.close()

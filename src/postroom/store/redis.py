@@ -242,6 +242,18 @@ def _await_reply(conn: Connection) -> None:
         raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
 
+def _first_allowed(
+    mailbox: str, candidates: list[tuple[int, bool]], read: Mapping[int, tuple[dict[str, str], bool]]
+) -> Ticket | None:
+    """The ticket of the newest reference this mail may follow: an undisputed one, or a disputed one whose ticket a
+    sender of this mail takes part in."""
+    for number, disputed in candidates:
+        h, takes_part = read[number]
+        if h and (takes_part or not disputed):
+            return ticket_from_hash(mailbox, number, h)
+    return None
+
+
 def _hash(reply: Any) -> dict[str, str]:
     """HGETALL's reply as a dict: a flat list of fields and values in RESP2, a map in RESP3."""
     if isinstance(reply, dict):
@@ -340,30 +352,35 @@ class RedisStore:
         if message_ids:
             candidates = reference_candidates(results[0], results[1])
             pos = 2
+        read: dict[int, tuple[dict[str, str], bool]] = {}  # number -> (its hash, a sender takes part)
         for n in numbers:
-            h, known = _hash(results[pos]), results[pos + 1]
+            h, known = _hash(results[pos]), any(results[pos + 1])
             pos += 2
+            read[n] = (h, known)
             if h:
-                found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), any(known)))
+                found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), known))
         if candidates:
-            found.by_reference = self._referenced(mailbox, candidates, senders)
+            if not all(number in read for number, _ in candidates):
+                # A reply whose subject token names its ticket (most customers' replies) has it read already.
+                read.update(self._read_tickets(mailbox, candidates, senders))
+            found.by_reference = _first_allowed(mailbox, candidates, read)
         return found
 
-    def _referenced(self, mailbox: str, candidates: list[tuple[int, bool]], senders: list[str]) -> Ticket | None:
-        """The ticket of the newest reference this mail may follow: an undisputed one, or a disputed one whose
-        ticket a sender of this mail takes part in."""
+    def _read_tickets(
+        self, mailbox: str, candidates: list[tuple[int, bool]], senders: list[str]
+    ) -> dict[int, tuple[dict[str, str], bool]]:
+        """The referenced tickets' hashes, and for a disputed one whether a sender takes part in it."""
         commands: list[tuple[str | int, ...]] = []
         for number, disputed in candidates:
             commands.append(("HGETALL", self.ticket_key(mailbox, number)))
             if disputed:
                 commands.append(("SMISMEMBER", self.participants_key(mailbox, number), *(senders or [""])))
         results = iter(self._run.read(self.counter_key(mailbox), *commands))
+        read: dict[int, tuple[dict[str, str], bool]] = {}
         for number, disputed in candidates:
             h = _hash(next(results))
-            allowed = any(next(results)) if disputed else True
-            if h and allowed:
-                return ticket_from_hash(mailbox, number, h)
-        return None
+            read[number] = (h, any(next(results)) if disputed else False)
+        return read
 
     def open(self, mailbox: str, new: NewTicket, now: float) -> Ticket:
         return self._open_ticket(mailbox, new, "", now)[0]
