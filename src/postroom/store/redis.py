@@ -255,7 +255,8 @@ def _first_allowed(
 
 
 def _hash(reply: Any) -> dict[str, str]:
-    """HGETALL's reply as a dict: a flat list of fields and values in RESP2, a map in RESP3."""
+    """A hash as a dict: HGETALL's reply (a flat list of fields and values in RESP2, a map in RESP3), or a script's
+    flat list of fields and values."""
     if isinstance(reply, dict):
         return reply
     return dict(zip(reply[::2], reply[1::2], strict=True))
@@ -359,17 +360,18 @@ class RedisStore:
             read[n] = (h, known)
             if h:
                 found.by_token.append(Candidate(ticket_from_hash(mailbox, n, h), known))
+        # A reply whose subject token names its ticket (most customers' replies) has it read already.
+        unread = [(number, disputed) for number, disputed in candidates if number not in read]
+        if unread:
+            read.update(self._read_tickets(mailbox, unread, senders))
         if candidates:
-            if not all(number in read for number, _ in candidates):
-                # A reply whose subject token names its ticket (most customers' replies) has it read already.
-                read.update(self._read_tickets(mailbox, candidates, senders))
             found.by_reference = _first_allowed(mailbox, candidates, read)
         return found
 
     def _read_tickets(
         self, mailbox: str, candidates: list[tuple[int, bool]], senders: list[str]
     ) -> dict[int, tuple[dict[str, str], bool]]:
-        """The referenced tickets' hashes, and for a disputed one whether a sender takes part in it."""
+        """These tickets' hashes, and for a disputed one whether a sender takes part in it."""
         commands: list[tuple[str | int, ...]] = []
         for number, disputed in candidates:
             commands.append(("HGETALL", self.ticket_key(mailbox, number)))
@@ -436,7 +438,7 @@ class RedisStore:
         self.guard.issued(mailbox, number)
         if len(reply) > 1:
             flat = reply[1]
-            return ticket_from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True))), False
+            return ticket_from_hash(mailbox, number, _hash(flat)), False
         return ticket_from_hash(mailbox, number, fields), True
 
     def touch(
@@ -453,7 +455,7 @@ class RedisStore:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
             raise StoreUnavailable(f"ticket {mailbox} #{number} vanished from Redis")
-        h = dict(zip(flat[::2], flat[1::2], strict=True))
+        h = _hash(flat)
         return ticket_from_hash(mailbox, number, h)
 
     def assign(self, mailbox: str, number: int, owner: str, now: float) -> Ticket:
@@ -465,7 +467,7 @@ class RedisStore:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
-        return ticket_from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return ticket_from_hash(mailbox, number, _hash(flat))
 
     def claim(self, mailbox: str, number: int, login: str, now: float, *, force: bool = False) -> Claim:
         """Atomically make ``login`` the owner unless another agent owns the ticket (``force`` takes it over)."""
@@ -475,7 +477,7 @@ class RedisStore:
             raise StoreUnavailable(str(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
-        h = dict(zip(flat[::2], flat[1::2], strict=True))
+        h = _hash(flat)
         return Claim(
             won=h.pop("_won") == "1",
             previous_owner=h.pop("_previous"),
@@ -506,7 +508,7 @@ class RedisStore:
             raise KeyError(f"{mailbox} #{number}")
         if flat == "CHANGED":
             return None
-        return ticket_from_hash(mailbox, number, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return ticket_from_hash(mailbox, number, _hash(flat))
 
     def away_key(self, mailbox: str, login: str) -> str:
         # One name for the flag, shared with the rules' assignment (which skips absent agents).
