@@ -140,10 +140,9 @@ def inbound(message: Message, parts: Parts, now: float) -> Outcome:
     if not mailboxes:
         # An escalation to a lead's own address keeps its X-Postroom-* headers once its Message-ID proves it ours;
         # anything else loses them, as the headers alone prove nothing.
-        if message.header(notice.NOTICE_HEADER) is not None:
-            ours = _notice_to_a_person(message, parts)
-            if ours is not None:
-                return Outcome(Verdict.accept(summary=f"postroom notice {ours}"))
+        ours = _notice_to_a_person(message, parts)
+        if ours is not None:
+            return Outcome(Verdict.accept(summary=f"postroom notice {ours}"))
         edits = strip_internal(message.headers)
         return Outcome(Verdict.accept(*edits, summary="no shared mailbox among the recipients"))
     ours = notice.ours(message, parts.store, [routed.box for routed in mailboxes])

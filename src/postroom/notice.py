@@ -20,8 +20,10 @@ NOTICE_HEADER = "X-Postroom-Notice"
 def ours(message: Message, store: TicketStore, boxes: list[MailboxConfig]) -> str | None:
     """ "Support #17 reminder" when the mail is a notice ``postroom remind`` sent about that ticket, else None."""
     header = message.header(NOTICE_HEADER)
+    if not header:
+        return None  # most mail: nothing to look up
     own_id = message_id(message.header("Message-ID"))
-    if not header or not own_id:
+    if not own_id:
         return None
     parts = header.split()
     if len(parts) < 2 or not parts[1].lstrip("#").isdigit():
