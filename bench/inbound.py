@@ -229,6 +229,11 @@ def check_postroom(stack: Stack, cfg: Config, expect_total: int) -> list[str]:
     return problems
 
 
+def tickets(config: str) -> bool:
+    """The configuration opens a ticket per mail (the floor and every postroom), so the targets apply to it."""
+    return config == "floor" or config.startswith("postroom")
+
+
 def check_floor(stack: Stack, expect_total: int) -> list[str]:
     """The floor milter opened a ticket and wrote a history line for every message."""
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
@@ -316,7 +321,7 @@ def table_rows(results: Results, sizes: Sequence[int]) -> list[tuple[str, list[s
     configs = [c for c in CONFIGS if (c, sizes[0]) in results]
     milters = [c for c in configs if c != "none"]
     postrooms = [c for c in configs if c.startswith("postroom")]
-    ticketing = [c for c in configs if c == "floor" or c.startswith("postroom")]
+    ticketing = [c for c in configs if tickets(c)]
 
     def each(get: Callable[[str, int], str], config: str) -> list[str]:
         return [get(config, size) for size in sizes]
@@ -535,8 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows, sizes))
     print()
     for config in CONFIGS:
-        ticketing = config == "floor" or config.startswith("postroom")
-        if ticketing and (config, sizes[0]) in results and ("empty", sizes[0]) in results:
+        if tickets(config) and (config, sizes[0]) in results and ("empty", sizes[0]) in results:
             print(target_line(results, sizes, config))
     return 0
 

@@ -473,8 +473,8 @@ class HistoryWriter:
         self._drained = threading.Condition()
         self._failing_since = 0.0
         self._failures = 0  # failed attempts so far (flush stops waiting on a new one)
-        # The last attempt failed: its records (read again from the same place) may have been stored all the same
-        # (the commit reached the database, its answer did not reach us).
+        # The last attempt did not end well: its records (read again from the same place) may have been stored all
+        # the same (the commit reached the database, its answer did not reach us).
         self._unsure = False
         self._adopted_at = 0.0
 
@@ -573,12 +573,12 @@ class HistoryWriter:
         return True
 
     def _write(self, batch: list[Record], maybe_stored: bool) -> bool:
+        self._unsure = True  # until this attempt is known to have stored the batch
         try:
             with self._engine.begin() as conn:
                 write(conn, batch, maybe_stored=maybe_stored)
         except SQLAlchemyError as exc:
             self._failures += 1
-            self._unsure = True
             if not self._failing_since:
                 self._failing_since = time.monotonic()
                 log.error(
@@ -589,9 +589,6 @@ class HistoryWriter:
                     self.spool.bytes_waiting(),
                 )
             return False
-        except BaseException:
-            self._unsure = True
-            raise
         if self._failing_since:
             log.warning(
                 "history: database back after %.0f s; replaying the spool (%d bytes)",
