@@ -16,12 +16,10 @@ import sqlite3
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from postroom.body import Body
 from postroom.bundle import Loaded, load_all
@@ -38,6 +36,7 @@ from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.dkim_check import assert_verified
 from tests.test_inbound_e2e import customer_mail, deliver, ticket_number
 from tests.test_reload_e2e import wait_log
+from tests.test_sla_e2e import _scrape
 
 # Stand-ins started the way the milter starts a worker (the pool appends --channel-fd N): one that says it is
 # ready and then never answers, one that dies at once.
@@ -309,27 +308,21 @@ def test_killed_worker_loses_no_mail_and_the_milter_recovers(milter_deployment: 
     assert d.daemon.is_running()
 
 
-def redis_errors(listen: str) -> float:
-    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-    return next(s.value for s in samples if s.name == "postroom_redis_errors_total")
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("adapter", MILTER_ADAPTERS)
 def test_redis_errors_a_worker_meets_are_on_the_milters_metrics(adapter: Adapter) -> None:
     """The worker runs the pipeline, the milter process serves /metrics: a mail delivered degraded because Redis
     was down is counted there."""
+    errors = ("postroom_redis_errors_total", ())
     listen = f"127.0.0.1:{free_port()}"
     base = with_changes(e2e_base_config(), {"milter": {"workers": 1}, "metrics": {"milter_listen": listen}})
     with deploy(base, CUSTOMERS, adapter=adapter) as d:
         deliver(d, customer_mail("alice@customer.test", "Fine"))
-        assert redis_errors(listen) == 0
+        assert _scrape(d)[errors] == 0
         d.stack.redis.stop()
         got = deliver(d, customer_mail("bob@customer.test", "Redis away"))
         assert got["X-Postroom-Status"] == "degraded"
-        assert redis_errors(listen) == 1
+        assert _scrape(d)[errors] == 1
 
 
 @pytest.mark.e2e

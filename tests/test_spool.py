@@ -92,6 +92,7 @@ def test_a_batch_stored_but_not_confirmed_is_not_stored_twice(sqlite_url: str, t
     """The writer tries again after a failed attempt; the failed one may have reached SQL, so the second stores
     only what is missing, and the records after it are stored once too."""
     migrate(sqlite_url)
+    _LostAnswer.lose = 1
     path = sqlite_url.removeprefix("sqlite:///")
     engine = create_engine(
         "sqlite://", creator=lambda: sqlite3.connect(path, factory=_LostAnswer, check_same_thread=False)
