@@ -10,7 +10,6 @@ import asyncio
 import concurrent.futures
 import contextvars
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from postroom import coop
 from postroom.store.redis import RedisStore
 from tests.conftest import empty_redis_url
-from tests.test_store import BOX, _block_redis, new
+from tests.test_store import BOX, busy_redis, new
 
 
 def test_outside_the_engine_a_wait_returns_at_once() -> None:
@@ -146,23 +145,17 @@ def test_store_scripts_and_look_ups_on_the_loop_wait_for_a_busy_redis_without_st
         # each waits with a connection of its own.  (On the loop a call whose reply is already there when it
         # looks does not wait at all, and the next call takes the same connection; a new connection's
         # hand-shake with Redis blocks, as it always did.)
-        warm = threading.Thread(target=_block_redis, args=(redis_url, 0.3, store.counter_key(BOX)))
-        warm.start()
-        await asyncio.sleep(0.05)
+        warm = busy_redis(redis_url, 0.3, store.counter_key(BOX))
         with concurrent.futures.ThreadPoolExecutor(5) as threads:
             list(threads.map(lambda i: store.open(BOX, new(mid=f"warm{i}@c"), 2.0), range(5)))
         warm.join()
-        busy = threading.Thread(target=_block_redis, args=(redis_url, 0.5, store.counter_key(BOX)))
-        busy.start()
-        await asyncio.sleep(0.1)
+        busy = busy_redis(redis_url, 0.5, store.counter_key(BOX))
         ticks.clear()
         results = await asyncio.gather(*(coop.run(store.open, BOX, new(mid=f"loop{i}@c"), 2.0) for i in range(5)))
         busy.join()
         opened = len(ticks)
         # A follow-up's look-up (its reads in one write) waits the same way.
-        busy = threading.Thread(target=_block_redis, args=(redis_url, 0.5, store.counter_key(BOX)))
-        busy.start()
-        await asyncio.sleep(0.1)
+        busy = busy_redis(redis_url, 0.5, store.counter_key(BOX))
         ticks.clear()
         found = await asyncio.gather(
             *(coop.run(store.lookup, BOX, [f"loop{i}@c"], [], ["alice@customer.test"]) for i in range(5))

@@ -153,9 +153,7 @@ def _directly(fn: Callable[..., T], *args: Any) -> T:
 def test_a_timed_out_script_is_not_sent_twice(redis_url: str, call: Callable[..., Any]) -> None:
     store = RedisStore.from_url(redis_url, key_prefix="postroom", message_index_days=1, timeout=0.3)
     assert store.open(BOX, new(), 1.0).number == 1
-    busy = threading.Thread(target=_block_redis, args=(redis_url, 1.0, store.counter_key(BOX)))
-    busy.start()
-    time.sleep(0.2)
+    busy = busy_redis(redis_url, 1.0, store.counter_key(BOX))
     with pytest.raises(StoreUnavailable):
         call(store.open, BOX, new(mid="m2@c"), 2.0)
     busy.join()
@@ -167,14 +165,48 @@ def test_a_timed_out_script_is_not_sent_twice(redis_url: str, call: Callable[...
     assert call(store.open, BOX, new(mid="m3@c"), 3.0).number == 2 + ran
 
 
-def _block_redis(url: str, seconds: float, key: str) -> None:
+def busy_redis(url: str, seconds: float, key: str) -> threading.Thread:
+    """Keep the Redis that holds ``key`` busy for ``seconds`` from a thread; return once it is busy.
+
+    A fixed sleep after starting the thread was not enough on a loaded machine: the thread's client (on Cluster it
+    reads the slot map first) was not ready yet, and the call meant to meet a busy Redis found it idle (one CI run).
+    So this waits until the thread is about to send its script and then until a PING goes unanswered.
+    """
+    probe = redis_connect.node_for(redis_connect.client_from_url(url, timeout=0.1), key)
+    probe.ping()  # its connection is made while Redis still answers
+    sending = threading.Event()
+    thread = threading.Thread(target=_block_redis, args=(url, seconds, key, sending))
+    thread.start()
+    if not sending.wait(30):
+        raise AssertionError("the thread that blocks Redis did not get a client")
+    pool = probe.connection_pool
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        connection = pool.get_connection()
+        try:
+            connection.send_command("PING")  # type: ignore[no-untyped-call]
+            connection.read_response()
+        except redis.TimeoutError:
+            # Dropped: its late PONG must not be read as another command's reply.
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            return thread
+        finally:
+            pool.release(connection)
+        time.sleep(0.005)
+    thread.join()
+    raise AssertionError("Redis never got busy")
+
+
+def _block_redis(url: str, seconds: float, key: str, sending: threading.Event) -> None:
     """Keep the Redis that holds ``key`` busy (a Lua loop) for ``seconds``, as a slow or stuck server would be."""
     loop = """
     local t0 = redis.call('TIME')
     repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
     return 1
     """
-    redis_connect.client_from_url(url, timeout=10).eval(loop, 1, key, int(seconds * 1_000_000))
+    client = redis_connect.client_from_url(url, timeout=10)
+    sending.set()
+    client.eval(loop, 1, key, int(seconds * 1_000_000))
 
 
 def test_unreachable_redis_raises_store_unavailable() -> None:
