@@ -3,7 +3,6 @@ or, when its mail can never take it, closed and recorded as void."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from postroom.spool import Spool
 from postroom.store.redis import RedisStore
 from postroom.tickets import NewTicket, Record
 from postroom.verdict import Action, Envelope
+from tests.test_store import busy_redis
 
 BOX = "support@example.test"
 ALICE = "alice@customer.test"
@@ -60,11 +60,7 @@ class Ghosts:
         impatient.guard.check(BOX, impatient.counter_key(BOX))
         impatient.open("sales@example.test", NewTicket("x@y", "warm-up", ("x@y",), ()), 0.5)  # loads the script
         before = int(self.client.get(SEQ) or 0)
-        busy = threading.Thread(
-            target=redis.Redis.from_url(self.redis_url).eval, args=("local i = 0 while i < 2e7 do i = i + 1 end", 0)
-        )
-        busy.start()
-        time.sleep(0.05)
+        busy = busy_redis(self.redis_url, 0.5, impatient.counter_key(BOX))
         out = process(message, Parts(config, impatient), 1.0)
         busy.join()
         deadline = time.monotonic() + 5

@@ -8,15 +8,12 @@ customer's mail arrives, so postroom's open call times out on the client and run
 from __future__ import annotations
 
 import smtplib
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
 from email.utils import formatdate
 
 import pytest
-import redis
 
 from postroom import replies
 from postroom.config import Config, with_changes
@@ -25,6 +22,7 @@ from tests.conftest import CUSTOMERS, e2e_base_config
 from tests.test_commands_e2e import events
 from tests.test_inbound_e2e import SUPPORT, customer_mail
 from tests.test_redis_loss_e2e import wait_until
+from tests.test_store import busy_redis
 
 pytestmark = pytest.mark.e2e
 ALICE, BOB = CUSTOMERS[0], CUSTOMERS[1]
@@ -54,15 +52,11 @@ def as_from_the_internet(d: Deployment) -> None:
 def redis_busy(d: Deployment) -> Iterator[None]:
     """Another client's script keeps Redis busy for about a second (well below Redis's 5 s busy limit, past which
     Redis would refuse postroom's call instead of running it late)."""
-    client = redis.Redis.from_url(d.stack.redis.url)
-    busy = threading.Thread(target=client.eval, args=("local i = 0 while i < 1.2e8 do i = i + 1 end", 0))
-    busy.start()
-    time.sleep(0.1)
+    busy = busy_redis(d.stack.redis.url, 1.0, "postroom-busy")
     try:
         yield
     finally:
         busy.join()
-        client.close()
 
 
 def send_or_451(d: Deployment, msg: EmailMessage) -> int:
