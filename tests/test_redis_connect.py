@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.admin.common import redis_client
+from postroom.admin.common import redis_client, redis_store
 from postroom.config import ConfigError, example_config_path, load_config, parse_config
 from postroom.redis_connect import Target, parse
+from postroom.tickets import NewTicket, StoreUnavailable
+from postroom_testbed.ha import RedisSentinelSet
 
 
 def redis_config(**redis: object) -> dict[str, object]:
@@ -68,6 +71,9 @@ def test_cluster_from_url_or_key() -> None:
         ({"url": "redis://h:7000/2", "cluster": True}, "database 0 only"),
         ({"url": "redis+sentinel://h:1/a/0", "service_name": "b"}, "differs"),
         ({"url": "redis+sentinel://h:1/a/0", "sentinels": ["h:2"]}, "leave sentinels"),
+        ({"sentinel_password": "pw"}, "only with sentinels"),
+        ({"url": "redis+cluster://h:7000", "sentinel_password": "pw"}, "only with sentinels"),
+        ({"url": "redis+sentinel://h:1/a/0", "sentinel_username": "u"}, "needs sentinel_password"),
     ],
 )
 def test_mistakes_are_config_errors_that_say_what_to_fix(changes: dict[str, object], complaint: str) -> None:
@@ -102,3 +108,50 @@ def test_an_unreachable_cluster_at_start_is_one_clear_line_and_exit_1(capsys: py
     assert exited.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("Redis Cluster (seed nodes 127.0.0.1:1) is not reachable:") and "pw" not in err
+
+
+def test_the_sentinels_password_is_a_key_or_an_environment_override_and_not_the_data_nodes() -> None:
+    url = "redis+sentinel://:data-pw@127.0.0.1:26379/postroom/0"
+    from_file = parse_config(redis_config(url=url, sentinel_password="s3nt", sentinel_username="pr"), environ={})
+    target = from_file.redis.target()
+    assert (target.password, target.sentinel_username, target.sentinel_password) == ("data-pw", "pr", "s3nt")
+    from_env = parse_config(redis_config(url=url), environ={"POSTROOM_REDIS_SENTINEL_PASSWORD": "s3nt"})
+    assert from_env.redis.target().sentinel_password == "s3nt"
+    assert "s3nt" not in from_env.redis.target().describe()
+
+
+@pytest.fixture(scope="module")
+def guarded_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelSet]:
+    """Sentinels with a requirepass of their own in front of a primary without one."""
+    with RedisSentinelSet(tmp_path_factory.mktemp("guarded"), replicas=0, sentinel_password="s3nt-pw").start() as s:
+        yield s
+
+
+def test_sentinels_that_ask_for_a_password_get_it_and_the_primary_does_not(
+    guarded_sentinels: RedisSentinelSet,
+) -> None:
+    # The primary has no password: were the sentinels' sent to it as well, Redis would refuse the AUTH.
+    config = parse_config(redis_config(url=guarded_sentinels.url, sentinel_password="s3nt-pw"), environ={})
+    store = redis_store(config)  # as the daemons make it
+    ticket = store.open("support@example.test", NewTicket("alice@customer.test", "Hi", ("alice@customer.test",), ()), 1)
+    assert ticket.number == 1
+
+
+@pytest.mark.parametrize("password", ["", "wrong"])
+def test_a_missing_or_wrong_sentinel_password_is_one_line_that_says_which_key(
+    guarded_sentinels: RedisSentinelSet, password: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = parse_config(redis_config(url=guarded_sentinels.url, sentinel_password=password), environ={})
+    store = redis_store(config)
+    admins = [sentinel.client() for sentinel in guarded_sentinels.sentinels]
+    before = [int(a.info("stats")["total_connections_received"]) for a in admins]
+    with pytest.raises(StoreUnavailable) as caught:
+        store.open("support@example.test", NewTicket("alice@customer.test", "Hi", ("alice@customer.test",), ()), 1)
+    # Each sentinel asked once (2: room for a sentinel's own reconnect): redis-py's default retries, three more
+    # connections each after a growing pause, held the mail for about 12 s.
+    asked = [int(a.info("stats")["total_connections_received"]) - b for a, b in zip(admins, before, strict=True)]
+    assert all(1 <= n <= 2 for n in asked), asked
+    said = str(caught.value)
+    # redis-py's own message carries the repr of every sentinel's client, several hundred characters each.
+    assert "set [redis] sentinel_password" in said and "<redis." not in said and len(said) < 300, said
+    assert "from 3" in said  # each of the three sentinels refused

@@ -25,6 +25,7 @@ from postroom.tomllines import KeyLines, key_lines
 # Deployment and tests point the same file at other services without editing it.
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "POSTROOM_REDIS_URL": ("redis", "url"),
+    "POSTROOM_REDIS_SENTINEL_PASSWORD": ("redis", "sentinel_password"),
     "POSTROOM_DATABASE_URL": ("database", "url"),
     "POSTROOM_MILTER_SOCKET": ("milter", "socket"),
 }
@@ -125,6 +126,8 @@ class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     sentinels: list[str] = Field(default_factory=list)
     service_name: str = ""
+    sentinel_username: str = ""
+    sentinel_password: str = ""  # the sentinels' own requirepass, when they have one (the url's is the data nodes')
     cluster: bool = False
     confirm_replicas: Annotated[int, Field(ge=0, le=5)] = 0
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "postroom"
@@ -144,7 +147,12 @@ class RedisConfig(_Section):
     def target(self) -> Target:
         """Single Redis, Sentinel or Cluster, as the url and the other keys say (see postroom.redis_connect)."""
         return redis_connect.parse(
-            self.url, sentinels=self.sentinels, service_name=self.service_name, cluster=self.cluster
+            self.url,
+            sentinels=self.sentinels,
+            service_name=self.service_name,
+            cluster=self.cluster,
+            sentinel_username=self.sentinel_username,
+            sentinel_password=self.sentinel_password,
         )
 
 

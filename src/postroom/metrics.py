@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from postroom.store.redis import RedisStore
 
+from postroom import redis_connect
 from postroom.config import Config
 from postroom.mime import STATUS_HEADER
 from postroom.verdict import AddHeader, Verdict
@@ -140,7 +141,7 @@ class TicketCollector(Collector):
                 if count is not None:
                     family.add_metric([box.tag], float(count))
         except redis.RedisError as exc:
-            log.warning("metrics: Redis unavailable (%s): no SLA figures in this scrape", exc)
+            log.warning("metrics: Redis unavailable (%s): no SLA figures in this scrape", redis_connect.reason(exc))
             return []
         return [family]
 

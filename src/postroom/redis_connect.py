@@ -5,7 +5,9 @@ Three forms, each through redis-py's own support for it (no home-made failover o
 - ``redis://host:port/db`` (also ``rediss://``, ``unix://``): one Redis server.
 - ``redis+sentinel://[user:password@]host:port,host:port/SERVICE/db``, or ``url`` plus ``sentinels = ["host:port",
   ...]`` and ``service_name``: redis-py's :class:`redis.sentinel.Sentinel` asks the sentinels for the primary of
-  SERVICE; after a failover the next connection goes to the new primary (no restart).
+  SERVICE; after a failover the next connection goes to the new primary (no restart).  The URL's user and password
+  are the data nodes'; sentinels that ask for a password of their own (``requirepass`` in sentinel.conf) get
+  ``sentinel_password`` (and ``sentinel_username`` for an ACL user).
 - ``redis+cluster://[user:password@]host:port[,host:port]``, or ``url`` plus ``cluster = true``: redis-py's
   :class:`redis.cluster.RedisCluster`; the hosts are seed nodes, the slot map comes from the cluster.  Cluster has
   database 0 only.
@@ -16,8 +18,9 @@ error naming the key); :func:`connect` builds the client.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:  # the config schema parses URLs with this module; only connec
     import redis
     from redis.cluster import RedisCluster
 
-__all__ = ["Target", "client_from_url", "connect", "node_for", "parse"]
+__all__ = ["Target", "client_from_url", "connect", "node_for", "parse", "reason"]
 
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -45,6 +48,8 @@ class Target:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    sentinel_username: str | None = None  # the sentinels' own credentials, when they ask for them
+    sentinel_password: str | None = None
 
     def describe(self) -> str:
         """For log lines: where, never the password."""
@@ -183,12 +188,28 @@ def _with_keys(url: str, scheme: str, sentinels: Sequence[str], service_name: st
     return Target("cluster", nodes=(seed,), username=given.username, password=given.password)
 
 
-def parse(url: str, *, sentinels: Sequence[str] = (), service_name: str = "", cluster: bool = False) -> Target:
+def parse(
+    url: str,
+    *,
+    sentinels: Sequence[str] = (),
+    service_name: str = "",
+    cluster: bool = False,
+    sentinel_username: str = "",
+    sentinel_password: str = "",
+) -> Target:
     """Check one ``[redis]`` setting; ValueError says what is wrong in words an admin can act on."""
     scheme = _scheme(url)
     if scheme in (_SENTINEL_SCHEME, _CLUSTER_SCHEME):
-        return _multi_host(url, scheme, sentinels, service_name, cluster)
-    return _with_keys(url, scheme, sentinels, service_name, cluster)
+        target = _multi_host(url, scheme, sentinels, service_name, cluster)
+    else:
+        target = _with_keys(url, scheme, sentinels, service_name, cluster)
+    if not (sentinel_username or sentinel_password):
+        return target
+    if target.mode != "sentinel":
+        raise ValueError("sentinel_password and sentinel_username are used only with sentinels")
+    if sentinel_username and not sentinel_password:
+        raise ValueError("sentinel_username needs sentinel_password")
+    return replace(target, sentinel_username=sentinel_username or None, sentinel_password=sentinel_password)
 
 
 def connect(
@@ -201,7 +222,9 @@ def connect(
     is not given one: on Cluster an emptied node is noticed by the open script (NOEPOCH) instead.
     """
     import redis  # noqa: PLC0415 - see the TYPE_CHECKING import above
+    from redis.backoff import NoBackoff  # noqa: PLC0415
     from redis.cluster import ClusterNode, RedisCluster  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
     from redis.sentinel import Sentinel  # noqa: PLC0415
 
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "decode_responses": True}
@@ -211,7 +234,15 @@ def connect(
         return redis.Redis.from_url(target.url, **common)
     common.update(username=target.username, password=target.password)
     if target.mode == "sentinel":
-        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        # Each sentinel once per look-up, without redis-py's default retries: their backoff (seconds, growing)
+        # held a mail that long when the sentinels refused the password.  The next mail asks them again.
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if target.sentinel_password:
+            sentinel_kwargs.update(username=target.sentinel_username, password=target.sentinel_password)
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
         return cast(redis.Redis, sentinel.master_for(target.service_name, db=target.db, **common))  # type: ignore[no-untyped-call]
     nodes = [ClusterNode(h, p) for h, p in target.nodes]  # type: ignore[no-untyped-call]
@@ -231,3 +262,25 @@ def node_for(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
     if not isinstance(client, RedisCluster):
         return client
     return client.get_redis_connection(client.get_node_from_key(key))  # type: ignore[no-untyped-call]
+
+
+# redis-py's MasterNotFoundError lists each sentinel's client (its whole repr) beside the error it gave.
+_SENTINEL_ERROR = re.compile(r"> - (?:\w+:)?(\w+)")
+
+
+def reason(exc: BaseException) -> str:
+    """A Redis error in one short line for the log and ``config check``.
+
+    When no sentinel named a primary, redis-py's message carries the repr of every sentinel's client; this keeps
+    the errors the sentinels gave and says what to do about a password they refused.
+    """
+    text = str(exc)
+    head, sep, _ = text.partition(" : <redis.")
+    if type(exc).__name__ != "MasterNotFoundError" or not sep:
+        return text
+    errors = _SENTINEL_ERROR.findall(text)
+    counts = ", ".join(f"{name} from {errors.count(name)}" for name in dict.fromkeys(errors))
+    hint = ""
+    if any("Authentication" in name for name in errors):
+        hint = "; the sentinels ask for a password: set [redis] sentinel_password (or correct it)"
+    return f"{head} (sentinels answered: {counts}){hint}"

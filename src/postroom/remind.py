@@ -23,7 +23,7 @@ from typing import Protocol
 import redis
 from redis.cluster import RedisCluster
 
-from postroom import commands, sla
+from postroom import commands, redis_connect, sla
 from postroom.config import Config, MailboxConfig, business_minutes
 from postroom.mime import folder_address
 from postroom.notice import NOTICE_HEADER
@@ -203,7 +203,7 @@ class RedisClaims:
         try:
             return bool(self._r.set(self.key(n), "1", nx=True, ex=CLAIM_SECONDS))
         except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def release(self, n: Notice) -> None:
         try:

@@ -84,6 +84,7 @@ class RedisNode(RedisServer):
         self.settings = list(settings)
         self.sentinel = sentinel
         self.config_path = self.dir / "redis.conf"
+        self.password: str | None = None  # its requirepass, for client()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -121,7 +122,7 @@ class RedisNode(RedisServer):
             self._proc.wait(_STOP_TIMEOUT)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(LOOPBACK, self.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(LOOPBACK, self.port, password=self.password, decode_responses=True, socket_timeout=5)
 
 
 class _Servers:
@@ -149,8 +150,10 @@ class RedisSentinelSet(_Servers):
     freshly promoted primary down as well and fail over a second time (seen in a CI run under load).
     """
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1, sentinel_password: str | None = None) -> None:
+        """``sentinel_password``: the sentinels' own requirepass (the data nodes stay without one)."""
         self.workdir = _mkdir(workdir)
+        self.sentinel_password = sentinel_password
         # A replica's first sync starts at once instead of after Redis 7's 5 s diskless-sync delay.
         fast_sync = ["repl-diskless-sync-delay 0"]
         self.primary = RedisNode(workdir, "primary", fast_sync)
@@ -176,7 +179,12 @@ class RedisSentinelSet(_Servers):
                 f"sentinel failover-timeout {SERVICE_NAME} 5000",
                 "sentinel resolve-hostnames no",
             ]
+            if self.sentinel_password:
+                # Every sentinel of a set has the same one: they also log in to each other with it.
+                monitor.append(f"requirepass {self.sentinel_password}")
             self.sentinels = [RedisNode(self.workdir, f"sentinel{i}", monitor, sentinel=True) for i in range(3)]
+            for sentinel in self.sentinels:
+                sentinel.password = self.sentinel_password
             self.nodes += self.sentinels
             for sentinel in self.sentinels:
                 sentinel.start()

@@ -74,7 +74,7 @@ def redis_client(config: Config, on_connect: Callable[[Any], None] | None = None
     try:
         return redis_connect.connect(target, config.redis.timeout_seconds, on_connect=on_connect)
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        click.echo(f"{target.describe()} is not reachable: {exc}", err=True)
+        click.echo(f"{target.describe()} is not reachable: {redis_connect.reason(exc)}", err=True)
         raise SystemExit(1) from None
 
 

@@ -151,7 +151,7 @@ def _connect_redis(config: Config, report: Report) -> None:
         # The daemons' own way in (one Redis, Sentinel or Cluster, with the section's other keys).
         client = redis_connect.connect(config.redis.target(), config.redis.timeout_seconds)
     except (redis.RedisError, RedisClusterException) as exc:
-        report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {exc}")
+        report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {redis_connect.reason(exc)}")
         return
     try:
         # On a Cluster every primary keeps its own data: one node's settings stand for the deployment's
@@ -164,7 +164,7 @@ def _connect_redis(config: Config, report: Report) -> None:
         version = node.info("server").get("redis_version", "?")
         aof, how = redis_persistence(node)
     except redis.RedisError as exc:
-        report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {exc}")
+        report.errors.append(f"redis.url {_safe(url)}: cannot reach Redis: {redis_connect.reason(exc)}")
         return
     finally:
         client.close()

@@ -8,6 +8,7 @@ import click
 import redis.exceptions
 from sqlalchemy.exc import SQLAlchemyError
 
+from postroom import redis_connect
 from postroom.admin.common import CONFIG_OPTION, load_or_exit, redis_store
 from postroom.history import make_engine
 from postroom.rebuild import rebuild, scope
@@ -37,7 +38,7 @@ def rebuild_command(config_path: Path) -> None:
     try:
         done = rebuild(engine, store.client, *scope(config))
     except redis.exceptions.RedisError as exc:
-        click.echo(f"Redis at {config.redis.url}: {exc}", err=True)
+        click.echo(f"{config.redis.target().describe()}: {redis_connect.reason(exc)}", err=True)
         raise SystemExit(EXIT_SERVICE) from None
     except SQLAlchemyError as exc:
         click.echo(f"history database: {str(exc).splitlines()[0]}", err=True)

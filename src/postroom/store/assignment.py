@@ -14,6 +14,7 @@ import redis
 import redis.exceptions
 from redis.cluster import RedisCluster
 
+from postroom import redis_connect
 from postroom.store import scripts
 from postroom.store.keyspace import away_key, open_counts_key, reply_cap_key, round_robin_key
 from postroom.store.redis import connect
@@ -52,7 +53,7 @@ class RedisAssignmentState:
         try:
             flags = self._r.mget(self._away_keys(mailbox, agents))
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return {a for a, f in zip(agents, flags, strict=True) if f is not None}
 
     def pick_round_robin(self, mailbox: str, group: str, agents: Sequence[str]) -> str:
@@ -62,7 +63,7 @@ class RedisAssignmentState:
         try:
             return str(self._round_robin(keys=keys + self._away_keys(mailbox, agents), args=list(agents)) or "")
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def pick_least_open(self, mailbox: str, agents: Sequence[str]) -> str:
         if not agents:
@@ -71,19 +72,19 @@ class RedisAssignmentState:
         try:
             return str(self._least_open(keys=keys, args=list(agents)) or "")
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def count_assigned(self, mailbox: str, agent: str) -> None:
         try:
             self._r.hincrby(open_counts_key(self._prefix, mailbox), agent, 1)
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def count_released(self, mailbox: str, agent: str) -> None:
         try:
             self._release(keys=[open_counts_key(self._prefix, mailbox)], args=[agent])
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def open_counts(self, mailbox: str, agents: Sequence[str]) -> dict[str, int]:
         if not agents:
@@ -91,7 +92,7 @@ class RedisAssignmentState:
         try:
             values = self._r.hmget(open_counts_key(self._prefix, mailbox), list(agents))
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return {a: int(v or 0) for a, v in zip(agents, values, strict=True)}
 
     def allow(self, mailbox: str, correspondent: str, limit: int) -> bool:
@@ -106,5 +107,5 @@ class RedisAssignmentState:
             pipe.incr(key)
             _created, count = pipe.execute()
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return int(count) <= limit

@@ -328,13 +328,13 @@ class RedisStore:
         try:
             self._r.ping()  # Cluster: every node
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
         try:
             return self._lookup(mailbox, message_ids, numbers, senders)
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def _lookup(self, mailbox: str, message_ids: list[str], numbers: list[int], senders: list[str]) -> Lookup:
         if not (message_ids or numbers):
@@ -431,7 +431,7 @@ class RedisStore:
                 self.guard.check(mailbox, self.counter_key(mailbox))
                 reply = cast(list[Any], self._run(self._open, [self.counter_key(mailbox)], args))
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         except HistoryUnavailable as exc:
             raise StoreUnavailable(f"Redis lost its data and the history cannot tell the last number: {exc}") from exc
         number = int(reply[0])
@@ -452,7 +452,7 @@ class RedisStore:
         try:
             flat = self._run(self._touch, keys, args)
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         if not flat:
             raise StoreUnavailable(f"ticket {mailbox} #{number} vanished from Redis")
         h = _hash(flat)
@@ -464,7 +464,7 @@ class RedisStore:
         try:
             flat = self._run(self._assign, [self.ticket_key(mailbox, number)], [owner, state, repr(now)])
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
         return ticket_from_hash(mailbox, number, _hash(flat))
@@ -474,7 +474,7 @@ class RedisStore:
         try:
             flat = self._run(self._claim, [self.ticket_key(mailbox, number)], [login, "1" if force else "0", repr(now)])
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
         h = _hash(flat)
@@ -503,7 +503,7 @@ class RedisStore:
         try:
             flat = self._run(self._update, [self.ticket_key(mailbox, number)], args)
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         if not flat:
             raise KeyError(f"{mailbox} #{number}")
         if flat == "CHANGED":
@@ -525,7 +525,7 @@ class RedisStore:
         try:
             held = bool(lock.acquire())
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         try:
             yield held
         finally:
@@ -541,13 +541,13 @@ class RedisStore:
             else:
                 self._at(mailbox).set(self.away_key(mailbox, login), "")
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def clear_away(self, mailbox: str, login: str) -> None:
         try:
             self._at(mailbox).delete(self.away_key(mailbox, login))
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
 
     def away(self, mailbox: str, logins: Iterable[str]) -> set[str]:
         """Which of these agents are absent from this mailbox now."""
@@ -557,7 +557,7 @@ class RedisStore:
         try:
             flags = self._at(mailbox).mget([self.away_key(mailbox, n) for n in names])
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return {n for n, f in zip(names, flags, strict=True) if f is not None}
 
     def tickets(self, mailbox: str) -> list[Ticket]:
@@ -571,7 +571,7 @@ class RedisStore:
                 pipe.hgetall(self.ticket_key(mailbox, n))
             hashes = pipe.execute()
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return [ticket_from_hash(mailbox, last - i, h) for i, h in enumerate(hashes) if h]
 
     def owned(self, mailbox: str, login: str) -> list[Ticket]:
@@ -588,7 +588,7 @@ class RedisStore:
                 pipe.hgetall(self.ticket_key(mailbox, n))
             hashes = pipe.execute()
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         found = [ticket_from_hash(mailbox, n, h) for n, h in zip(numbers, hashes, strict=True) if h]
         # The scripts keep the index exact; the check only guards against a ticket deleted by hand.
         return [t for t in found if t.owner == login and t.state != "closed"]
@@ -611,7 +611,7 @@ class RedisStore:
         try:
             h = cast(dict[str, str], self._at(mailbox).hgetall(self.ticket_key(mailbox, number)))
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(redis_connect.reason(exc)) from exc
         return ticket_from_hash(mailbox, number, h) if h else None
 
 
