@@ -274,9 +274,11 @@ def reason(exc: BaseException) -> str:
     When no sentinel named a primary, redis-py's message carries the repr of every sentinel's client; this keeps
     the errors the sentinels gave and says what to do about a password they refused.
     """
+    from redis.sentinel import MasterNotFoundError  # noqa: PLC0415 - see the TYPE_CHECKING import above
+
     text = str(exc)
     head, sep, _ = text.partition(" : <redis.")
-    if type(exc).__name__ != "MasterNotFoundError" or not sep:
+    if not isinstance(exc, MasterNotFoundError) or not sep:
         return text
     errors = _SENTINEL_ERROR.findall(text)
     counts = ", ".join(f"{name} from {errors.count(name)}" for name in dict.fromkeys(errors))

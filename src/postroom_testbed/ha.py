@@ -183,10 +183,9 @@ class RedisSentinelSet(_Servers):
                 # Every sentinel of a set has the same one: they also log in to each other with it.
                 monitor.append(f"requirepass {self.sentinel_password}")
             self.sentinels = [RedisNode(self.workdir, f"sentinel{i}", monitor, sentinel=True) for i in range(3)]
-            for sentinel in self.sentinels:
-                sentinel.password = self.sentinel_password
             self.nodes += self.sentinels
             for sentinel in self.sentinels:
+                sentinel.password = self.sentinel_password
                 sentinel.start()
             self._wait_sentinels_agree()
         except BaseException:
